@@ -1,0 +1,191 @@
+"""The Parquet artifacts that connect the stages, their schemas and their metadata, in one place.
+
+Each artifact is one Parquet file whose key-value metadata (key `slapcli`) holds a JSON document:
+kind, schema version, tool version, the command and its resolved config, the source data's path and
+fingerprint, the upstream artifact's path and fingerprint, and run statistics. No timestamps: the same
+inputs and seed give the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from slapcli import __version__
+from slapcli.errors import DataError, StaleArtifactError, UsageError
+from slapcli.io.readers import Fingerprint, file_fingerprint
+from slapcli.io.writers import discard, temp_path_beside
+
+SCHEMA_VERSION = 1
+META_KEY = b"slapcli"
+KINDS = ("embeddings", "strata", "selection")
+
+# Columns every artifact starts with: where the row sits in the source.
+ROW_FIELDS = [
+    pa.field("row", pa.int64(), nullable=False),  # index of the record in the source (0-based, bad rows included)
+    pa.field("line", pa.int64(), nullable=False),  # 1-based line (JSON Lines) or element/row number
+]
+
+
+def embeddings_schema(dim: int) -> pa.Schema:
+    return pa.schema([
+        *ROW_FIELDS,
+        pa.field("content_hash", pa.string(), nullable=False),  # equal for exact duplicates (prompt + response)
+        pa.field("n_prompt_tokens", pa.int32(), nullable=False),  # under the proxy tokenizer, after truncation
+        pa.field("n_response_tokens", pa.int32(), nullable=False),
+        pa.field("truncated", pa.bool_(), nullable=False),  # longer than --max-tokens
+        pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False),  # unit norm
+    ])
+
+
+STRATA_SCHEMA = pa.schema([
+    *ROW_FIELDS,
+    pa.field("content_hash", pa.string(), nullable=False),
+    pa.field("cluster", pa.int32(), nullable=False),  # spherical k-means cluster
+    pa.field("centroid_distance", pa.float32(), nullable=False),  # 1 - cosine to the cluster centroid
+    pa.field("n_tokens", pa.int32(), nullable=False),
+    pa.field("loss", pa.float32()),  # response loss under the untrained proxy; null without a proxy
+    pa.field("loss_bin", pa.int16(), nullable=False),  # loss quantile inside the cluster (0 = easiest)
+    pa.field("stratum", pa.int32(), nullable=False),  # cluster * loss_bins + loss_bin
+    pa.field("pruned", pa.string()),  # null, "duplicate" or "hardest": dropped before allocation
+    pa.field("duplicate_of", pa.int64()),  # the row this one duplicates (first occurrence)
+])
+
+SELECTION_SCHEMA = pa.schema([
+    *ROW_FIELDS,
+    pa.field("stratum", pa.int32(), nullable=False),
+    pa.field("kept", pa.bool_(), nullable=False),
+    pa.field("reason", pa.string(), nullable=False),  # why kept or pruned: selected, duplicate, hardest, budget
+    pa.field("order", pa.int64()),  # position in selection order (kept rows only)
+    pa.field("step", pa.int32()),  # replay step that chose the row
+    pa.field("batch", pa.int32()),
+    pa.field("loss", pa.float32()),  # the proxy's loss on the row when it was chosen
+    pa.field("first_order", pa.float32()),  # terms of the marginal gain that chose the row
+    pa.field("curvature", pa.float32()),
+    pa.field("diversity", pa.float32()),
+    pa.field("gain", pa.float32()),
+])
+
+
+@dataclass
+class ArtifactMeta:
+    kind: str
+    command: str
+    config: dict[str, Any]
+    source: dict[str, Any]  # path, fingerprint, container, compression, layout
+    upstream: dict[str, Any] | None = None  # path, kind, fingerprint of the artifact this was made from
+    stats: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # stage-specific tables, e.g. the strata
+    schema_version: int = SCHEMA_VERSION
+    tool_version: str = __version__
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True, ensure_ascii=False).encode()
+
+    @property
+    def source_fingerprint(self) -> Fingerprint:
+        return Fingerprint.from_dict(self.source["fingerprint"])
+
+
+def write_artifact(path: str, table: pa.Table, meta: ArtifactMeta) -> None:
+    """Write the whole table at once, atomically, with the metadata in the footer."""
+    with ArtifactWriter(path, table.schema) as writer:
+        writer.write(table)
+        writer.finish(meta)
+
+
+class ArtifactWriter:
+    """Streams row groups into a temporary file and renames it into place once `finish` is called."""
+
+    def __init__(self, path: str, schema: pa.Schema) -> None:
+        self.path = path
+        self.schema = schema
+        self._tmp = ""
+        self._writer: pq.ParquetWriter | None = None
+        self._finished = False
+
+    def __enter__(self) -> ArtifactWriter:
+        self._tmp = temp_path_beside(self.path)
+        self._writer = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
+        return self
+
+    def write(self, table: pa.Table | pa.RecordBatch) -> None:
+        assert self._writer is not None
+        if isinstance(table, pa.RecordBatch):
+            table = pa.Table.from_batches([table])
+        self._writer.write_table(table.cast(self.schema))
+
+    def finish(self, meta: ArtifactMeta) -> None:
+        assert self._writer is not None
+        self._writer.add_key_value_metadata({META_KEY: meta.to_json()})
+        self._writer.close()
+        self._finished = True
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        if self._writer is not None and not self._finished:
+            self._writer.close()
+        if exc is None and self._finished:
+            os.replace(self._tmp, self.path)
+        else:
+            discard(self._tmp)
+        if exc is None and not self._finished:
+            raise RuntimeError("artifact writer closed without finish(): nothing was written")
+
+
+def read_meta(path: str, expect_kind: str | None = None) -> ArtifactMeta:
+    """The metadata of a slapcli artifact, with errors that say what the file is instead."""
+    if not os.path.exists(path):
+        raise UsageError(f"{path}: no such file")
+    try:
+        kv = pq.read_schema(path).metadata or {}
+    except Exception:
+        raise DataError("not a Parquet file (expected a slapcli artifact)", path) from None
+    if META_KEY not in kv:
+        raise DataError("a Parquet file without slapcli metadata: not made by slapcli", path)
+    data = json.loads(kv[META_KEY])
+    if data.get("schema_version", 0) > SCHEMA_VERSION:
+        raise DataError(f"artifact schema version {data['schema_version']} is newer than this slapcli "
+                        f"understands ({SCHEMA_VERSION}); upgrade slapcli", path)
+    meta = ArtifactMeta(**data)
+    if expect_kind is not None and meta.kind != expect_kind:
+        raise DataError(f"expected a {expect_kind} artifact, got a {meta.kind} artifact "
+                        f"(made by `slap {meta.command}`)", path)
+    return meta
+
+
+def read_table(path: str, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(path, columns=columns)
+
+
+def upstream_record(path: str, meta: ArtifactMeta) -> dict[str, Any]:
+    """How a downstream artifact remembers the artifact it was computed from."""
+    return {"path": os.path.abspath(path), "kind": meta.kind, "fingerprint": file_fingerprint(path).to_dict()}
+
+
+def check_upstream(meta: ArtifactMeta, upstream_path: str, name: str) -> None:
+    """Refuse an upstream artifact that is not the one `meta` was computed from."""
+    assert meta.upstream is not None
+    expected = Fingerprint.from_dict(meta.upstream["fingerprint"])
+    actual = file_fingerprint(upstream_path)
+    if actual != expected:
+        raise StaleArtifactError(
+            f"{upstream_path} is not the {meta.upstream['kind']} artifact that {name} was made from "
+            f"(expected {expected.size} bytes, blake2b {expected.blake2b[:12]}…; found {actual.size} bytes, "
+            f"blake2b {actual.blake2b[:12]}…); rerun the stages after it",
+            name,
+        )
+
+
+def check_source(meta: ArtifactMeta, actual: Fingerprint, source_name: str, artifact_name: str) -> None:
+    expected = meta.source_fingerprint
+    if actual != expected:
+        raise StaleArtifactError(
+            f"{source_name} is not the data that {artifact_name} was made from (expected {expected.size} bytes, "
+            f"blake2b {expected.blake2b[:12]}…; found {actual.size} bytes, blake2b {actual.blake2b[:12]}…)",
+            artifact_name,
+        )

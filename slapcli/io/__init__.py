@@ -1,0 +1,1 @@
+"""Reading instruction data (containers, compression, row layouts) and writing outputs safely."""
