@@ -109,8 +109,10 @@ def _conversation(row: Mapping, field: str, role_key: str, text_key: str) -> Exa
         text = item.get(text_key)
         if not isinstance(text, str):
             # OpenAI content may be a list of parts; only the text parts carry training text.
-            if isinstance(text, list) and all(isinstance(p, Mapping) for p in text):
-                text = "".join(str(p.get("text", "")) for p in text if p.get("type", "text") == "text")
+            parts = text if isinstance(text, list) else None
+            if parts is not None and all(isinstance(p, Mapping) and isinstance(p.get("text", ""), str)
+                                         for p in parts):
+                text = "".join(p.get("text", "") for p in parts if p.get("type", "text") == "text")
             else:
                 raise FieldError(f"{where}.{text_key}", "missing or not a string")
         turns.append(Turn(role, text))

@@ -28,8 +28,18 @@ BAD_LINE_POLICIES = ("error", "skip")
 STDIN = "-"
 _CHUNK = 1 << 20
 _GZIP_MAGIC = b"\x1f\x8b"
+_BOM = b"\xef\xbb\xbf"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _PARQUET_MAGIC = b"PAR1"
+
+
+def _decompression_errors() -> tuple[type[BaseException], ...]:
+    """Every exception a damaged gzip or zstd stream can raise (not all are OSErrors)."""
+    import zlib
+
+    import zstandard
+
+    return (OSError, EOFError, zlib.error, zstandard.ZstdError)
 
 
 @dataclass(frozen=True)
@@ -142,6 +152,13 @@ class SourceReader:
         self.container: str | None = None
         self.compression: str | None = None
         self._stack = contextlib.ExitStack()
+        self._hashing: _HashingReader | None = None
+        self.total_bytes: int | None = None if path == STDIN else os.path.getsize(path)
+
+    @property
+    def bytes_read(self) -> int:
+        """Stored (compressed) bytes consumed so far: progress against `total_bytes`."""
+        return self._hashing.size if self._hashing is not None else 0
 
     def __enter__(self) -> SourceReader:
         return self
@@ -151,7 +168,7 @@ class SourceReader:
 
     def records(self) -> Iterator[SourceRecord]:
         raw = sys.stdin.buffer if self.path == STDIN else self._stack.enter_context(open(self.path, "rb"))
-        hashing = _HashingReader(raw)
+        hashing = self._hashing = _HashingReader(raw)
         stream = io.BufferedReader(hashing, buffer_size=_CHUNK)
         magic = stream.peek(4)[:4]
         if not magic:
@@ -174,7 +191,7 @@ class SourceReader:
             text_stream = io.BufferedReader(reader, buffer_size=_CHUNK)  # type: ignore[arg-type]
         try:
             first = _first_non_space(text_stream)
-        except OSError as e:  # corrupt gzip/zstd stream
+        except _decompression_errors() as e:  # corrupt gzip/zstd stream
             raise DataError(f"cannot decompress ({self.compression}): {e}", self.name) from None
         if first is None:
             raise DataError("empty input: the file has no rows", self.name)
@@ -185,7 +202,7 @@ class SourceReader:
                 yield from self._json_array_records(text_stream)
             else:
                 yield from self._jsonl_records(text_stream)
-        except (OSError, EOFError) as e:
+        except _decompression_errors() as e:
             raise DataError(f"cannot decompress ({self.compression}): {e}", self.name) from None
         self.fingerprint = hashing.drain()
 
@@ -209,6 +226,8 @@ class SourceReader:
         index = 0
         for line_no, line in enumerate(stream, start=1):
             raw = line[:-1] if line.endswith(b"\n") else line
+            if line_no == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM):]  # a byte-order mark is not part of the first row
             if not raw.strip():
                 continue  # blank lines are not rows
             yield SourceRecord(index, line_no, raw, _LazyJSON(raw, self.name, line_no))
@@ -240,6 +259,9 @@ class SourceReader:
                     return
 
         skip_space()
+        if buf.startswith("\ufeff", pos):
+            pos += 1  # a byte-order mark
+            skip_space()
         pos += 1  # the opening "[" (sniffed already)
         index = 0
         skip_space()
@@ -253,6 +275,8 @@ class SourceReader:
                     if end == len(buf) and not eof and fill():
                         continue  # a number may continue past the chunk: decode again with more text
                     break
+                except RecursionError:
+                    raise DataError("JSON nested too deeply", self.name, line) from None
                 except json.JSONDecodeError as e:
                     if not eof and fill():
                         continue
@@ -320,6 +344,8 @@ class _LazyJSON:
             raise DataError(f"not valid UTF-8 (byte {e.start + 1} of the line)", self.name, self.line) from None
         try:
             return json.loads(text)
+        except RecursionError:
+            raise DataError("JSON nested too deeply", self.name, self.line) from None
         except json.JSONDecodeError as e:
             raise DataError(f"malformed JSON: {e.msg} (column {e.colno})", self.name, self.line) from None
 
@@ -364,6 +390,8 @@ def iter_examples(reader: SourceReader, layout: str = "auto", on_bad_line: str =
         stats.records += 1
         try:
             value = record_value(record)
+            if not isinstance(value, dict):
+                raise DataError(f"expected a JSON object, got {type(value).__name__}", reader.name, record.line)
             if file_layout is None:
                 file_layout = detect_layout(value)
                 if file_layout is None:
