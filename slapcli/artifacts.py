@@ -142,7 +142,7 @@ def read_meta(path: str, expect_kind: str | None = None) -> ArtifactMeta:
     if not os.path.exists(path):
         raise UsageError(f"{path}: no such file")
     try:
-        kv = pq.read_schema(path).metadata or {}
+        kv = pq.read_metadata(path).metadata or {}
     except Exception:
         raise DataError("not a Parquet file (expected a slapcli artifact)", path) from None
     if META_KEY not in kv:

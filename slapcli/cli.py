@@ -1,0 +1,282 @@
+"""The `slap` command line: thin commands that parse options into a config and call one stage.
+
+Data goes to stdout only (`export -o -`); progress, logs and errors go to stderr.
+Exit codes: 0 done, 1 runtime failure, 2 usage or data error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from slapcli import __version__
+from slapcli.embed import EmbedConfig, embed
+from slapcli.errors import EXIT_INTERRUPTED, SlapError, UsageError
+from slapcli.export import ExportConfig, export
+from slapcli.io.readers import STDIN, file_fingerprint
+from slapcli.io.writers import check_output_path
+from slapcli.models import DEFAULT_EMBED_MODEL, DEFAULT_PROXY_MODEL
+from slapcli.pipeline import reuse_or_run
+from slapcli.progress import Reporter, stderr_console
+from slapcli.select import METHODS, SelectConfig, select
+from slapcli.stratify import StratifyConfig, stratify
+from slapcli.summary import describe_artifact, selection_summary
+
+app = typer.Typer(
+    name="slap",
+    help="Prune an instruction-tuning dataset to a coreset with SLAP (Stratified Loss-based Pruning).\n\n"
+         "Pipeline: slap embed DATA -o e.parquet; slap stratify e.parquet -o s.parquet; "
+         "slap select s.parquet -o sel.parquet --keep 0.7; slap export sel.parquet -o pruned.jsonl. "
+         "Or all four: slap run DATA -o pruned.jsonl --keep 0.7.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars or log lines (errors still print).")
+FORCE = typer.Option(False, "--force", "-f", help="Overwrite the output if it exists.")
+SEED = typer.Option(0, "--seed", help="Seed for every random choice; the same seed gives the same bytes.")
+DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (auto: CUDA with bf16 when present).")
+PROXY = typer.Option(DEFAULT_PROXY_MODEL, "--proxy-model",
+                     help="Proxy causal LM: the packaged default, a local Hugging Face folder, a .gguf file "
+                          "or a hub id.")
+
+
+def _handle_errors(func: F) -> F:
+    """Turn SlapErrors into one message on stderr and their exit code; Ctrl-C into 130."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        console = stderr_console()
+        try:
+            return func(*args, **kwargs)
+        except SlapError as e:
+            console.print(f"[red]error:[/red] {e}", markup=True, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            console.print("[red]interrupted[/red]: no output was written for the unfinished stage")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except BrokenPipeError:
+            # The reader of our stdout went away (e.g. `| head`): not an error of ours.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            raise typer.Exit(0) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _reporter(quiet: bool, input_path: str | None = None) -> Reporter:
+    # No progress bar while reading stdin: the bar would only fight the producer for the terminal.
+    return Reporter(quiet=quiet or input_path == STDIN)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"slapcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    pass
+
+
+@app.command("embed", epilog="Example: cat data.jsonl | slap embed - -o work/embeddings.parquet")
+@_handle_errors
+def embed_cmd(
+    input: str = typer.Argument(..., help="Data file (JSON Lines, JSON array or Parquet; .gz/.zst ok) or - for stdin."),
+    output: str = typer.Option(..., "--output", "-o", help="Embeddings artifact to write (.parquet)."),
+    embed_model: str = typer.Option(DEFAULT_EMBED_MODEL, "--embed-model",
+                                    help="Sentence encoder: the packaged default, a local folder or a hub id."),
+    proxy_model: str = PROXY,
+    layout: str = typer.Option("auto", "--format",
+                               help="Row layout: auto, alpaca, sharegpt, openai, prompt_completion, "
+                                    "prompt_response or text."),
+    input_format: str | None = typer.Option(None, "--input-format",
+                                            help="jsonl, json or parquet (default: from the file name)."),
+    on_bad_line: str = typer.Option("error", "--on-bad-line", help="error (stop) or skip (count and go on)."),
+    max_tokens: int = typer.Option(1024, "--max-tokens", help="Proxy tokens per row; longer rows are truncated."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Encoder batch size."),
+    device: str = DEVICE,
+    force: bool = FORCE,
+    quiet: bool = QUIET,
+) -> None:
+    """Stage 1: embed every row, count its proxy tokens and hash its content."""
+    check_output_path(output, [input], force)
+    config = EmbedConfig(embed_model=embed_model, proxy_model=proxy_model, layout=layout, input_format=input_format,
+                         on_bad_line=on_bad_line, max_tokens=max_tokens, batch_size=batch_size, device=device)
+    reporter = _reporter(quiet, input)
+    meta = embed(input, output, config, reporter)
+    _report_read_stats(reporter, meta.stats)
+    reporter.log(f"wrote {output}: {meta.stats['rows']:,} rows")
+
+
+def _report_read_stats(reporter: Reporter, stats: dict[str, Any]) -> None:
+    if stats.get("bad_skipped"):
+        reporter.warn(f"skipped {stats['bad_skipped']:,} bad rows, e.g. {stats['bad_examples'][0]}")
+    if stats.get("truncated"):
+        reporter.warn(f"{stats['truncated']:,} rows are longer than --max-tokens and were truncated for the proxy")
+
+
+@app.command("stratify", epilog="Example: slap stratify work/embeddings.parquet -o work/strata.parquet --clusters 64")
+@_handle_errors
+def stratify_cmd(
+    embeddings: str = typer.Argument(..., help="Embeddings artifact from `slap embed`."),
+    output: str = typer.Option(..., "--output", "-o", help="Strata artifact to write."),
+    clusters: int | None = typer.Option(None, "--clusters", help="k-means clusters (default sqrt(N/2) in [8, 1024])."),
+    loss_bins: int = typer.Option(3, "--loss-bins", help="Loss-quantile bins inside each cluster."),
+    proxy_loss: bool = typer.Option(True, "--proxy-loss/--no-proxy-loss",
+                                    help="Bin by the untrained proxy's loss (off: clusters alone, no proxy pass)."),
+    proxy_model: str = PROXY,
+    keep: float = typer.Option(0.7, "--keep", help="Share of rows to keep (budget for the strata)."),
+    budget: int | None = typer.Option(None, "--budget", help="Rows to keep (overrides --keep)."),
+    allocation: str = typer.Option("waterfill", "--allocation", help="waterfill, proportional or sqrt."),
+    dedup: bool = typer.Option(True, "--dedup/--no-dedup", help="Drop exact duplicates (same prompt and response)."),
+    prune_hardest: float = typer.Option(0.0, "--prune-hardest", help="Drop this fraction of highest-loss rows."),
+    input: str | None = typer.Option(None, "--input", help="Data file, if not at the path recorded by embed."),
+    seed: int = SEED,
+    device: str = DEVICE,
+    force: bool = FORCE,
+    quiet: bool = QUIET,
+) -> None:
+    """Stage 2: cluster, bin by proxy loss, drop duplicates, and split the row budget over strata."""
+    check_output_path(output, [embeddings], force)
+    config = StratifyConfig(clusters=clusters, loss_bins=loss_bins, proxy_loss=proxy_loss, proxy_model=proxy_model,
+                            keep=keep, budget=budget, allocation=allocation, dedup=dedup,
+                            prune_hardest=prune_hardest, seed=seed, device=device)
+    reporter = _reporter(quiet)
+    meta = stratify(embeddings, output, config, reporter, input_override=input)
+    reporter.log(f"wrote {output}: {meta.stats['rows']:,} rows, {meta.config['clusters_used']} clusters, "
+                 f"{meta.stats['duplicates']:,} duplicates, budget {meta.stats['budget']:,}")
+
+
+@app.command("select", epilog="Example: slap select work/strata.parquet -o work/selection.parquet --keep 0.7")
+@_handle_errors
+def select_cmd(
+    strata: str = typer.Argument(..., help="Strata artifact from `slap stratify`."),
+    output: str = typer.Option(..., "--output", "-o", help="Selection artifact to write."),
+    method: str = typer.Option("slap", "--method", help=f"One of: {', '.join(METHODS)}."),
+    keep: float | None = typer.Option(None, "--keep", help="Share of rows to keep (default: as stratified)."),
+    budget: int | None = typer.Option(None, "--budget", help="Rows to keep (overrides --keep)."),
+    allocation: str | None = typer.Option(None, "--allocation", help="waterfill, proportional or sqrt."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Rows per replay batch."),
+    pool_factor: int = typer.Option(4, "--pool-factor", help="Candidates per batch, as a multiple of the batch size."),
+    diversity: float = typer.Option(0.1, "--diversity", help="Weight (gamma) of the relative-distance diversity."),
+    proj_dim: int = typer.Option(1024, "--proj-dim", help="Dimension of the projected gradient features."),
+    refresh: int = typer.Option(4, "--refresh", help="Replay steps a candidate's gradient feature is reused."),
+    lr: float = typer.Option(1e-4, "--lr", help="Proxy learning rate (and eta of the batch score)."),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", help="Proxy tokens per row (default: as embedded)."),
+    target: str | None = typer.Option(None, "--target", help="Dev file of rows like the downstream task."),
+    proxy_model: str = PROXY,
+    input: str | None = typer.Option(None, "--input", help="Data file, if not at the path recorded by embed."),
+    embeddings: str | None = typer.Option(None, "--embeddings", help="Embeddings artifact, if moved."),
+    seed: int = SEED,
+    device: str = DEVICE,
+    force: bool = FORCE,
+    quiet: bool = QUIET,
+) -> None:
+    """Stage 3: choose the coreset batch by batch (the proxy-training replay for --method slap)."""
+    check_output_path(output, [strata], force)
+    config = SelectConfig(method=method, keep=keep, budget=budget, allocation=allocation, batch_size=batch_size,
+                          pool_factor=pool_factor, diversity=diversity, proj_dim=proj_dim, refresh=refresh, lr=lr,
+                          max_tokens=max_tokens, target=target, proxy_model=proxy_model, embeddings=embeddings,
+                          seed=seed, device=device)
+    reporter = _reporter(quiet)
+    select(strata, output, config, reporter, input_override=input)
+    selection_summary(output, strata, reporter.console)
+
+
+@app.command("export", epilog="Example: slap export work/selection.parquet -o - | head -n 3")
+@_handle_errors
+def export_cmd(
+    selection: str = typer.Argument(..., help="Selection artifact from `slap select`."),
+    output: str = typer.Option(..., "--output", "-o", help="Pruned data file (.jsonl, .parquet) or - for stdout."),
+    order: str = typer.Option("source", "--order", help="source (input order) or selection (order chosen)."),
+    input: str | None = typer.Option(None, "--input", help="Data file, if not at the path recorded by embed."),
+    force: bool = FORCE,
+    quiet: bool = QUIET,
+) -> None:
+    """Stage 4: write the kept rows exactly as they were in the input."""
+    check_output_path(output, [selection, input or ""], force)
+    result = export(selection, output, ExportConfig(order=order, input=input), _reporter(quiet, input))
+    _reporter(quiet).log(f"wrote {result.rows_written:,} of {result.rows_in_source:,} rows to "
+                         f"{'stdout' if output == '-' else output}")
+
+
+@app.command("inspect", epilog="Example: slap inspect work/strata.parquet")
+@_handle_errors
+def inspect_cmd(artifact: str = typer.Argument(..., help="Any slapcli artifact.")) -> None:
+    """Print an artifact's metadata (config, source fingerprint, stats) and a summary, on stdout."""
+    describe_artifact(artifact, Console(soft_wrap=True, highlight=False))
+
+
+@app.command("run", epilog="Example: slap run data.jsonl -o pruned.jsonl --keep 0.7 --workdir work")
+@_handle_errors
+def run_cmd(
+    input: str = typer.Argument(..., help="Data file or - for stdin."),
+    output: str = typer.Option(..., "--output", "-o", help="Pruned data file or - for stdout."),
+    keep: float = typer.Option(0.7, "--keep", help="Share of rows to keep."),
+    budget: int | None = typer.Option(None, "--budget", help="Rows to keep (overrides --keep)."),
+    workdir: str = typer.Option("slap_work", "--workdir", help="Where the artifacts go; valid ones are reused."),
+    method: str = typer.Option("slap", "--method", help=f"One of: {', '.join(METHODS)}."),
+    layout: str = typer.Option("auto", "--format", help="Row layout (see `slap embed --help`)."),
+    on_bad_line: str = typer.Option("error", "--on-bad-line", help="error or skip."),
+    embed_model: str = typer.Option(DEFAULT_EMBED_MODEL, "--embed-model", help="Sentence encoder."),
+    proxy_model: str = PROXY,
+    proxy_loss: bool = typer.Option(True, "--proxy-loss/--no-proxy-loss", help="Bin strata by proxy loss."),
+    target: str | None = typer.Option(None, "--target", help="Dev file of rows like the downstream task."),
+    order: str = typer.Option("source", "--order", help="source or selection."),
+    seed: int = SEED,
+    device: str = DEVICE,
+    force: bool = FORCE,
+    quiet: bool = QUIET,
+) -> None:
+    """All four stages; artifacts in --workdir whose inputs and config are unchanged are reused."""
+    check_output_path(output, [input], force)
+    reporter = _reporter(quiet)
+    os.makedirs(workdir, exist_ok=True)
+    if input == STDIN:
+        # Later stages re-read the data: keep a copy of stdin in the workdir.
+        copy = os.path.join(workdir, "input.stdin")
+        with open(copy + ".tmp", "wb") as f:
+            shutil.copyfileobj(sys.stdin.buffer, f)
+        os.replace(copy + ".tmp", copy)
+        input = copy
+    paths = {k: os.path.join(workdir, f"{k}.parquet") for k in ("embeddings", "strata", "selection")}
+    embed_config = EmbedConfig(embed_model=embed_model, proxy_model=proxy_model, layout=layout,
+                               on_bad_line=on_bad_line, device=device)
+    strat_config = StratifyConfig(proxy_loss=proxy_loss and method == "slap", proxy_model=proxy_model, keep=keep,
+                                  budget=budget, seed=seed, device=device)
+    select_config = SelectConfig(method=method, target=target, proxy_model=proxy_model, seed=seed, device=device)
+    reuse_or_run(paths["embeddings"], asdict(embed_config), reporter,
+                 lambda: embed(input, paths["embeddings"], embed_config, reporter), source=file_fingerprint(input))
+    reuse_or_run(paths["strata"], asdict(strat_config), reporter,
+                 lambda: stratify(paths["embeddings"], paths["strata"], strat_config, reporter, input_override=input),
+                 upstream=paths["embeddings"])
+    reuse_or_run(paths["selection"], asdict(select_config), reporter,
+                 lambda: select(paths["strata"], paths["selection"], select_config, reporter, input_override=input),
+                 upstream=paths["strata"])
+    result = export(paths["selection"], output, ExportConfig(order=order, input=input), reporter)
+    selection_summary(paths["selection"], paths["strata"], reporter.console)
+    reporter.log(f"wrote {result.rows_written:,} of {result.rows_in_source:,} rows to "
+                 f"{'stdout' if output == '-' else output}")
+
+
+def main() -> None:
+    try:
+        app()
+    except UsageError as e:  # raised outside a command (should not happen, but never show a traceback)
+        stderr_console().print(f"error: {e}")
+        sys.exit(e.exit_code)

@@ -1,0 +1,76 @@
+"""Progress bars and messages, always on stderr: stdout carries data only."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+
+def stderr_console(quiet: bool = False) -> Console:
+    return Console(stderr=True, quiet=quiet, highlight=False)
+
+
+class Reporter:
+    """What a stage may tell the user: progress bars (when not quiet) and log lines (always on stderr)."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.console = stderr_console(quiet)
+
+    def log(self, message: str) -> None:
+        self.console.print(message)
+
+    def warn(self, message: str) -> None:
+        # Warnings print even under --quiet: they change what the user gets.
+        Console(stderr=True, highlight=False).print(f"[yellow]warning:[/yellow] {message}")
+
+    @contextlib.contextmanager
+    def progress(self, description: str, total: float | None, unit: str = "rows") -> Iterator[ProgressTask]:
+        if self.quiet:
+            yield ProgressTask(None, None)
+            return
+        columns = [
+            SpinnerColumn(),
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn() if unit == "rows" else TaskProgressColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+        ]
+        with Progress(*columns, console=self.console, transient=False) as progress:
+            task_id = progress.add_task(description, total=total, rate="")
+            yield ProgressTask(progress, task_id)
+
+
+class ProgressTask:
+    """One bar. It may count rows, or bytes of the input (when the row count is unknown up front)."""
+
+    def __init__(self, progress: Progress | None, task_id: object) -> None:
+        self._progress = progress
+        self._task_id = task_id
+
+    def update(self, *, advance: float = 0.0, completed: float | None = None, rows_done: int | None = None) -> None:
+        if self._progress is None:
+            return
+        task = next(t for t in self._progress.tasks if t.id == self._task_id)
+        fields = {}
+        if rows_done is not None and task.elapsed:
+            fields["rate"] = f"{rows_done:,} rows, {rows_done / task.elapsed:,.0f} rows/s"
+        if completed is not None:
+            self._progress.update(self._task_id, completed=completed, **fields)  # type: ignore[arg-type]
+        else:
+            self._progress.update(self._task_id, advance=advance, **fields)  # type: ignore[arg-type]

@@ -1,0 +1,251 @@
+"""The proxy's view of a row: token ids, the response mask, and the response loss.
+
+Formatting. When the tokenizer knows `<|im_start|>` and `<|im_end|>` (SmolLM2 and other ChatML models), each
+turn is `<|im_start|>{role}\\n{text}<|im_end|>\\n`, as the model was instruction-tuned. Otherwise a plain
+fallback is used: `{Role}: {text}\\n`, with the tokenizer's eos right after an assistant text (and its bos in
+front when it has one distinct from eos). No default system prompt is injected: rows are scored as given.
+
+Masking. The loss counts the assistant text and the end-of-turn token after it (`<|im_end|>` or eos): learning
+where to stop is part of the response. Role headers and the newline after a turn are prompt. Every assistant
+turn of a multi-turn row counts. Each segment is tokenised on its own (role header, text, end token), so the
+mask is exact by construction; the cost is that token boundaries at a segment edge may differ slightly from
+tokenising the whole string, which does not matter for scoring.
+
+Truncation to `max_tokens` keeps the beginning of the row. If that would keep no response token at all (a
+prompt longer than the budget), the prompt is cut from the left instead: the window keeps the end of the
+prompt (usually the actual question) and the start of the first response, giving the response up to half the
+budget. A row is never left without response tokens by truncation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slapcli.io.layouts import Example
+
+IGNORE_INDEX = -100
+_CHATML_START = "<|im_start|>"
+_CHATML_END = "<|im_end|>"
+
+
+@dataclass
+class EncodedExample:
+    input_ids: list[int]
+    response_mask: list[bool]  # True where the loss counts: assistant text and its end-of-turn token
+    n_prompt_tokens: int
+    n_response_tokens: int
+    truncated: bool
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass(frozen=True)
+class _Format:
+    """How turns become segments for one tokenizer (worked out once per encode_examples call)."""
+
+    chatml: bool
+    start_id: int | None  # <|im_start|> in ChatML
+    end_id: int | None  # <|im_end|> in ChatML, eos in the fallback (None when the tokenizer has no eos)
+    bos_id: int | None  # fallback only
+
+
+def _special_id(tokenizer: Any, token: str) -> int | None:
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if tid is None or (tokenizer.unk_token_id is not None and tid == tokenizer.unk_token_id):
+        return None
+    return int(tid)
+
+
+def _format_for(tokenizer: Any) -> _Format:
+    start, end = _special_id(tokenizer, _CHATML_START), _special_id(tokenizer, _CHATML_END)
+    if start is not None and end is not None:
+        return _Format(chatml=True, start_id=start, end_id=end, bos_id=None)
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    return _Format(chatml=False, start_id=None, end_id=None if eos is None else int(eos),
+                   bos_id=None if bos is None or bos == eos else int(bos))
+
+
+def _tokenize_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of many strings in one call, with no special tokens added.
+
+    `split_special_tokens` makes a literal "<|im_end|>" inside row text count as plain text, so data cannot
+    forge turn boundaries.
+    """
+    if not texts:
+        return []
+    try:
+        out = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)
+    except TypeError:  # tokenizers that do not know the option
+        out = tokenizer(texts, add_special_tokens=False)
+    return [list(ids) for ids in out["input_ids"]]
+
+
+def _truncate(ids: list[int], mask: list[bool], max_tokens: int) -> tuple[list[int], list[bool], bool]:
+    if len(ids) <= max_tokens:
+        return ids, mask, False
+    first = next((i for i, m in enumerate(mask) if m), None)
+    if first is None or first < max_tokens:
+        return ids[:max_tokens], mask[:max_tokens], True
+    # Keeping the beginning would drop every response token: keep the end of the prompt and the response start.
+    keep_response = min(len(ids) - first, max(1, max_tokens // 2))
+    start = first + keep_response - max_tokens
+    return ids[start:start + max_tokens], mask[start:start + max_tokens], True
+
+
+def encode_examples(tokenizer: Any, examples: Sequence[Example], max_tokens: int) -> list[EncodedExample]:
+    """Encode many rows at once: all row texts are tokenised in one batched call."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    fmt = _format_for(tokenizer)
+    roles = sorted({t.role for e in examples for t in e.turns})
+    headers = [f"{r}\n" if fmt.chatml else f"{r.capitalize()}: " for r in roles]
+    # Constant pieces once, row texts all together: one tokenizer call instead of one per segment.
+    constant = _tokenize_batch(tokenizer, [*headers, "\n"])
+    header_ids = dict(zip(roles, constant[:-1], strict=True))
+    newline_ids = constant[-1]
+    texts = _tokenize_batch(tokenizer, [t.text for e in examples for t in e.turns])
+
+    encoded: list[EncodedExample] = []
+    k = 0
+    for example in examples:
+        ids: list[int] = []
+        mask: list[bool] = []
+        if not fmt.chatml and fmt.bos_id is not None:
+            ids.append(fmt.bos_id)
+            mask.append(False)
+        for turn in example.turns:
+            is_response = turn.role == "assistant"
+            if fmt.chatml:
+                assert fmt.start_id is not None
+                ids.append(fmt.start_id)
+                mask.append(False)
+            head = header_ids[turn.role]
+            ids.extend(head)
+            mask.extend([False] * len(head))
+            body = texts[k]
+            k += 1
+            ids.extend(body)
+            mask.extend([is_response] * len(body))
+            # ChatML closes every turn; the fallback marks only the end of an assistant turn (with eos).
+            if fmt.end_id is not None and (fmt.chatml or is_response):
+                ids.append(fmt.end_id)
+                mask.append(is_response)
+            ids.extend(newline_ids)
+            mask.extend([False] * len(newline_ids))
+        ids, mask, truncated = _truncate(ids, mask, max_tokens)
+        n_response = sum(mask)
+        encoded.append(EncodedExample(ids, mask, len(ids) - n_response, n_response, truncated))
+    return encoded
+
+
+def encode_example(tokenizer: Any, example: Example, max_tokens: int) -> EncodedExample:
+    """Encode one row (see the module docstring for format, mask and truncation)."""
+    return encode_examples(tokenizer, [example], max_tokens)[0]
+
+
+def collate(encoded: Sequence[EncodedExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask, and labels (-100 off the response mask and on padding)."""
+    if not encoded:
+        raise ValueError("collate needs at least one example")
+    width = max(len(e.input_ids) for e in encoded)
+    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
+    for i, e in enumerate(encoded):
+        n = len(e.input_ids)
+        ids = torch.tensor(e.input_ids, dtype=torch.long)
+        input_ids[i, :n] = ids
+        attention_mask[i, :n] = 1
+        labels[i, :n] = torch.where(torch.tensor(e.response_mask, dtype=torch.bool), ids, IGNORE_INDEX)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _head_split(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+    """The decoder body and the linear LM head, when logits are exactly head(body(x).last_hidden_state).
+
+    Computing the head only on response positions avoids materialising [B, T, vocab] logits (3 GB in float32
+    for 16 x 1024 tokens and a 49k vocabulary). Models that post-process logits (soft-capping, scaling) take
+    the general path.
+    """
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    body = getattr(model, "base_model", None)
+    if not isinstance(head, nn.Linear) or body is None or body is model:
+        return None
+    return body, head
+
+
+def response_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-row mean cross-entropy over response tokens, shape [B], float32 whatever the model's dtype.
+
+    Token t is predicted from positions < t, so logits at t-1 are scored against labels at t. Rows are
+    independent (right padding is masked out of attention and labels). A row with no scored token (only
+    possible without any end token and with an empty response, which the layouts reject) gets loss 0, so
+    that it neither poisons a batch with NaN nor contributes gradient.
+    """
+    input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    targets = labels[:, 1:]
+    rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    split = _head_split(model)
+    if split is not None:
+        body, head = split
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        logits = head(hidden[rows, cols])
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[rows, cols]
+    token_loss = F.cross_entropy(logits.float(), targets[rows, cols], reduction="none")
+    n_rows = input_ids.shape[0]
+    sums = torch.zeros(n_rows, dtype=torch.float32, device=token_loss.device).index_add(0, rows, token_loss)
+    counts = torch.bincount(rows, minlength=n_rows).to(torch.float32)
+    return sums / counts.clamp(min=1.0)
+
+
+def response_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of the per-row mean losses: its gradient is the sum of per-row gradients (rows stay independent)."""
+    return response_losses(model, batch).sum()
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first, so memory trouble shows at once)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def compute_losses(model: nn.Module, tokenizer: Any, examples: Sequence[Example], max_tokens: int,
+                   batch_size: int, device: torch.device,
+                   progress_callback: Callable[[int], None] | None = None) -> np.ndarray:
+    """Response loss of every row (float32 array in input order) under `model`, without gradients.
+
+    Rows are batched by token count so padding stays minimal. `progress_callback(n)` is called after each
+    batch with the number of rows it just finished.
+    """
+    encoded = encode_examples(tokenizer, examples, max_tokens)
+    out = np.zeros(len(encoded), dtype=np.float32)
+    if not encoded:
+        return out
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for idx in length_sorted_batches([len(e) for e in encoded], batch_size):
+                batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad_id).items()}
+                out[idx] = response_losses(model, batch).cpu().numpy()
+                if progress_callback is not None:
+                    progress_callback(len(idx))
+    finally:
+        model.train(was_training)
+    return out

@@ -1,0 +1,316 @@
+"""The SLAP replay (METHOD.md stage 3): train a proxy on the batches as they are chosen.
+
+Each step draws a stratified candidate pool, computes the candidates' projected gradient features under
+the proxy's current state (the last decoder blocks are the trainable part), scores batches by the
+second-order predicted drop of the target loss plus relative-distance diversity, composes one batch
+greedily, and takes one AdamW step of the proxy on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+
+from slapcli.artifacts import ArtifactMeta
+from slapcli.errors import SlapError
+from slapcli.models import load_causal_lm, pick_device, pick_dtype, resolve_model
+from slapcli.progress import Reporter
+from slapcli.proxy import EncodedExample, collate, encode_examples, response_losses
+from slapcli.slapmath import (
+    CurvatureState,
+    GradientProjector,
+    allocate_budget,
+    curvature_diagonal,
+    greedy_batch,
+    update_curvature,
+)
+from slapcli.source import iter_source_rows, source_path
+
+FEATURE_BATCH = 8  # rows per forward/backward when computing gradient features
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a frozen bottom block whose output is already cached."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
+class _StopForward(Exception):
+    def __init__(self, hidden: torch.Tensor) -> None:
+        self.hidden = hidden
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of decoder blocks: the longest ModuleList (model.layers for Llama-like models)."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not lists:
+        raise SlapError(f"{type(model).__name__}: no stack of decoder blocks found to train")
+    return max(lists, key=len)
+
+
+class SplitProxy:
+    """The proxy as a frozen bottom, run once per row, and trainable top blocks, run at every replay step.
+
+    Only the last `n_top` decoder blocks train, so the hidden states entering them never change: they are
+    computed once per row (`prefix`) and cached, and every later forward/backward runs the top blocks alone
+    (`top_only`). On SmolLM2-135M (30 blocks) with 2 trainable blocks this makes a replay step ~10x cheaper.
+    """
+
+    def __init__(self, model: nn.Module, n_top: int) -> None:
+        self.model = model
+        self.blocks = decoder_blocks(model)
+        self.split = max(0, len(self.blocks) - max(1, n_top))
+        for p in model.parameters():
+            p.requires_grad_(False)
+        top = list(self.blocks)[self.split:]
+        self.parameters = [p for b in top for p in b.parameters()]
+        for p in self.parameters:
+            p.requires_grad_(True)
+        self.linears = [m for b in top for m in b.modules() if isinstance(m, nn.Linear)]
+
+    @torch.no_grad()
+    def prefix(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Hidden states entering the first trainable block, [B, T, H]; the forward stops there."""
+        def stop(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            raise _StopForward(args[0] if args else kwargs["hidden_states"])
+
+        handle = self.blocks[self.split].register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        except _StopForward as s:
+            return s.hidden.detach()
+        finally:
+            handle.remove()
+        raise SlapError("the proxy's forward pass never reached its trainable blocks")
+
+    @contextlib.contextmanager
+    def top_only(self, hidden: torch.Tensor) -> Iterator[None]:
+        """Within this block, a forward of the model skips the bottom and starts from `hidden`."""
+        bottom = [self.blocks[i] for i in range(self.split)]
+        for i in range(self.split):
+            self.blocks[i] = _PassThrough()
+
+        def inject(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            if args:
+                return (hidden.to(args[0].dtype), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden.to(kwargs["hidden_states"].dtype)}
+
+        handle = self.blocks[self.split].register_forward_pre_hook(inject, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+            for i, block in enumerate(bottom):
+                self.blocks[i] = block
+
+
+class PrefixCache:
+    """Per-row hidden states at the split, computed on first use and kept in float16 (half the memory)."""
+
+    def __init__(self, split: SplitProxy, encoded: dict[int, EncodedExample], pad_id: int,
+                 device: torch.device) -> None:
+        self.split, self.encoded, self.pad_id, self.device = split, encoded, pad_id, device
+        self.hidden: dict[Any, torch.Tensor] = {}
+
+    def ensure(self, keys: list[Any]) -> None:
+        missing = [k for k in keys if k not in self.hidden]
+        for start in range(0, len(missing), FEATURE_BATCH):
+            chunk = missing[start:start + FEATURE_BATCH]
+            batch = {k: v.to(self.device) for k, v in collate([self.encoded[k] for k in chunk], self.pad_id).items()}
+            hidden = self.split.prefix(batch)
+            for r, k in enumerate(chunk):
+                self.hidden[k] = hidden[r, : len(self.encoded[k].input_ids)].to("cpu", torch.float16)
+
+    def batch(self, keys: list[Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """A collated batch of these rows and their padded cached hidden states."""
+        self.ensure(keys)
+        batch = {k: v.to(self.device) for k, v in collate([self.encoded[k] for k in keys], self.pad_id).items()}
+        width = batch["input_ids"].shape[1]
+        hidden = torch.zeros(len(keys), width, self.hidden[keys[0]].shape[-1], dtype=torch.float32)
+        for r, k in enumerate(keys):
+            h = self.hidden[k]
+            hidden[r, : h.shape[0]] = h.float()
+        return batch, hidden.to(self.device)
+
+
+def row_features(split: SplitProxy, cache: PrefixCache, projector: GradientProjector,
+                 keys: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projected per-row gradient features [n, D] and losses [n] under the proxy's current state."""
+    feats, losses = [], []
+    for start in range(0, len(keys), FEATURE_BATCH):
+        batch, hidden = cache.batch(keys[start:start + FEATURE_BATCH])
+        split.model.zero_grad(set_to_none=True)
+        projector.reset()  # drop captures of passes whose gradients were not for features (training steps)
+        with split.top_only(hidden):
+            loss = response_losses(split.model, batch)
+            loss.sum().backward()  # the sum keeps each row's gradient its own
+        feats.append(projector.features(batch["attention_mask"]).cpu())
+        losses.append(loss.detach().float().cpu())
+    split.model.zero_grad(set_to_none=True)
+    return torch.cat(feats), torch.cat(losses)
+
+
+def stratified_sample(stratum: np.ndarray, eligible: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """A fixed reference sample: rows spread over strata in proportion to their size."""
+    sizes = np.bincount(stratum[eligible], minlength=int(stratum.max()) + 1)
+    take = allocate_budget(sizes, n, "proportional")
+    picks = []
+    for s in np.flatnonzero(take).tolist():
+        members = np.flatnonzero(eligible & (stratum == s))
+        picks.extend(rng.choice(members, size=int(take[s]), replace=False).tolist())
+    return np.sort(np.array(picks, dtype=np.int64))
+
+
+def _encode_target_file(path: str, tokenizer: Any, max_tokens: int, limit: int) -> list[EncodedExample]:
+    from slapcli.io.readers import SourceReader, iter_examples
+
+    examples = []
+    with SourceReader(path) as reader:
+        for row in iter_examples(reader):
+            examples.append(row.example)
+            if len(examples) == limit:
+                break
+    return encode_examples(tokenizer, examples, max_tokens)
+
+
+def run_replay(strata_meta: ArtifactMeta, strata_path: str, table: pa.Table, pool: Any, embeddings: np.ndarray,
+               scales: np.ndarray, config: Any, reporter: Reporter, input_override: str | None,
+               output_path: str) -> tuple[list[Any], dict[str, Any]]:
+    from slapcli.select import Choice
+
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed + 1)
+    device = pick_device(config.device)
+    ref = resolve_model(config.proxy_model)
+    reporter.log(f"loading proxy {ref.spec}")
+    tokenizer, model = load_causal_lm(ref, device, pick_dtype(device))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    max_tokens = int(config.max_tokens or strata_meta.config.get("max_tokens", 1024))
+    split = SplitProxy(model, config.trainable_blocks)
+    model.train()
+    optimizer = torch.optim.AdamW(split.parameters, lr=config.lr, weight_decay=0.0)
+
+    # Token ids of every eligible row, kept as compact numpy arrays (not padded tensors).
+    rows = table["row"].to_numpy()
+    stratum = table["stratum"].to_numpy()
+    eligible = np.array([p is None for p in table["pruned"].to_pylist()], dtype=bool)
+    position_of_row = {int(r): i for i, r in enumerate(rows.tolist())}
+    src = source_path(strata_meta, input_override, strata_path)
+    encoded: dict[Any, EncodedExample] = {}
+    wanted = set(rows[eligible].tolist())
+    with reporter.progress("tokenize", len(wanted)) as bar:
+        chunk = []
+        for parsed in iter_source_rows(strata_meta, src, strata_path, wanted):
+            chunk.append(parsed)
+            if len(chunk) == 1024:
+                _encode_chunk(chunk, tokenizer, max_tokens, position_of_row, encoded)
+                bar.update(advance=len(chunk), rows_done=len(encoded))
+                chunk = []
+        _encode_chunk(chunk, tokenizer, max_tokens, position_of_row, encoded)
+
+    if config.target:
+        target_rows = _encode_target_file(config.target, tokenizer, max_tokens, config.target_rows)
+        target_keys: list[Any] = [("target", i) for i in range(len(target_rows))]
+        encoded.update(zip(target_keys, target_rows, strict=True))
+    else:
+        target_keys = [int(p) for p in stratified_sample(stratum, eligible, config.target_rows, rng)]
+
+    cache = PrefixCache(split, encoded, pad_id, device)
+    projector = GradientProjector(model, split.linears, config.proj_dim, seed=config.seed)
+    curvature = CurvatureState.empty(projector.dim)
+    feature_cache: dict[int, tuple[int, torch.Tensor, float]] = {}  # position -> (step, feature, loss)
+    choices: list[Choice] = []
+    total = pool.left
+    step = 0
+    target_refresh = max(1, config.target_refresh)
+    timings = {"features": 0.0, "target": 0.0, "greedy": 0.0, "train": 0.0}
+    target = torch.zeros(projector.dim)
+    try:
+        with reporter.progress("select (slap replay)", total) as bar:
+            while pool.left > 0:
+                t0 = time.perf_counter()
+                if step % target_refresh == 0:
+                    feats, _ = row_features(split, cache, projector, target_keys)
+                    target = feats.double().mean(0)
+                t1 = time.perf_counter()
+                candidates = pool.draw(config.pool_factor * config.batch_size)
+                stale = [int(p) for p in candidates.tolist()
+                         if p not in feature_cache or step - feature_cache[p][0] >= config.refresh]
+                if stale:
+                    feats, losses = row_features(split, cache, projector, stale)
+                    curvature = update_curvature(curvature, feats)
+                    for p, f, loss in zip(stale, feats, losses.tolist(), strict=True):
+                        feature_cache[p] = (step, f, loss)
+                t2 = time.perf_counter()
+                pool_feats = torch.stack([feature_cache[int(p)][1] for p in candidates]).double()
+                h = curvature_diagonal(curvature, config.damping)
+                eta = config.extra.get("score_lr") or calibrated_eta(pool_feats, target, h)
+                singles = eta * (pool_feats @ target) - 0.5 * eta**2 * (pool_feats.pow(2) @ h)
+                spread = float(singles.std()) if len(singles) > 1 else 0.0
+                gamma = config.diversity * (spread if spread > 0 else 1.0)
+                b = min(config.batch_size, pool.left)
+                result = greedy_batch(pool_feats, target, h, eta, gamma, torch.from_numpy(embeddings[candidates]),
+                                      torch.from_numpy(scales[candidates]), b, config.diversity_clip)
+                t3 = time.perf_counter()
+                chosen_positions = [int(candidates[j]) for j in result.chosen]
+                for k, pos in enumerate(chosen_positions):
+                    choices.append(Choice(pos, step, step, feature_cache[pos][2], result.first_order[k],
+                                          result.curvature[k], result.diversity[k], result.gains[k]))
+                pool.settle(candidates, result.chosen)
+                _train_step(split, cache, optimizer, chosen_positions)
+                # Chosen rows leave the pool, and features past their refresh age would be recomputed anyway.
+                for p in chosen_positions:
+                    feature_cache.pop(p, None)
+                for p in [p for p, (born, _, _) in feature_cache.items() if step + 1 - born >= config.refresh]:
+                    del feature_cache[p]
+                t4 = time.perf_counter()
+                for key, dt in zip(timings, (t2 - t1, t1 - t0, t3 - t2, t4 - t3), strict=True):
+                    timings[key] += dt
+                step += 1
+                bar.update(advance=len(chosen_positions), rows_done=len(choices))
+    finally:
+        projector.close()
+    stats = {"replay_steps": step, "proj_dim": projector.dim, "trainable_linears": len(split.linears),
+             "seconds": {k: round(v, 3) for k, v in timings.items()}, "target_rows": len(target_keys)}
+    del output_path  # checkpoints are not written yet
+    return choices, stats
+
+
+def calibrated_eta(pool_feats: torch.Tensor, target: torch.Tensor, h: torch.Tensor) -> float:
+    """The step size in feature units at which the pool's typical candidate gains most.
+
+    The proxy's AdamW learning rate has no meaning in the units of projected features, so the score's eta is
+    the (lower) median over candidates of the Newton step <g*, g> / g^T H g (positive ones only): at that step the
+    curvature term is half the first-order term, so both matter.
+    """
+    align = pool_feats @ target
+    quad = pool_feats.pow(2) @ h
+    ratios = align[(align > 0) & (quad > 0)] / quad[(align > 0) & (quad > 0)]
+    return float(ratios.median()) if len(ratios) else 1.0
+
+
+def _train_step(split: SplitProxy, cache: PrefixCache, optimizer: torch.optim.Optimizer, keys: list[Any]) -> None:
+    """One AdamW step of the trainable blocks on the chosen batch (mean of its rows' losses)."""
+    batch, hidden = cache.batch(keys)
+    optimizer.zero_grad(set_to_none=True)
+    with split.top_only(hidden):
+        response_losses(split.model, batch).mean().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _encode_chunk(chunk: list[Any], tokenizer: Any, max_tokens: int, position_of_row: dict[int, int],
+                  out: dict[int, EncodedExample]) -> None:
+    if not chunk:
+        return
+    for parsed, enc in zip(chunk, encode_examples(tokenizer, [p.example for p in chunk], max_tokens), strict=True):
+        out[position_of_row[parsed.record.index]] = enc
+

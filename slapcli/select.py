@@ -1,0 +1,261 @@
+"""Stage 3, select: choose the coreset, batch by batch, and explain every pruned row.
+
+Methods:
+- `slap` (default): the proxy-training replay of METHOD.md stage 3 (see `slapcli.replay`).
+- `embedding`: the same stratified, batch-wise loop without a proxy: batches are composed by
+  relative-distance diversity alone. For data too large for a proxy pass.
+- `stratified`: uniform random rows inside each stratum, up to its budget.
+- `random`: uniform random rows, strata ignored (the floor every method must beat).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from slapcli.artifacts import (
+    SELECTION_SCHEMA,
+    ArtifactMeta,
+    check_upstream,
+    read_meta,
+    read_table,
+    upstream_record,
+    write_artifact,
+)
+from slapcli.errors import UsageError
+from slapcli.models import DEFAULT_PROXY_MODEL
+from slapcli.progress import Reporter
+from slapcli.slapmath import allocate_budget, greedy_batch, stratum_nn_scale
+from slapcli.stratify import ALLOCATIONS, row_budget
+
+METHODS = ("slap", "embedding", "stratified", "random")
+
+
+@dataclass
+class SelectConfig:
+    method: str = "slap"
+    keep: float | None = None  # None: the budget recorded by `stratify`
+    budget: int | None = None
+    allocation: str | None = None  # None: the allocation recorded by `stratify`
+    seed: int = 0
+    batch_size: int = 8  # rows per replay batch (b)
+    pool_factor: int = 4  # candidates per batch = pool_factor * batch_size (c)
+    diversity: float = 0.1  # gamma: weight of the relative-distance term, in units of the batch's score spread
+    diversity_clip: float = 2.0
+    # proxy replay (method "slap")
+    proxy_model: str = DEFAULT_PROXY_MODEL
+    proj_dim: int = 1024
+    refresh: int = 4  # replay steps a candidate's gradient feature is reused before it is recomputed
+    target_refresh: int = 10  # replay steps between recomputations of the target direction
+    lr: float = 1e-4  # proxy learning rate (AdamW) and the eta of the Taylor score
+    trainable_blocks: int = 2  # the last decoder blocks get trained and give the gradient features
+    damping: float = 0.1  # curvature damping, relative to the mean curvature
+    max_tokens: int | None = None  # None: the --max-tokens recorded by `embed`
+    target: str | None = None  # dev file whose rows define the target direction
+    target_rows: int = 64  # reference rows when no --target: a fixed stratified sample of the data
+    device: str = "auto"
+    checkpoint_seconds: float = 300.0
+    embeddings: str | None = None  # override the embeddings path recorded in the strata artifact
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Choice:
+    """One chosen row and the terms of the marginal gain that chose it."""
+
+    position: int  # index into the strata table
+    step: int
+    batch: int
+    loss: float | None = None
+    first_order: float | None = None
+    curvature: float | None = None
+    diversity: float | None = None
+    gain: float | None = None
+
+
+class StratifiedPool:
+    """Candidate pools drawn across strata in proportion to each stratum's remaining budget.
+
+    A stratum never contributes more candidates than its remaining budget, so whatever a batch takes from
+    the pool the per-stratum budgets hold exactly at the end.
+    """
+
+    def __init__(self, stratum: np.ndarray, eligible: np.ndarray, budgets: np.ndarray,
+                 rng: np.random.Generator) -> None:
+        self.stratum = stratum
+        self.remaining = budgets.astype(np.int64).copy()
+        order = rng.permutation(len(stratum))
+        by_stratum: list[list[int]] = [[] for _ in range(len(budgets))]
+        for pos in order[eligible[order]].tolist():
+            by_stratum[stratum[pos]].append(pos)
+        self.queues = [deque(q) for q in by_stratum]
+
+    @property
+    def left(self) -> int:
+        return int(self.remaining.sum())
+
+    def draw(self, size: int) -> np.ndarray:
+        take = allocate_budget(self.remaining, min(size, self.left), "proportional")
+        pool: list[int] = []
+        for s in np.flatnonzero(take).tolist():
+            queue = self.queues[s]
+            pool.extend(queue.popleft() for _ in range(int(take[s])))
+        return np.array(pool, dtype=np.int64)
+
+    def settle(self, pool: np.ndarray, chosen: list[int]) -> None:
+        """`chosen` are indices into `pool`. The rest go back to the FRONT of their queues: the next pool
+        starts from them and only tops up what was taken, so a candidate's cached gradient feature can be
+        reused for `--refresh` steps instead of being recomputed for a fresh pool every step."""
+        chosen_set = set(chosen)
+        for i, pos in reversed(list(enumerate(pool.tolist()))):
+            if i in chosen_set:
+                self.remaining[self.stratum[pos]] -= 1
+            else:
+                self.queues[self.stratum[pos]].appendleft(pos)
+
+
+def resolve_budgets(strata_meta: ArtifactMeta, stratum: np.ndarray, eligible: np.ndarray,
+                    config: SelectConfig) -> tuple[np.ndarray, str]:
+    """Per-stratum budgets: those `stratify` recorded, or new ones for a --keep/--budget/--allocation given here."""
+    recorded = strata_meta.extra["strata"]
+    recorded_allocation = strata_meta.config.get("allocation", "waterfill")
+    allocation = config.allocation or recorded_allocation
+    if allocation not in ALLOCATIONS:
+        raise UsageError(f"--allocation must be one of {', '.join(ALLOCATIONS)}")
+    new_size = config.keep is not None or config.budget is not None
+    if not new_size and allocation == recorded_allocation:
+        return np.array([s["budget"] for s in recorded], dtype=np.int64), allocation
+    keep, budget = ((config.keep, config.budget) if new_size
+                    else (strata_meta.config.get("keep"), strata_meta.config.get("budget")))
+    sizes = np.bincount(stratum[eligible], minlength=len(recorded))
+    return allocate_budget(sizes, row_budget(len(stratum), keep, budget), allocation), allocation
+
+
+def select_random(eligible: np.ndarray, m: int, rng: np.random.Generator) -> list[Choice]:
+    picks = rng.choice(np.flatnonzero(eligible), size=min(m, int(eligible.sum())), replace=False)
+    return [Choice(int(p), 0, 0) for p in picks]
+
+
+def select_stratified(pool: StratifiedPool, rng: np.random.Generator) -> list[Choice]:
+    choices = []
+    for s in np.flatnonzero(pool.remaining).tolist():
+        take = int(pool.remaining[s])
+        choices.extend(Choice(int(pos), 0, 0) for pos in list(pool.queues[s])[:take])
+    return [choices[i] for i in rng.permutation(len(choices))]
+
+
+def select_embedding(pool: StratifiedPool, embeddings: np.ndarray, scales: np.ndarray, config: SelectConfig,
+                     reporter: Reporter) -> list[Choice]:
+    """Batch composition by relative-distance diversity alone: no proxy, no gradients."""
+    choices: list[Choice] = []
+    total = pool.left
+    batch = 0
+    with reporter.progress("select (embedding)", total) as bar:
+        while pool.left > 0:
+            b = min(config.batch_size, pool.left)
+            candidates = pool.draw(config.pool_factor * config.batch_size)
+            n = len(candidates)
+            result = greedy_batch(torch.zeros(n, 1), torch.zeros(1), torch.ones(1), 0.0, 1.0,
+                                  torch.from_numpy(embeddings[candidates]), torch.from_numpy(scales[candidates]),
+                                  b, config.diversity_clip)
+            for j, gain, div in zip(result.chosen, result.gains, result.diversity, strict=True):
+                choices.append(Choice(int(candidates[j]), batch, batch, diversity=div, gain=gain))
+            pool.settle(candidates, result.chosen)
+            batch += 1
+            bar.update(advance=len(result.chosen), rows_done=len(choices))
+    return choices
+
+
+def load_embeddings(strata_meta: ArtifactMeta, strata_path: str, override: str | None) -> np.ndarray:
+    assert strata_meta.upstream is not None
+    path = override or strata_meta.upstream["path"]
+    check_upstream(strata_meta, path, strata_path)
+    column = read_table(path, ["embedding"])["embedding"].combine_chunks()
+    return np.ascontiguousarray(column.flatten().to_numpy().reshape(len(column), -1), dtype=np.float32)
+
+
+def select(strata_path: str, output_path: str, config: SelectConfig, reporter: Reporter,
+           input_override: str | None = None, command: str = "select") -> ArtifactMeta:
+    if config.method not in METHODS:
+        raise UsageError(f"--method must be one of {', '.join(METHODS)}")
+    if config.batch_size < 1 or config.pool_factor < 1:
+        raise UsageError("--batch-size and --pool-factor must be >= 1")
+    strata_meta = read_meta(strata_path, "strata")
+    table = read_table(strata_path)
+    n = table.num_rows
+    stratum = table["stratum"].to_numpy()
+    pruned = np.array(table["pruned"].to_pylist(), dtype=object)
+    eligible = _is_none(pruned)
+    budgets, allocation = resolve_budgets(strata_meta, stratum, eligible, config)
+    m = int(budgets.sum())
+    rng = np.random.default_rng(config.seed)
+    reporter.log(f"selecting {m:,} of {n:,} rows with method {config.method!r}")
+    stats: dict[str, Any] = {}
+    if config.method == "random":
+        choices = select_random(eligible, m, rng)
+    else:
+        pool = StratifiedPool(stratum, eligible, budgets, rng)
+        if config.method == "stratified":
+            choices = select_stratified(pool, rng)
+        else:
+            embeddings = load_embeddings(strata_meta, strata_path, config.embeddings)
+            scale_by_stratum = stratum_nn_scale(embeddings[eligible], stratum[eligible], seed=config.seed)
+            scales = np.array([scale_by_stratum.get(int(s), 1.0) for s in stratum], dtype=np.float32)
+            if config.method == "embedding":
+                choices = select_embedding(pool, embeddings, scales, config, reporter)
+            else:
+                from slapcli.replay import run_replay
+
+                choices, stats = run_replay(strata_meta, strata_path, table, pool, embeddings, scales, config,
+                                            reporter, input_override, output_path)
+    out = selection_table(table, pruned, choices)
+    meta = ArtifactMeta(
+        kind="selection",
+        command=command,
+        config={**asdict(config), "allocation_used": allocation},
+        source=strata_meta.source,
+        upstream=upstream_record(strata_path, strata_meta),
+        stats={"rows": n, "kept": len(choices), "budget": m, **stats,
+               "pruned_by_reason": _count_reasons(out)},
+        extra={"strata_budgets": budgets.tolist()},
+    )
+    write_artifact(output_path, out, meta)
+    return meta
+
+
+def _is_none(values: np.ndarray) -> np.ndarray:
+    return np.array([v is None for v in values], dtype=bool)
+
+
+def selection_table(strata: pa.Table, pruned: np.ndarray, choices: list[Choice]) -> pa.Table:
+    n = strata.num_rows
+    kept = np.zeros(n, dtype=bool)
+    reason = np.where(_is_none(pruned), "budget", pruned).astype(object)
+    columns: dict[str, list[Any]] = {k: [None] * n for k in
+                                     ("order", "step", "batch", "loss", "first_order", "curvature", "diversity",
+                                      "gain")}
+    for order, c in enumerate(choices):
+        kept[c.position] = True
+        reason[c.position] = "selected"
+        for key, value in (("order", order), ("step", c.step), ("batch", c.batch), ("loss", c.loss),
+                           ("first_order", c.first_order), ("curvature", c.curvature),
+                           ("diversity", c.diversity), ("gain", c.gain)):
+            columns[key][c.position] = value
+    return pa.table({
+        "row": strata["row"],
+        "line": strata["line"],
+        "stratum": strata["stratum"],
+        "kept": kept,
+        "reason": pa.array(reason.tolist(), pa.string()),
+        **{k: pa.array(v, SELECTION_SCHEMA.field(k).type) for k, v in columns.items()},
+    }, schema=SELECTION_SCHEMA)
+
+
+def _count_reasons(table: pa.Table) -> dict[str, int]:
+    values, counts = np.unique(np.array(table["reason"].to_pylist(), dtype=object), return_counts=True)
+    return {str(v): int(c) for v, c in zip(values, counts, strict=True)}

@@ -1,0 +1,38 @@
+"""Going back to the source data an artifact was made from, and refusing data that is not it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from slapcli.artifacts import ArtifactMeta, check_source
+from slapcli.errors import UsageError
+from slapcli.io.readers import STDIN, ParsedRow, ReadStats, SourceReader, file_fingerprint, iter_examples
+
+
+def source_path(meta: ArtifactMeta, override: str | None, artifact_name: str) -> str:
+    """The data file to read: `--input` if given, else the path recorded in the artifact."""
+    path = override or meta.source["path"]
+    if path == STDIN and override is None:
+        raise UsageError(f"{artifact_name} was made from stdin; pass --input FILE (the same data) to read it again")
+    return path
+
+
+def verify_source(meta: ArtifactMeta, path: str, artifact_name: str) -> None:
+    """Fail fast, before any model work, when a file on disk is not the recorded data (stdin is checked at EOF)."""
+    if path != STDIN:
+        check_source(meta, file_fingerprint(path), path, artifact_name)
+
+
+def iter_source_rows(meta: ArtifactMeta, path: str, artifact_name: str,
+                     wanted: set[int] | None = None) -> Iterator[ParsedRow]:
+    """Parse the source again with the options it was embedded with, yielding only the `wanted` rows."""
+    verify_source(meta, path, artifact_name)
+    config = meta.config
+    with SourceReader(path, meta.source.get("container")) as reader:
+        for row in iter_examples(reader, config.get("layout", "auto"), config.get("on_bad_line", "error"),
+                                 ReadStats()):
+            if wanted is None or row.record.index in wanted:
+                yield row
+        if path == STDIN:
+            assert reader.fingerprint is not None
+            check_source(meta, reader.fingerprint, "<stdin>", artifact_name)

@@ -1,0 +1,226 @@
+"""Stage 2, stratify: semantic clusters x loss bins, exact-duplicate and hardest-row pruning, budgets.
+
+Strata are cluster x loss-quantile-bin inside the cluster (METHOD.md stage 2). The budget M is split over
+strata by water-filling (or proportional / sqrt allocation), so rare regions keep their rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import faiss
+import numpy as np
+import pyarrow as pa
+
+from slapcli.artifacts import STRATA_SCHEMA, ArtifactMeta, read_meta, read_table, upstream_record, write_artifact
+from slapcli.errors import UsageError
+from slapcli.models import DEFAULT_PROXY_MODEL, load_causal_lm, pick_device, pick_dtype, resolve_model
+from slapcli.progress import Reporter
+from slapcli.proxy import compute_losses
+from slapcli.slapmath import allocate_budget
+from slapcli.source import iter_source_rows, source_path, verify_source
+
+ALLOCATIONS = ("waterfill", "proportional", "sqrt")
+
+
+@dataclass
+class StratifyConfig:
+    clusters: int | None = None  # None: round(sqrt(N/2)) clamped to [8, 1024] (and to N)
+    loss_bins: int = 3
+    proxy_loss: bool = True  # False: strata from clusters alone (no proxy pass; for very large data)
+    proxy_model: str = DEFAULT_PROXY_MODEL
+    loss_batch_size: int = 16
+    dedup: bool = True
+    prune_hardest: float = 0.0  # drop this fraction of highest-loss rows (very high loss often means noise)
+    keep: float | None = 0.7  # budget as a share of the rows; `budget` wins when given
+    budget: int | None = None
+    allocation: str = "waterfill"
+    kmeans_iters: int = 20
+    seed: int = 0
+    device: str = "auto"
+
+
+def default_clusters(n_rows: int) -> int:
+    return max(1, min(n_rows, max(8, min(1024, round(math.sqrt(n_rows / 2))))))
+
+
+def row_budget(n_rows: int, keep: float | None, budget: int | None) -> int:
+    """The number of rows to keep, from --budget (rows) or --keep (share of the input rows)."""
+    if budget is not None:
+        if budget < 0:
+            raise UsageError("--budget must be >= 0")
+        return min(budget, n_rows)
+    if keep is None or not 0.0 <= keep <= 1.0:
+        raise UsageError("--keep must be between 0 and 1")
+    return round(keep * n_rows)
+
+
+def spherical_kmeans(embeddings: np.ndarray, k: int, iters: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster unit vectors by cosine; returns (assignment, 1 - cosine to the assigned centroid)."""
+    n, d = embeddings.shape
+    k = max(1, min(k, n))
+    kmeans = faiss.Kmeans(d, k, niter=iters, seed=seed, spherical=True, verbose=False,
+                          max_points_per_centroid=256, min_points_per_centroid=1)
+    kmeans.train(embeddings)
+    index = faiss.IndexFlatIP(d)
+    index.add(kmeans.centroids)
+    sims, assign = index.search(embeddings, 1)
+    return assign[:, 0].astype(np.int32), (1.0 - sims[:, 0]).astype(np.float32)
+
+
+def loss_bins_within_clusters(cluster: np.ndarray, loss: np.ndarray, n_bins: int) -> np.ndarray:
+    """Quantile bin of each row's loss inside its own cluster (0 = easiest), by rank so ties split evenly."""
+    bins = np.zeros(len(cluster), dtype=np.int16)
+    for c in np.unique(cluster):
+        members = np.flatnonzero(cluster == c)
+        ranks = np.empty(len(members), dtype=np.int64)
+        ranks[np.argsort(loss[members], kind="stable")] = np.arange(len(members))
+        bins[members] = (ranks * n_bins // len(members)).astype(np.int16)
+    return bins
+
+
+def first_occurrence(hashes: np.ndarray) -> np.ndarray:
+    """For each row the index of the first row with the same content hash (itself if unique)."""
+    _, first_idx, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+    return first_idx[inverse]
+
+
+def stratify(embeddings_path: str, output_path: str, config: StratifyConfig, reporter: Reporter,
+             input_override: str | None = None, command: str = "stratify") -> ArtifactMeta:
+    if config.allocation not in ALLOCATIONS:
+        raise UsageError(f"--allocation must be one of {', '.join(ALLOCATIONS)}")
+    if not 0.0 <= config.prune_hardest < 1.0:
+        raise UsageError("--prune-hardest must be in [0, 1)")
+    if config.loss_bins < 1:
+        raise UsageError("--loss-bins must be >= 1")
+    emb_meta = read_meta(embeddings_path, "embeddings")
+    table = read_table(embeddings_path)
+    n = table.num_rows
+    rows = table["row"].to_numpy()
+    embeddings = np.ascontiguousarray(
+        table["embedding"].combine_chunks().flatten().to_numpy().reshape(n, -1), dtype=np.float32)
+    n_tokens = (table["n_prompt_tokens"].to_numpy() + table["n_response_tokens"].to_numpy()).astype(np.int32)
+    hashes = table["content_hash"].to_numpy(zero_copy_only=False)
+    if config.proxy_loss:
+        # Fail before clustering when the source data cannot be read back.
+        src = source_path(emb_meta, input_override, embeddings_path)
+        verify_source(emb_meta, src, embeddings_path)
+
+    first = first_occurrence(hashes) if config.dedup else np.arange(n)
+    is_duplicate = first != np.arange(n)
+    eligible = ~is_duplicate
+
+    k = config.clusters or default_clusters(int(eligible.sum()))
+    reporter.log(f"clustering {int(eligible.sum()):,} rows into {k} clusters (spherical k-means)")
+    cluster = np.zeros(n, dtype=np.int32)
+    distance = np.zeros(n, dtype=np.float32)
+    cluster[eligible], distance[eligible] = spherical_kmeans(embeddings[eligible], k, config.kmeans_iters, config.seed)
+    # A duplicate sits in its original's cluster, so per-cluster counts describe the whole input.
+    cluster[is_duplicate], distance[is_duplicate] = cluster[first[is_duplicate]], distance[first[is_duplicate]]
+
+    loss = np.full(n, np.nan, dtype=np.float32)
+    loss_identity = None
+    if config.proxy_loss:
+        loss[eligible], loss_identity = _proxy_losses(emb_meta, src, embeddings_path, rows[eligible], config, reporter)
+    n_bins = config.loss_bins if config.proxy_loss else 1
+    loss_bin = np.zeros(n, dtype=np.int16)
+    if config.proxy_loss:
+        loss_bin[eligible] = loss_bins_within_clusters(cluster[eligible], loss[eligible], n_bins)
+    stratum = (cluster.astype(np.int64) * n_bins + loss_bin).astype(np.int32)
+
+    pruned = np.array([None] * n, dtype=object)
+    pruned[is_duplicate] = "duplicate"
+    if config.prune_hardest > 0 and config.proxy_loss:
+        threshold = np.quantile(loss[eligible], 1.0 - config.prune_hardest)
+        hardest = eligible & (loss > threshold)
+        pruned[hardest] = "hardest"
+        eligible &= ~hardest
+
+    m = row_budget(n, config.keep, config.budget)
+    n_strata = int(stratum.max()) + 1 if n else 0
+    sizes = np.bincount(stratum[eligible], minlength=n_strata)
+    budgets = allocate_budget(sizes, m, config.allocation)
+    strata_table = _strata_summary(loss, stratum, eligible, sizes, budgets, n_bins)
+
+    out = pa.table({
+        "row": rows,
+        "line": table["line"],
+        "content_hash": table["content_hash"],
+        "cluster": cluster,
+        "centroid_distance": distance,
+        "n_tokens": n_tokens,
+        "loss": pa.array(loss, pa.float32(), mask=np.isnan(loss)),
+        "loss_bin": loss_bin,
+        "stratum": stratum,
+        "pruned": pa.array(pruned.tolist(), pa.string()),
+        "duplicate_of": pa.array(np.where(is_duplicate, rows[first], 0), pa.int64(), mask=~is_duplicate),
+    }, schema=STRATA_SCHEMA)
+    meta = ArtifactMeta(
+        kind="strata",
+        command=command,
+        config={**asdict(config), "clusters_used": int(cluster.max()) + 1 if n else 0, "loss_bins_used": n_bins,
+                "proxy_model_identity": loss_identity, "layout": emb_meta.config.get("layout", "auto"),
+                "on_bad_line": emb_meta.config.get("on_bad_line", "error"),
+                "max_tokens": emb_meta.config.get("max_tokens", 1024)},
+        source=emb_meta.source,
+        upstream=upstream_record(embeddings_path, emb_meta),
+        stats={"rows": n, "duplicates": int(is_duplicate.sum()), "hardest_pruned": int((pruned == "hardest").sum()),
+               "eligible": int(eligible.sum()), "budget": int(budgets.sum()), "requested_budget": m},
+        extra={"strata": strata_table},
+    )
+    write_artifact(output_path, out, meta)
+    return meta
+
+
+def _proxy_losses(emb_meta: ArtifactMeta, src: str, name: str, wanted_rows: np.ndarray, config: StratifyConfig,
+                  reporter: Reporter) -> tuple[np.ndarray, str]:
+    """Each wanted row's response loss under the untrained proxy (the policy at step 0)."""
+    device = pick_device(config.device)
+    ref = resolve_model(config.proxy_model)
+    reporter.log(f"loading proxy {ref.spec}")
+    tokenizer, model = load_causal_lm(ref, device, pick_dtype(device))
+    max_tokens = int(emb_meta.config.get("max_tokens", 1024))
+    wanted = set(wanted_rows.tolist())
+    position = {r: i for i, r in enumerate(wanted_rows.tolist())}
+    losses = np.full(len(wanted_rows), np.nan, dtype=np.float32)
+    chunk: list[Any] = []
+    done = 0
+    with reporter.progress("proxy loss", len(wanted_rows)) as bar:
+        def flush() -> None:
+            nonlocal done
+            values = compute_losses(model, tokenizer, [r.example for r in chunk], max_tokens,
+                                    config.loss_batch_size, device)
+            for r, v in zip(chunk, values, strict=True):
+                losses[position[r.record.index]] = v
+            done += len(chunk)
+            bar.update(advance=len(chunk), rows_done=done)
+            chunk.clear()
+
+        for row in iter_source_rows(emb_meta, src, name, wanted):
+            chunk.append(row)
+            if len(chunk) == 1024:
+                flush()
+        if chunk:
+            flush()
+    return losses, ref.identity
+
+
+def _strata_summary(loss: np.ndarray, stratum: np.ndarray, eligible: np.ndarray, sizes: np.ndarray,
+                    budgets: np.ndarray, n_bins: int) -> list[dict[str, Any]]:
+    """One entry per stratum (vectorised: a loop over strata with row masks would be O(strata x rows))."""
+    has_loss = eligible & ~np.isnan(loss)
+    loss_sum = np.bincount(stratum[has_loss], weights=loss[has_loss], minlength=len(sizes))
+    loss_count = np.bincount(stratum[has_loss], minlength=len(sizes))
+    return [
+        {
+            "stratum": s,
+            "cluster": s // n_bins,
+            "loss_bin": s % n_bins,
+            "size": int(sizes[s]),
+            "budget": int(budgets[s]),
+            "mean_loss": float(loss_sum[s] / loss_count[s]) if loss_count[s] else None,
+        }
+        for s in range(len(sizes))
+    ]
