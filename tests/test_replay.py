@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from slapcli.io.layouts import Example, Turn
-from slapcli.models import load_causal_lm, load_tokenizer, resolve_model
+from slapcli.models import load_causal_lm, resolve_model
 from slapcli.proxy import collate, encode_examples, response_losses
 from slapcli.replay import PrefixCache, SplitProxy, calibrated_eta, row_features, stratified_sample
 from slapcli.slapmath import GradientProjector
