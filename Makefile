@@ -25,11 +25,11 @@ demo: $(STAMP)
 	$(SLAP) run sample_data/mixed_400.jsonl -o demo_out/pruned.jsonl --keep 0.7 --workdir demo_out/work --force
 
 test: $(STAMP)
-	$(PY) -m ruff check slapcli tests scripts
+	$(PY) -m ruff check slapcli tests $(wildcard scripts)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check slapcli tests scripts
+	$(PY) -m ruff check slapcli tests $(wildcard scripts)
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -182,6 +182,10 @@ def select_cmd(
     proxy_model: str = PROXY,
     input: str | None = typer.Option(None, "--input", help="Data file, if not at the path recorded by embed."),
     embeddings: str | None = typer.Option(None, "--embeddings", help="Embeddings artifact, if moved."),
+    resume: bool = typer.Option(True, "--resume/--no-resume",
+                                help="Continue from OUTPUT.ckpt when it was written with the same settings."),
+    checkpoint_minutes: float = typer.Option(5.0, "--checkpoint-minutes",
+                                             help="How often the replay saves OUTPUT.ckpt."),
     seed: int = SEED,
     device: str = DEVICE,
     force: bool = FORCE,
@@ -192,7 +196,7 @@ def select_cmd(
     config = SelectConfig(method=method, keep=keep, budget=budget, allocation=allocation, batch_size=batch_size,
                           pool_factor=pool_factor, diversity=diversity, proj_dim=proj_dim, refresh=refresh, lr=lr,
                           max_tokens=max_tokens, target=target, proxy_model=proxy_model, embeddings=embeddings,
-                          seed=seed, device=device)
+                          seed=seed, device=device, resume=resume, checkpoint_seconds=60.0 * checkpoint_minutes)
     reporter = _reporter(quiet)
     select(strata, output, config, reporter, input_override=input)
     selection_summary(output, strata, reporter.console)

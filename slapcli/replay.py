@@ -9,8 +9,13 @@ greedily, and takes one AdamW step of the proxy on it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import os
 import time
+from collections import deque
 from collections.abc import Iterator
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -20,6 +25,8 @@ from torch import nn
 
 from slapcli.artifacts import ArtifactMeta
 from slapcli.errors import SlapError
+from slapcli.io.readers import file_fingerprint
+from slapcli.io.writers import discard, temp_path_beside
 from slapcli.models import load_causal_lm, pick_device, pick_dtype, resolve_model
 from slapcli.progress import Reporter
 from slapcli.proxy import EncodedExample, collate, encode_examples, response_losses
@@ -232,9 +239,32 @@ def run_replay(strata_meta: ArtifactMeta, strata_path: str, table: pa.Table, poo
     step = 0
     target_refresh = max(1, config.target_refresh)
     timings = {"features": 0.0, "target": 0.0, "greedy": 0.0, "train": 0.0}
-    target = torch.zeros(projector.dim)
+    target = torch.zeros(projector.dim, dtype=torch.float64)
+    ckpt_path = checkpoint_path(output_path)
+    ckpt_key = checkpoint_key(config, strata_path)
+    if config.resume and os.path.exists(ckpt_path):
+        state = torch.load(ckpt_path, weights_only=True)  # our own file, and still no unpickling of code
+        if state["key"] != ckpt_key:
+            reporter.warn(f"{ckpt_path} was written with other settings or data: starting over")
+        else:
+            step, target, curvature = state["step"], state["target"], CurvatureState(state["curv_sum"],
+                                                                                     state["curv_count"])
+            choices = [Choice(int(c[0]), int(c[1]), int(c[2]), *c[3:]) for c in state["choices"]]
+            pool.remaining = state["remaining"].numpy().astype(np.int64)
+            pool.queues = [deque(q) for q in state["queues"]]
+            feature_cache = {int(p): (int(b), f, float(loss)) for p, b, f, loss in
+                             zip(state["fc_pos"], state["fc_born"], state["fc_feat"], state["fc_loss"], strict=True)}
+            with torch.no_grad():
+                for param, saved in zip(split.parameters, state["params"], strict=True):
+                    param.copy_(saved)
+            optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["torch_rng"])
+            timings = dict(state["timings"])
+            reporter.log(f"resuming from {ckpt_path}: step {step}, {len(choices):,} rows chosen")
+    last_save = time.monotonic()
     try:
         with reporter.progress("select (slap replay)", total) as bar:
+            bar.update(advance=len(choices), rows_done=len(choices))
             while pool.left > 0:
                 t0 = time.perf_counter()
                 if step % target_refresh == 0:
@@ -276,12 +306,49 @@ def run_replay(strata_meta: ArtifactMeta, strata_path: str, table: pa.Table, poo
                     timings[key] += dt
                 step += 1
                 bar.update(advance=len(chosen_positions), rows_done=len(choices))
+                if pool.left > 0 and time.monotonic() - last_save >= config.checkpoint_seconds:
+                    _save_checkpoint(ckpt_path, {
+                        "key": ckpt_key, "step": step, "target": target, "curv_sum": curvature.sum_sq,
+                        "curv_count": curvature.count,
+                        "choices": [[c.position, c.step, c.batch, c.loss, c.first_order, c.curvature, c.diversity,
+                                     c.gain] for c in choices],
+                        "remaining": torch.from_numpy(pool.remaining.copy()),
+                        "queues": [list(q) for q in pool.queues],
+                        "fc_pos": list(feature_cache), "fc_born": [v[0] for v in feature_cache.values()],
+                        "fc_feat": [v[1] for v in feature_cache.values()],
+                        "fc_loss": [v[2] for v in feature_cache.values()],
+                        "params": [p.detach().clone() for p in split.parameters],
+                        "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                        "timings": timings,
+                    })
+                    last_save = time.monotonic()
     finally:
         projector.close()
     stats = {"replay_steps": step, "proj_dim": projector.dim, "trainable_linears": len(split.linears),
              "seconds": {k: round(v, 3) for k, v in timings.items()}, "target_rows": len(target_keys)}
-    del output_path  # checkpoints are not written yet
     return choices, stats
+
+
+def checkpoint_path(output_path: str) -> str:
+    return output_path + ".ckpt"
+
+
+def checkpoint_key(config: Any, strata_path: str) -> str:
+    """What a checkpoint must match to be resumed: every setting that changes the result, and the strata."""
+    settings = {k: v for k, v in asdict(config).items() if k not in ("checkpoint_seconds", "resume", "device")}
+    blob = json.dumps([settings, file_fingerprint(strata_path).to_dict()], sort_keys=True, default=str)
+    return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
+
+
+def _save_checkpoint(path: str, state: dict[str, Any]) -> None:
+    """Atomically: a kill during the write leaves the previous checkpoint intact."""
+    tmp = temp_path_beside(path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        discard(tmp)
+        raise
 
 
 def calibrated_eta(pool_feats: torch.Tensor, target: torch.Tensor, h: torch.Tensor) -> float:

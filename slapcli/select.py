@@ -10,6 +10,8 @@ Methods:
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -59,7 +61,8 @@ class SelectConfig:
     target: str | None = None  # dev file whose rows define the target direction
     target_rows: int = 64  # reference rows when no --target: a fixed stratified sample of the data
     device: str = "auto"
-    checkpoint_seconds: float = 300.0
+    checkpoint_seconds: float = 300.0  # how often the replay saves its state beside the output
+    resume: bool = True  # continue from a checkpoint written with the same settings and strata
     embeddings: str | None = None  # override the embeddings path recorded in the strata artifact
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -225,6 +228,11 @@ def select(strata_path: str, output_path: str, config: SelectConfig, reporter: R
         extra={"strata_budgets": budgets.tolist()},
     )
     write_artifact(output_path, out, meta)
+    if config.method == "slap":
+        from slapcli.replay import checkpoint_path
+
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(checkpoint_path(output_path))  # the artifact now holds everything the checkpoint did
     return meta
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+import pytest
 import torch
 
 from slapcli.io.layouts import Example, Turn
@@ -82,3 +85,55 @@ def test_calibrated_eta_is_the_median_newton_step():
     # Newton steps <g*, g>/g^T H g: 1 and 0.5 (the third is not aligned); torch's median is the lower one.
     assert abs(calibrated_eta(feats, target, h) - 0.5) < 1e-12
     assert calibrated_eta(-feats, target, h) == 1.0
+
+
+def test_killed_select_resumes_to_the_same_selection(tmp_path, tiny_encoder_dir, tiny_proxy_dir, monkeypatch):
+    """A replay interrupted mid-way and rerun from its checkpoint ends with the same artifact."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from slapcli import replay
+    from slapcli.artifacts import read_meta
+    from slapcli.embed import EmbedConfig, embed
+    from slapcli.progress import Reporter
+    from slapcli.select import SelectConfig, select
+    from slapcli.stratify import StratifyConfig, stratify
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"task {i} about {'abc'[i % 3]}", "output": f"answer {i * 7}"})
+                            + "\n" for i in range(40)))
+    quiet = Reporter(quiet=True)
+    embed(str(data), str(tmp_path / "e.parquet"),
+          EmbedConfig(embed_model=str(tiny_encoder_dir), proxy_model=str(tiny_proxy_dir)), quiet)
+    stratify(str(tmp_path / "e.parquet"), str(tmp_path / "s.parquet"),
+             StratifyConfig(proxy_model=str(tiny_proxy_dir), clusters=3, keep=0.5), quiet)
+    config = SelectConfig(proxy_model=str(tiny_proxy_dir), proj_dim=32, batch_size=4, checkpoint_seconds=0.0)
+    select(str(tmp_path / "s.parquet"), str(tmp_path / "full.parquet"), config, quiet)
+
+    real_step = replay._train_step
+    calls = {"n": 0}
+
+    def dying_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # as if killed during the third training step
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(replay, "_train_step", dying_step)
+    out = tmp_path / "resumed.parquet"
+    with pytest.raises(KeyboardInterrupt):
+        select(str(tmp_path / "s.parquet"), str(out), config, quiet)
+    assert not out.exists() and os.path.exists(str(out) + ".ckpt")
+    resumed_steps = {"n": 0}
+
+    def counting_step(*args, **kwargs):
+        resumed_steps["n"] += 1
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(replay, "_train_step", counting_step)
+    select(str(tmp_path / "s.parquet"), str(out), config, quiet)
+    full_steps = read_meta(str(tmp_path / "full.parquet")).stats["replay_steps"]
+    assert resumed_steps["n"] == full_steps - 2  # two steps were done before the kill
+    assert not os.path.exists(str(out) + ".ckpt")
+    assert pq.read_table(out).equals(pq.read_table(tmp_path / "full.parquet"))
