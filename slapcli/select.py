@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from slapcli.artifacts import (
     SELECTION_SCHEMA,
@@ -32,7 +31,7 @@ from slapcli.artifacts import (
 from slapcli.errors import UsageError
 from slapcli.models import DEFAULT_PROXY_MODEL
 from slapcli.progress import Reporter
-from slapcli.slapmath import allocate_budget, greedy_batch, stratum_nn_scale
+from slapcli.slapmath import allocate_budget, stratum_nn_scale
 from slapcli.stratify import ALLOCATIONS, row_budget
 
 METHODS = ("slap", "embedding", "stratified", "random")
@@ -152,26 +151,65 @@ def select_stratified(pool: StratifiedPool, rng: np.random.Generator) -> list[Ch
     return [choices[i] for i in rng.permutation(len(choices))]
 
 
-def select_embedding(pool: StratifiedPool, embeddings: np.ndarray, scales: np.ndarray, config: SelectConfig,
+def farthest_point_order(points: np.ndarray, k: int, first: int) -> tuple[list[int], list[float]]:
+    """Greedy k-center: start at `first`, then repeatedly take the row farthest from all taken rows.
+
+    Returns the picked indices and, for each, its distance to the nearest row taken before it (inf for
+    the first). O(n k d) with one matrix-vector product per pick (|p - q|^2 = |p|^2 + |q|^2 - 2 p.q) and no
+    n x n matrix; numpy, since per-call overhead dominates on these small strata.
+    """
+    n = points.shape[0]
+    k = min(k, n)
+    if k == 0:
+        return [], []
+    sq_norm = np.einsum("ij,ij->i", points, points)
+    nearest = np.full(n, np.inf, dtype=np.float64)
+    picks, gaps = [first], [float("inf")]
+    for _ in range(k - 1):
+        last = picks[-1]
+        dist = sq_norm + sq_norm[last] - 2.0 * (points @ points[last])
+        np.minimum(nearest, np.maximum(dist, 0.0), out=nearest)
+        nearest[last] = -1.0  # taken rows are never the farthest
+        j = int(np.argmax(nearest))
+        picks.append(j)
+        gaps.append(float(np.sqrt(nearest[j])))
+    return picks, gaps
+
+
+def select_embedding(stratum: np.ndarray, eligible: np.ndarray, budgets: np.ndarray, embeddings: np.ndarray,
+                     centroid_distance: np.ndarray, scales: np.ndarray, config: SelectConfig,
                      reporter: Reporter) -> list[Choice]:
-    """Batch composition by relative-distance diversity alone: no proxy, no gradients."""
-    choices: list[Choice] = []
-    total = pool.left
-    batch = 0
-    with reporter.progress("select (embedding)", total) as bar:
-        while pool.left > 0:
-            b = min(config.batch_size, pool.left)
-            candidates = pool.draw(config.pool_factor * config.batch_size)
-            n = len(candidates)
-            result = greedy_batch(torch.zeros(n, 1), torch.zeros(1), torch.ones(1), 0.0, 1.0,
-                                  torch.from_numpy(embeddings[candidates]), torch.from_numpy(scales[candidates]),
-                                  b, config.diversity_clip)
-            for j, gain, div in zip(result.chosen, result.gains, result.diversity, strict=True):
-                choices.append(Choice(int(candidates[j]), batch, batch, diversity=div, gain=gain))
-            pool.settle(candidates, result.chosen)
-            batch += 1
-            bar.update(advance=len(result.chosen), rows_done=len(choices))
-    return choices
+    """Strata + relative-distance diversity, no proxy: inside each stratum, greedy k-center from its most
+    typical row (nearest the cluster centroid), so the kept rows are as far apart as the budget allows.
+
+    Rows are then ordered round-robin over strata by pick rank and cut into batches of --batch-size, so every
+    batch mixes strata. `diversity` records each row's gap to the rows picked before it in its stratum,
+    relative to the stratum's typical nearest-neighbour distance (clipped like the replay's term). This is
+    the mode for data sets too large for a proxy pass: one matrix-vector product per kept row.
+    """
+    members_of = _members_by_stratum(stratum, eligible)
+    ranked: list[tuple[int, int, int, float]] = []  # (rank in stratum, stratum, position, relative gap)
+    with reporter.progress("select (embedding)", int(budgets.sum())) as bar:
+        for s, members in members_of.items():
+            if budgets[s] == 0:
+                continue
+            points = embeddings[members]
+            picks, gaps = farthest_point_order(points, int(budgets[s]), int(np.argmin(centroid_distance[members])))
+            scale = float(scales[members[0]])
+            ranked.extend((r, s, int(members[p]), min(g / scale, config.diversity_clip))
+                          for r, (p, g) in enumerate(zip(picks, gaps, strict=True)))
+            bar.update(advance=len(picks), rows_done=len(ranked))
+    ranked.sort()
+    return [Choice(pos, i // config.batch_size, i // config.batch_size, diversity=gap)
+            for i, (_, _, pos, gap) in enumerate(ranked)]
+
+
+def _members_by_stratum(stratum: np.ndarray, eligible: np.ndarray) -> dict[int, np.ndarray]:
+    positions = np.flatnonzero(eligible)
+    order = np.argsort(stratum[positions], kind="stable")
+    positions = positions[order]
+    labels, starts = np.unique(stratum[positions], return_index=True)
+    return {int(s): part for s, part in zip(labels, np.split(positions, starts[1:]), strict=True)}
 
 
 def load_embeddings(strata_meta: ArtifactMeta, strata_path: str, override: str | None) -> np.ndarray:
@@ -208,9 +246,12 @@ def select(strata_path: str, output_path: str, config: SelectConfig, reporter: R
         else:
             embeddings = load_embeddings(strata_meta, strata_path, config.embeddings)
             scale_by_stratum = stratum_nn_scale(embeddings[eligible], stratum[eligible], seed=config.seed)
-            scales = np.array([scale_by_stratum.get(int(s), 1.0) for s in stratum], dtype=np.float32)
+            scale_of = np.ones(int(stratum.max()) + 1, dtype=np.float32)
+            scale_of[list(scale_by_stratum)] = list(scale_by_stratum.values())
+            scales = scale_of[stratum]
             if config.method == "embedding":
-                choices = select_embedding(pool, embeddings, scales, config, reporter)
+                choices = select_embedding(stratum, eligible, budgets, embeddings,
+                                           table["centroid_distance"].to_numpy(), scales, config, reporter)
             else:
                 from slapcli.replay import run_replay
 

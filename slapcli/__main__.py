@@ -1,0 +1,3 @@
+from slapcli.cli import main
+
+main()
