@@ -186,6 +186,8 @@ def select_cmd(
                                 help="Continue from OUTPUT.ckpt when it was written with the same settings."),
     checkpoint_minutes: float = typer.Option(5.0, "--checkpoint-minutes",
                                              help="How often the replay saves OUTPUT.ckpt."),
+    timings: bool = typer.Option(False, "--timings",
+                                 help="Store the replay's per-phase wall times in the artifact's stats."),
     seed: int = SEED,
     device: str = DEVICE,
     force: bool = FORCE,
@@ -196,7 +198,8 @@ def select_cmd(
     config = SelectConfig(method=method, keep=keep, budget=budget, allocation=allocation, batch_size=batch_size,
                           pool_factor=pool_factor, diversity=diversity, proj_dim=proj_dim, refresh=refresh, lr=lr,
                           max_tokens=max_tokens, target=target, proxy_model=proxy_model, embeddings=embeddings,
-                          seed=seed, device=device, resume=resume, checkpoint_seconds=60.0 * checkpoint_minutes)
+                          seed=seed, device=device, resume=resume, checkpoint_seconds=60.0 * checkpoint_minutes,
+                          record_timings=timings)
     reporter = _reporter(quiet)
     select(strata, output, config, reporter, input_override=input)
     selection_summary(output, strata, reporter.console)

@@ -287,14 +287,18 @@ def run_replay(strata_meta: ArtifactMeta, strata_path: str, table: pa.Table, poo
                 spread = float(singles.std()) if len(singles) > 1 else 0.0
                 gamma = config.diversity * (spread if spread > 0 else 1.0)
                 b = min(config.batch_size, pool.left)
+                groups, caps = pool.caps(candidates)
                 result = greedy_batch(pool_feats, target, h, eta, gamma, torch.from_numpy(embeddings[candidates]),
-                                      torch.from_numpy(scales[candidates]), b, config.diversity_clip)
+                                      torch.from_numpy(scales[candidates]), b, config.diversity_clip,
+                                      groups=torch.from_numpy(groups), group_caps=torch.from_numpy(caps))
                 t3 = time.perf_counter()
                 chosen_positions = [int(candidates[j]) for j in result.chosen]
                 for k, pos in enumerate(chosen_positions):
                     choices.append(Choice(pos, step, step, feature_cache[pos][2], result.first_order[k],
                                           result.curvature[k], result.diversity[k], result.gains[k]))
-                pool.settle(candidates, result.chosen)
+                # Candidates whose features stay fresh next step are offered again; the rest rotate out.
+                fresh = {p for p in candidates.tolist() if step + 1 - feature_cache[p][0] < config.refresh}
+                pool.settle(candidates, result.chosen, retain=fresh)
                 _train_step(split, cache, optimizer, chosen_positions)
                 # Chosen rows leave the pool, and features past their refresh age would be recomputed anyway.
                 for p in chosen_positions:
@@ -324,8 +328,11 @@ def run_replay(strata_meta: ArtifactMeta, strata_path: str, table: pa.Table, poo
                     last_save = time.monotonic()
     finally:
         projector.close()
-    stats = {"replay_steps": step, "proj_dim": projector.dim, "trainable_linears": len(split.linears),
-             "seconds": {k: round(v, 3) for k, v in timings.items()}, "target_rows": len(target_keys)}
+    reporter.log("replay time: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
+    stats: dict[str, Any] = {"replay_steps": step, "proj_dim": projector.dim, "trainable_linears": len(split.linears),
+                             "target_rows": len(target_keys)}
+    if config.record_timings:  # wall times differ run to run: only on request, so equal runs give equal bytes
+        stats["seconds"] = {k: round(v, 3) for k, v in timings.items()}
     return choices, stats
 
 
@@ -335,7 +342,8 @@ def checkpoint_path(output_path: str) -> str:
 
 def checkpoint_key(config: Any, strata_path: str) -> str:
     """What a checkpoint must match to be resumed: every setting that changes the result, and the strata."""
-    settings = {k: v for k, v in asdict(config).items() if k not in ("checkpoint_seconds", "resume", "device")}
+    settings = {k: v for k, v in asdict(config).items()
+                if k not in ("checkpoint_seconds", "resume", "device", "record_timings")}
     blob = json.dumps([settings, file_fingerprint(strata_path).to_dict()], sort_keys=True, default=str)
     return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
 

@@ -62,6 +62,7 @@ class SelectConfig:
     device: str = "auto"
     checkpoint_seconds: float = 300.0  # how often the replay saves its state beside the output
     resume: bool = True  # continue from a checkpoint written with the same settings and strata
+    record_timings: bool = False  # store per-phase wall times in stats (the artifact's bytes then vary)
     embeddings: str | None = None  # override the embeddings path recorded in the strata artifact
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -83,13 +84,18 @@ class Choice:
 class StratifiedPool:
     """Candidate pools drawn across strata in proportion to each stratum's remaining budget.
 
-    A stratum never contributes more candidates than its remaining budget, so whatever a batch takes from
-    the pool the per-stratum budgets hold exactly at the end.
+    A stratum offers up to `oversample` times its remaining budget, so the batch scores, not the draw,
+    decide which of its rows are kept; the greedy step caps what it takes from each stratum at the
+    remaining budget (`greedy_batch(groups=..., group_caps=...)`), so the budgets hold exactly at the end.
+    Unchosen candidates the caller wants to `retain` (their cached features are still fresh) go back to the
+    front of their stratum's queue and are offered again next step; the others go to the back, so every
+    row of a stratum is eventually offered.
     """
 
     def __init__(self, stratum: np.ndarray, eligible: np.ndarray, budgets: np.ndarray,
-                 rng: np.random.Generator) -> None:
+                 rng: np.random.Generator, oversample: int = 4) -> None:
         self.stratum = stratum
+        self.oversample = oversample
         self.remaining = budgets.astype(np.int64).copy()
         order = rng.permutation(len(stratum))
         by_stratum: list[list[int]] = [[] for _ in range(len(budgets))]
@@ -102,23 +108,30 @@ class StratifiedPool:
         return int(self.remaining.sum())
 
     def draw(self, size: int) -> np.ndarray:
-        take = allocate_budget(self.remaining, min(size, self.left), "proportional")
+        available = np.array([len(q) for q in self.queues], dtype=np.int64)
+        room = np.minimum(available, self.remaining * self.oversample)
+        take = allocate_budget(room, min(size, int(room.sum())), "proportional")
         pool: list[int] = []
         for s in np.flatnonzero(take).tolist():
             queue = self.queues[s]
             pool.extend(queue.popleft() for _ in range(int(take[s])))
         return np.array(pool, dtype=np.int64)
 
-    def settle(self, pool: np.ndarray, chosen: list[int]) -> None:
-        """`chosen` are indices into `pool`. The rest go back to the FRONT of their queues: the next pool
-        starts from them and only tops up what was taken, so a candidate's cached gradient feature can be
-        reused for `--refresh` steps instead of being recomputed for a fresh pool every step."""
+    def caps(self, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(group id per candidate, remaining budget per group) for `greedy_batch`."""
+        strata, groups = np.unique(self.stratum[candidates], return_inverse=True)
+        return groups, self.remaining[strata]
+
+    def settle(self, pool: np.ndarray, chosen: list[int], retain: set[int] | frozenset[int] = frozenset()) -> None:
+        """`chosen` are indices into `pool`; unchosen positions in `retain` go to the front of their queue."""
         chosen_set = set(chosen)
         for i, pos in reversed(list(enumerate(pool.tolist()))):
             if i in chosen_set:
                 self.remaining[self.stratum[pos]] -= 1
-            else:
+            elif pos in retain:
                 self.queues[self.stratum[pos]].appendleft(pos)
+            else:
+                self.queues[self.stratum[pos]].append(pos)
 
 
 def resolve_budgets(strata_meta: ArtifactMeta, stratum: np.ndarray, eligible: np.ndarray,
@@ -240,7 +253,7 @@ def select(strata_path: str, output_path: str, config: SelectConfig, reporter: R
     if config.method == "random":
         choices = select_random(eligible, m, rng)
     else:
-        pool = StratifiedPool(stratum, eligible, budgets, rng)
+        pool = StratifiedPool(stratum, eligible, budgets, rng, oversample=config.pool_factor)
         if config.method == "stratified":
             choices = select_stratified(pool, rng)
         else:

@@ -393,8 +393,14 @@ class GreedyResult:
 
 def greedy_batch(pool_features: Tensor, target: Tensor, h: Tensor, eta: float, gamma: float,
                  pool_emb: Tensor, pool_scale: Tensor, batch_size: int, clip: float = 2.0,
-                 keep_candidate_gains: bool = False) -> GreedyResult:
+                 keep_candidate_gains: bool = False, groups: Tensor | None = None,
+                 group_caps: Tensor | None = None) -> GreedyResult:
     """Grow a batch one candidate at a time by the largest marginal gain of U (ties: lowest index).
+
+    With `groups` (a group id per candidate, e.g. its stratum) and `group_caps` (indexed by group id), at
+    most group_caps[g] candidates of group g are taken: the pool may offer a stratum more candidates than
+    its remaining budget, so that the scores, not the draw, decide which of them are kept. The batch stops
+    early when every remaining candidate's group is full.
 
     Each step scores the whole pool in closed form, O(n (D + |B|)): with S the members' feature sum,
     m' = (S + g_j) / (s + 1), so <g*, m'> needs <g*, g_j>, and m'^T H m' needs S^T H S, g_j^T H S and the
@@ -417,6 +423,7 @@ def greedy_batch(pool_features: Tensor, target: Tensor, h: Tensor, eta: float, g
     member_nn = torch.empty(0, dtype=dt, device=g.device)
     s_sum = torch.zeros(dim, dtype=dt, device=g.device)
     taken = torch.zeros(n, dtype=torch.bool, device=g.device)
+    room = group_caps.clone().to(torch.long) if group_caps is not None else None
     prev_first = prev_curv = prev_div = 0.0
     result = GreedyResult()
     for step in range(k):
@@ -432,7 +439,10 @@ def greedy_batch(pool_features: Tensor, target: Tensor, h: Tensor, eta: float, g
             others = (torch.minimum(d, member_nn) / scale[members]).clamp(max=clip).sum(1)
             div = (own + others) / s1
         d_first, d_curv, d_div = first - prev_first, curv - prev_curv, gamma * (div - prev_div)
-        gain = (d_first - d_curv + d_div).masked_fill(taken, float("-inf"))
+        blocked = taken if room is None or groups is None else taken | (room[groups] <= 0)
+        if bool(blocked.all()):
+            break
+        gain = (d_first - d_curv + d_div).masked_fill(blocked, float("-inf"))
         j = int(torch.argmax(gain))  # first maximum -> lowest index on ties
         if keep_candidate_gains:
             result.candidate_gains.append(gain.clone())
@@ -443,6 +453,8 @@ def greedy_batch(pool_features: Tensor, target: Tensor, h: Tensor, eta: float, g
         result.diversity.append(float(d_div[j]))
         prev_first, prev_curv, prev_div = float(first[j]), float(curv[j]), float(div[j])
         taken[j] = True
+        if room is not None and groups is not None:
+            room[groups[j]] -= 1
         s_sum = s_sum + g[j]
         dist[:, step] = _pairwise(emb, emb[j:j + 1]).squeeze(1)
         new_nn = dist[j, :step].min() if step else torch.tensor(float("inf"), dtype=dt, device=g.device)

@@ -431,3 +431,21 @@ def test_greedy_curvature_penalises_redundant_directions() -> None:
             "eta": 0.1, "gamma": 0.0, "batch_size": 2}
     assert greedy_batch(**args, h=torch.full((2,), 1e-3, dtype=torch.float64)).chosen == [0, 1]
     assert greedy_batch(**args, h=torch.full((2,), 1e3, dtype=torch.float64)).chosen[1] == 2
+
+
+def test_greedy_respects_group_caps_like_a_naive_capped_greedy() -> None:
+    pool = random_pool(n=30, seed=7)
+    groups = torch.arange(30) % 3
+    caps = torch.tensor([1, 3, 0])
+    res = greedy_batch(**pool, eta=0.7, gamma=0.5, batch_size=8, groups=groups, group_caps=caps)
+    counts = torch.bincount(groups[res.chosen], minlength=3)
+    assert counts.tolist() == [1, 3, 0]  # stops early: only 4 rows are allowed in all
+    naive: list[int] = []
+    while True:
+        allowed = [c for c in range(30) if c not in naive
+                   and sum(int(groups[m]) == int(groups[c]) for m in naive) < int(caps[groups[c]])]
+        if not allowed:
+            break
+        before = utility(pool, naive, 0.7, 0.5, 2.0)["total"]
+        naive.append(max(allowed, key=lambda c: (utility(pool, [*naive, c], 0.7, 0.5, 2.0)["total"] - before, -c)))
+    assert res.chosen == naive
