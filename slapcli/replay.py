@@ -40,7 +40,7 @@ from slapcli.slapmath import (
 )
 from slapcli.source import iter_source_rows, source_path
 
-FEATURE_BATCH = 8  # rows per forward/backward when computing gradient features
+FEATURE_BATCH = 16  # rows per forward/backward when computing gradient features (bigger GEMMs)
 
 
 class _PassThrough(nn.Module):
