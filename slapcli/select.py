@@ -252,24 +252,23 @@ def select(strata_path: str, output_path: str, config: SelectConfig, reporter: R
     stats: dict[str, Any] = {}
     if config.method == "random":
         choices = select_random(eligible, m, rng)
+    elif config.method == "stratified":
+        choices = select_stratified(StratifiedPool(stratum, eligible, budgets, rng), rng)
     else:
-        pool = StratifiedPool(stratum, eligible, budgets, rng, oversample=config.pool_factor)
-        if config.method == "stratified":
-            choices = select_stratified(pool, rng)
+        embeddings = load_embeddings(strata_meta, strata_path, config.embeddings)
+        scale_by_stratum = stratum_nn_scale(embeddings[eligible], stratum[eligible], seed=config.seed)
+        scale_of = np.ones(int(stratum.max()) + 1, dtype=np.float32)
+        scale_of[list(scale_by_stratum)] = list(scale_by_stratum.values())
+        scales = scale_of[stratum]
+        if config.method == "embedding":
+            choices = select_embedding(stratum, eligible, budgets, embeddings,
+                                       table["centroid_distance"].to_numpy(), scales, config, reporter)
         else:
-            embeddings = load_embeddings(strata_meta, strata_path, config.embeddings)
-            scale_by_stratum = stratum_nn_scale(embeddings[eligible], stratum[eligible], seed=config.seed)
-            scale_of = np.ones(int(stratum.max()) + 1, dtype=np.float32)
-            scale_of[list(scale_by_stratum)] = list(scale_by_stratum.values())
-            scales = scale_of[stratum]
-            if config.method == "embedding":
-                choices = select_embedding(stratum, eligible, budgets, embeddings,
-                                           table["centroid_distance"].to_numpy(), scales, config, reporter)
-            else:
-                from slapcli.replay import run_replay
+            from slapcli.replay import run_replay
 
-                choices, stats = run_replay(strata_meta, strata_path, table, pool, embeddings, scales, config,
-                                            reporter, input_override, output_path)
+            pool = StratifiedPool(stratum, eligible, budgets, rng, oversample=config.pool_factor)
+            choices, stats = run_replay(strata_meta, strata_path, table, pool, embeddings, scales, config,
+                                        reporter, input_override, output_path)
     out = selection_table(table, pruned, choices)
     meta = ArtifactMeta(
         kind="selection",
