@@ -508,7 +508,7 @@ def test_truncated_large_gzip(tmp_path: Path) -> None:
         read_all(path)
 
 
-# --- known bugs (see the report): each should pass once readers.py is fixed ----------------------------------------
+# --- damaged compression and long blank runs ------------------------------------------------------------------------
 
 _GZ = gzip.compress(b"".join(_row(i) + b"\n" for i in range(50)), mtime=0)
 _ZST = zstandard.ZstdCompressor().compress(b"".join(_row(i) + b"\n" for i in range(50)))
@@ -527,11 +527,29 @@ def test_corrupt_compressed_input_is_a_data_error(tmp_path: Path, name: str, dat
         read_all(write(tmp_path, name, data))
 
 
-@pytest.mark.xfail(strict=True, reason="readers.py: a truncated zstd stream is not detected (zstandard's "
-                   "stream_reader ends quietly); small files read as 'empty input', big ones as malformed JSON")
-def test_truncated_zstd_is_reported(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="cannot decompress"):
-        read_all(write(tmp_path, "t.jsonl.zst", _ZST[: len(_ZST) // 2]))
+@pytest.mark.parametrize("cut", [5, len(_ZST) // 2, len(_ZST) - 1])
+def test_truncated_zstd_is_reported(tmp_path: Path, cut: int) -> None:
+    # zstandard's stream_reader ends quietly at a cut frame: small files read as 'empty input', big ones as
+    # malformed JSON, and a cut at a line end would silently lose rows.
+    with pytest.raises(DataError, match=r"cannot decompress \(zstd\): truncated stream"):
+        read_all(write(tmp_path, "t.jsonl.zst", _ZST[:cut]))
+
+
+def test_truncated_large_zstd_is_reported(tmp_path: Path) -> None:
+    data = zstandard.ZstdCompressor().compress(b"".join(_row(i) + b"\n" for i in range(60_000)))
+    with pytest.raises(DataError, match=r"cannot decompress \(zstd\): truncated stream"):
+        read_all(write(tmp_path, "t.jsonl.zst", data[: len(data) // 2]))
+
+
+def test_zstd_frames_read_as_one_stream(tmp_path: Path) -> None:
+    # Several frames (as `cat a.zst b.zst` or a streaming writer makes), one of them skippable metadata.
+    skippable = (0x184D2A50).to_bytes(4, "little") + (3).to_bytes(4, "little") + b"abc"
+    compress = zstandard.ZstdCompressor().compress
+    data = compress(_row(0) + b"\n" + _row(1)) + skippable + compress(b"\n" + _row(2) + b"\n")
+    _, rows = read_all(write(tmp_path, "f.jsonl.zst", data))
+    assert [r.record.line for r in rows] == [1, 2, 3]
+    with pytest.raises(DataError, match=r"cannot decompress \(zstd\)"):
+        read_all(write(tmp_path, "g.jsonl.zst", data + b"trailing garbage"))
 
 
 @pytest.mark.parametrize("name, data", [("bom.jsonl", b"\xef\xbb\xbf" + ALPACA_LINE + b"\n" + ALPACA_LINE + b"\n"),
@@ -549,11 +567,18 @@ def test_deeply_nested_json_is_a_data_error(tmp_path: Path, name: str, data: byt
         read_all(write(tmp_path, name, data))
 
 
-@pytest.mark.xfail(strict=True, reason="readers.py _first_non_space: leading whitespace filling the first 1 MiB "
-                   "buffer is consumed uncounted before the row loop, so the row at line 1048582 reports line 6")
-@pytest.mark.parametrize("name", ["lead.jsonl", "lead.json"])
-def test_line_numbers_after_a_megabyte_of_blank_lines(tmp_path: Path, name: str) -> None:
-    blank = b"\n" * (_CHUNK + 5)
-    row = ALPACA_LINE if name.endswith("jsonl") else b"[" + ALPACA_LINE + b"]"
-    _, rows = read_all(write(tmp_path, name, blank + row + b"\n"))
-    assert [r.record.line for r in rows] == [_CHUNK + 6]
+@pytest.mark.parametrize("name", ["lead.jsonl", "lead.json", "lead.jsonl.gz", "lead.json.zst"])
+@pytest.mark.parametrize("blank", [b"\n" * (_CHUNK + 5), b" \r\n" * (_CHUNK // 3 + 5)])
+def test_line_numbers_after_a_megabyte_of_blank_lines(tmp_path: Path, name: str, blank: bytes) -> None:
+    # Leading whitespace that fills whole read buffers is consumed before the row loop; its lines still count.
+    second = ALPACA_LINE.replace(b"Apple", b"Pear")
+    rows_text = ALPACA_LINE + b"\n" + second if ".jsonl" in name else b"[" + ALPACA_LINE + b",\n" + second + b"]"
+    data = blank + rows_text + b"\n"
+    if name.endswith(".gz"):
+        data = gzip.compress(data)
+    elif name.endswith(".zst"):
+        data = zstandard.ZstdCompressor().compress(data)
+    _, rows = read_all(write(tmp_path, name, data))
+    first = blank.count(b"\n") + 1
+    assert [r.record.line for r in rows] == [first, first + 1]
+    assert [r.example.response_text for r in rows] == ["Apple.", "Pear."]

@@ -184,13 +184,10 @@ class SourceReader:
             self.compression = "gzip"
             text_stream = io.BufferedReader(gzip.GzipFile(fileobj=stream), buffer_size=_CHUNK)  # type: ignore[arg-type]
         elif magic.startswith(_ZSTD_MAGIC):
-            import zstandard
-
             self.compression = "zstd"
-            reader = zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True)
-            text_stream = io.BufferedReader(reader, buffer_size=_CHUNK)  # type: ignore[arg-type]
+            text_stream = io.BufferedReader(_ZstdReader(stream), buffer_size=_CHUNK)
         try:
-            first = _first_non_space(text_stream)
+            first, blank_lines = _first_non_space(text_stream)
         except _decompression_errors() as e:  # corrupt gzip/zstd stream
             raise DataError(f"cannot decompress ({self.compression}): {e}", self.name) from None
         if first is None:
@@ -199,9 +196,9 @@ class SourceReader:
         self.container = self._check_container(sniffed)
         try:
             if self.container == "json":
-                yield from self._json_array_records(text_stream)
+                yield from self._json_array_records(text_stream, 1 + blank_lines)
             else:
-                yield from self._jsonl_records(text_stream)
+                yield from self._jsonl_records(text_stream, 1 + blank_lines)
         except _decompression_errors() as e:
             raise DataError(f"cannot decompress ({self.compression}): {e}", self.name) from None
         self.fingerprint = hashing.drain()
@@ -222,9 +219,9 @@ class SourceReader:
             1,
         )
 
-    def _jsonl_records(self, stream: BinaryIO) -> Iterator[SourceRecord]:
+    def _jsonl_records(self, stream: BinaryIO, first_line: int = 1) -> Iterator[SourceRecord]:
         index = 0
-        for line_no, line in enumerate(stream, start=1):
+        for line_no, line in enumerate(stream, start=first_line):
             raw = line[:-1] if line.endswith(b"\n") else line
             if line_no == 1 and raw.startswith(_BOM):
                 raw = raw[len(_BOM):]  # a byte-order mark is not part of the first row
@@ -233,10 +230,10 @@ class SourceReader:
             yield SourceRecord(index, line_no, raw, _LazyJSON(raw, self.name, line_no))
             index += 1
 
-    def _json_array_records(self, stream: BinaryIO) -> Iterator[SourceRecord]:
+    def _json_array_records(self, stream: BinaryIO, first_line: int = 1) -> Iterator[SourceRecord]:
         decoder = json.JSONDecoder()
         utf8 = codecs.getincrementaldecoder("utf-8")()
-        buf, pos, line, eof = "", 0, 1, False
+        buf, pos, line, eof = "", 0, first_line, False
 
         def fill() -> bool:
             nonlocal buf, pos, eof
@@ -350,16 +347,74 @@ class _LazyJSON:
             raise DataError(f"malformed JSON: {e.msg} (column {e.colno})", self.name, self.line) from None
 
 
-def _first_non_space(stream: BinaryIO) -> bytes | None:
+def _first_non_space(stream: BinaryIO) -> tuple[bytes | None, int]:
+    """The first byte that is not whitespace (None for a blank input), and how many newlines were consumed.
+
+    Leading whitespace that fills whole buffers is consumed here, so the row loop must start counting lines
+    after the newlines in it.
+    """
     peek = getattr(stream, "peek", None)
+    consumed_newlines = 0
     while True:
         head = peek(_CHUNK) if peek else b""
         if not head:
-            return None
+            return None, consumed_newlines
         stripped = head.lstrip(b" \t\r\n\xef\xbb\xbf")  # whitespace and a UTF-8 byte-order mark
         if stripped:
-            return stripped[:1]
+            return stripped[:1], consumed_newlines
+        consumed_newlines += head.count(b"\n")
         stream.read(len(head))  # all whitespace: consume it and look further
+
+
+class _ZstdReader(io.RawIOBase):
+    """Decompresses a zstd stream of one or more frames, and fails on a stream that ends inside a frame.
+
+    zstandard's stream_reader ends quietly at a truncated frame, which would read as a shorter (or empty)
+    file; one decompression object per frame tells whether the frame was complete (`eof`).
+    """
+
+    # Compressed bytes per call: zstd can expand ~32,000x, so this bounds the memory one call can take.
+    _PIECE = 4096
+
+    def __init__(self, raw: BinaryIO) -> None:
+        import zstandard
+
+        self._raw = raw
+        self._dctx = zstandard.ZstdDecompressor()
+        self._frame: Any = None  # the decompression object of the frame being read
+        self._input = memoryview(b"")  # compressed bytes read but not yet decompressed
+        self._output = memoryview(b"")  # decompressed bytes not yet returned
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._output:
+            if not self._decompress_piece():
+                return 0
+        n = min(len(buffer), len(self._output))
+        buffer[:n] = self._output[:n]
+        self._output = self._output[n:]
+        return n
+
+    def _decompress_piece(self) -> bool:
+        """Decompress the next piece of input; False at the end of a stream whose last frame is complete."""
+        import zstandard
+
+        if not self._input:
+            self._input = memoryview(self._raw.read(_CHUNK))
+            if not self._input:
+                if self._frame is not None and not self._frame.eof:
+                    raise zstandard.ZstdError("truncated stream: the input ends inside a zstd frame")
+                return False
+        if self._frame is None or self._frame.eof:
+            self._frame = self._dctx.decompressobj()
+        piece = self._input[: self._PIECE]
+        self._output = memoryview(self._frame.decompress(piece))
+        # At a frame's end the rest of the piece belongs to the next frame.
+        used = len(piece) - (len(self._frame.unused_data) if self._frame.eof else 0)
+        self._input = self._input[used:]
+        return True
 
 
 def record_value(record: SourceRecord) -> Any:
