@@ -6,11 +6,14 @@ Exit codes: 0 done, 1 runtime failure, 2 usage or data error, 130 interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Any, TypeVar
 
@@ -53,25 +56,49 @@ PROXY = typer.Option(DEFAULT_PROXY_MODEL, "--proxy-model",
                           "or a hub id.")
 
 
+def _interrupt_once(signum: int, frame: object) -> None:
+    # Later Ctrl-Cs are ignored: they would cut short the cleanup the first one started (temporary files
+    # being removed on the way out). SIGKILL still stops everything, and resume covers that too.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _clean_interrupts() -> Iterator[None]:
+    """Make the first Ctrl-C raise KeyboardInterrupt and ignore the rest, for the duration of a command."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield  # signals are main-thread only; and a SIGINT the caller ignores (a background job) stays ignored
+        return
+    signal.signal(signal.SIGINT, _interrupt_once)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _handle_errors(func: F) -> F:
-    """Turn SlapErrors into one message on stderr and their exit code; Ctrl-C into 130."""
+    """Turn SlapErrors into one message on stderr and their exit code; Ctrl-C into one line and 130."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         console = stderr_console()
-        try:
-            return func(*args, **kwargs)
-        except SlapError as e:
-            console.print(f"[red]error:[/red] {e}", markup=True, soft_wrap=True)
-            raise typer.Exit(e.exit_code) from None
-        except KeyboardInterrupt:
-            console.print("[red]interrupted[/red]: no output was written for the unfinished stage")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
-        except BrokenPipeError:
-            # The reader of our stdout went away (e.g. `| head`): not an error of ours.
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            raise typer.Exit(0) from None
+        with _clean_interrupts():
+            try:
+                return func(*args, **kwargs)
+            except SlapError as e:
+                console.print(f"[red]error:[/red] {e}", markup=True, soft_wrap=True)
+                raise typer.Exit(e.exit_code) from None
+            except KeyboardInterrupt:
+                # By now every writer has removed its temporary file; what a rerun can resume from is kept.
+                console.print("[red]interrupted[/red]: no output was written; rerun the same command to continue",
+                              soft_wrap=True)
+                raise typer.Exit(EXIT_INTERRUPTED) from None
+            except BrokenPipeError:
+                # The reader of our stdout went away (e.g. `| head`): not an error of ours.
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                raise typer.Exit(0) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -109,6 +136,11 @@ def embed_cmd(
     on_bad_line: str = typer.Option("error", "--on-bad-line", help="error (stop) or skip (count and go on)."),
     max_tokens: int = typer.Option(1024, "--max-tokens", help="Proxy tokens per row; longer rows are truncated."),
     batch_size: int = typer.Option(64, "--batch-size", help="Encoder batch size."),
+    chunk_rows: int = typer.Option(2048, "--chunk-rows", min=1,
+                                   help="Rows per streamed chunk: the unit a killed run resumes from."),
+    resume: bool = typer.Option(True, "--resume/--no-resume",
+                                help="Reuse the chunks a killed run finished (kept in .OUTPUT.parts beside the "
+                                     "output) when they were made from the same data and settings."),
     device: str = DEVICE,
     force: bool = FORCE,
     quiet: bool = QUIET,
@@ -116,18 +148,20 @@ def embed_cmd(
     """Stage 1: embed every row, count its proxy tokens and hash its content."""
     check_output_path(output, [input], force)
     config = EmbedConfig(embed_model=embed_model, proxy_model=proxy_model, layout=layout, input_format=input_format,
-                         on_bad_line=on_bad_line, max_tokens=max_tokens, batch_size=batch_size, device=device)
+                         on_bad_line=on_bad_line, max_tokens=max_tokens, batch_size=batch_size,
+                         chunk_rows=chunk_rows, device=device, resume=resume)
     reporter = _reporter(quiet, input)
     meta = embed(input, output, config, reporter)
-    _report_read_stats(reporter, meta.stats)
+    _report_read_stats(reporter, meta.stats, max_tokens)
     reporter.log(f"wrote {output}: {meta.stats['rows']:,} rows")
 
 
-def _report_read_stats(reporter: Reporter, stats: dict[str, Any]) -> None:
+def _report_read_stats(reporter: Reporter, stats: dict[str, Any], max_tokens: int) -> None:
     if stats.get("bad_skipped"):
         reporter.warn(f"skipped {stats['bad_skipped']:,} bad rows, e.g. {stats['bad_examples'][0]}")
     if stats.get("truncated"):
-        reporter.warn(f"{stats['truncated']:,} rows are longer than --max-tokens and were truncated for the proxy")
+        reporter.warn(f"{stats['truncated']:,} of {stats['rows']:,} rows exceed --max-tokens ({max_tokens}) "
+                      "and were truncated for the proxy")
 
 
 @app.command("stratify", epilog="Example: slap stratify work/embeddings.parquet -o work/strata.parquet --clusters 64")

@@ -3,22 +3,35 @@
 Streaming: rows are read, embedded and written one chunk (one Parquet row group) at a time, so memory
 stays flat however large the input. Inside a chunk, rows are sorted by length before batching (little
 padding) and written back in input order.
+
+Resuming: each finished chunk is saved as a small Parquet part in a hidden folder beside the output
+(`.OUTPUT.parts/`), under a manifest of the source fingerprint and settings. A rerun of the same command
+after a kill reads the source again but runs the models only on chunks without a part; the artifact is
+assembled from the parts at the end (temporary name, then one rename), so it is byte for byte what an
+uninterrupted run writes, and nothing final-looking exists before that.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
+from slapcli import __version__
 from slapcli.artifacts import ArtifactMeta, ArtifactWriter, embeddings_schema
+from slapcli.errors import DataError, SlapError
 from slapcli.io.layouts import Example
-from slapcli.io.readers import ParsedRow, ReadStats, SourceReader, iter_examples
+from slapcli.io.readers import STDIN, ParsedRow, ReadStats, SourceReader, file_fingerprint, iter_examples
+from slapcli.io.writers import atomic_path
 from slapcli.models import (
     DEFAULT_EMBED_MODEL,
     DEFAULT_PROXY_MODEL,
@@ -41,8 +54,9 @@ class EmbedConfig:
     max_tokens: int = 1024  # proxy tokens per row; longer rows are truncated and counted
     encoder_max_tokens: int = 256  # all-MiniLM-L6-v2 was trained on 256-token inputs
     batch_size: int = 64
-    chunk_rows: int = 2048  # rows per streamed chunk and Parquet row group
+    chunk_rows: int = 2048  # rows per streamed chunk, Parquet row group and resumable part
     device: str = "auto"
+    resume: bool = True  # reuse the chunks a killed run finished, when made from the same data and settings
 
 
 def content_hash(example: Example) -> str:
@@ -93,6 +107,73 @@ def _chunks(rows: Iterator[ParsedRow], size: int) -> Iterator[list[ParsedRow]]:
         yield chunk
 
 
+def parts_folder(output_path: str) -> str:
+    """Where finished chunks wait for the artifact to be complete: hidden, beside the output (same file system)."""
+    folder, name = os.path.split(os.path.abspath(output_path))
+    return os.path.join(folder, f".{name}.parts")
+
+
+class ChunkParts:
+    """The finished chunks of one embed run, one Parquet file each, so that a killed run can resume.
+
+    `manifest.json` records what the parts were made from (source fingerprint and every setting that changes
+    the result); parts made from anything else are discarded, never mixed in. Each part is written under a
+    temporary name and renamed, so a part that exists is complete.
+    """
+
+    FORMAT = 1
+
+    def __init__(self, folder: str, key: dict[str, Any]) -> None:
+        self.folder = folder
+        self.key = key
+
+    @classmethod
+    def open(cls, folder: str, key: dict[str, Any], resume: bool, reporter: Reporter) -> ChunkParts:
+        """Reuse `folder` when resuming and its manifest matches `key`; otherwise start it afresh."""
+        manifest = os.path.join(folder, "manifest.json")
+        if os.path.isdir(folder):
+            if resume and key["source"] is not None and _read_json(manifest) == key:
+                done = sum(name.startswith("part-") and name.endswith(".parquet") for name in os.listdir(folder))
+                reporter.log(f"resuming from {folder}: {done:,} chunks already embedded")
+                return cls(folder, key)
+            if resume:
+                reporter.log(f"discarding {folder}: made from other data or settings")
+            shutil.rmtree(folder)
+        os.makedirs(folder)
+        with atomic_path(manifest) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            json.dump(key, f, sort_keys=True)
+        return cls(folder, key)
+
+    def part_path(self, index: int) -> str:
+        return os.path.join(self.folder, f"part-{index:06d}.parquet")
+
+    def load(self, index: int, rows: list[int]) -> pa.Table | None:
+        """Part `index` if it exists and holds exactly these source rows, else None (embed them again)."""
+        path = self.part_path(index)
+        if not os.path.exists(path):
+            return None
+        try:
+            table = pq.read_table(path)
+        except (OSError, pa.ArrowException):  # renamed into place complete, but the disk may have lost it
+            return None
+        return table if table.column("row").to_pylist() == rows else None
+
+    def save(self, index: int, table: pa.Table) -> None:
+        with atomic_path(self.part_path(index)) as tmp:
+            pq.write_table(table, tmp, compression="zstd")
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def embed(input_path: str, output_path: str, config: EmbedConfig, reporter: Reporter,
           command: str = "embed") -> ArtifactMeta:
     """Read `input_path`, write the embeddings artifact to `output_path`, return its metadata."""
@@ -103,39 +184,81 @@ def embed(input_path: str, output_path: str, config: EmbedConfig, reporter: Repo
     enc_tokenizer, encoder = load_encoder(embed_ref, device)
     proxy_tokenizer = load_tokenizer(proxy_ref)
     dim = int(encoder.config.hidden_size)
+    schema = embeddings_schema(dim)
+    meta_config = {**asdict(config), "embed_model_identity": embed_ref.identity,
+                   "proxy_model_identity": proxy_ref.identity}
+    # Parts are reusable only for the same bytes: fingerprint a file up front (one extra read, cheap next to
+    # the models). Stdin cannot be read twice, so its parts are never reused.
+    source_fp = None if input_path == STDIN else file_fingerprint(input_path)
+    parts = ChunkParts.open(parts_folder(output_path), {
+        "format": ChunkParts.FORMAT, "tool_version": __version__,
+        "source": source_fp.to_dict() if source_fp is not None else None,
+        "config": {k: v for k, v in meta_config.items() if k != "resume"},
+    }, config.resume, reporter)
+
+    def embed_chunk(chunk: list[ParsedRow]) -> pa.Table:
+        examples = [row.example for row in chunk]
+        vectors = encode_texts(enc_tokenizer, encoder, [e.full_text for e in examples], config.batch_size,
+                               config.encoder_max_tokens, device)
+        tokens = encode_examples(proxy_tokenizer, examples, config.max_tokens)
+        return pa.table({
+            "row": pa.array([r.record.index for r in chunk], pa.int64()),
+            "line": pa.array([r.record.line for r in chunk], pa.int64()),
+            "content_hash": pa.array([content_hash(e) for e in examples], pa.string()),
+            "n_prompt_tokens": pa.array([t.n_prompt_tokens for t in tokens], pa.int32()),
+            "n_response_tokens": pa.array([t.n_response_tokens for t in tokens], pa.int32()),
+            "truncated": pa.array([t.truncated for t in tokens], pa.bool_()),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim),
+        }).cast(schema)
+
     stats = ReadStats()
-    rows_out = truncated = 0
+    rows_out = truncated = n_parts = 0
     with SourceReader(input_path, config.input_format) as reader, \
-            ArtifactWriter(output_path, embeddings_schema(dim)) as writer, \
             reporter.progress(f"embed {reader.name}", reader.total_bytes, unit="bytes") as bar:
-        for chunk in _chunks(iter_examples(reader, config.layout, config.on_bad_line, stats), config.chunk_rows):
-            examples = [row.example for row in chunk]
-            vectors = encode_texts(enc_tokenizer, encoder, [e.full_text for e in examples], config.batch_size,
-                                   config.encoder_max_tokens, device)
-            tokens = encode_examples(proxy_tokenizer, examples, config.max_tokens)
-            truncated += sum(t.truncated for t in tokens)
-            table = pa.table({
-                "row": pa.array([r.record.index for r in chunk], pa.int64()),
-                "line": pa.array([r.record.line for r in chunk], pa.int64()),
-                "content_hash": pa.array([content_hash(e) for e in examples], pa.string()),
-                "n_prompt_tokens": pa.array([t.n_prompt_tokens for t in tokens], pa.int32()),
-                "n_response_tokens": pa.array([t.n_response_tokens for t in tokens], pa.int32()),
-                "truncated": pa.array([t.truncated for t in tokens], pa.bool_()),
-                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim),
-            })
-            writer.write(table)
-            rows_out += len(chunk)
-            bar.update(completed=reader.bytes_read, rows_done=rows_out)
-        assert reader.fingerprint is not None
+        try:
+            for index, chunk in enumerate(_chunks(iter_examples(reader, config.layout, config.on_bad_line, stats),
+                                                  config.chunk_rows)):
+                table = parts.load(index, [r.record.index for r in chunk])
+                if table is None:
+                    table = embed_chunk(chunk)
+                    parts.save(index, table)
+                truncated += sum(table.column("truncated").to_pylist())
+                rows_out += len(chunk)
+                n_parts = index + 1
+                bar.update(completed=reader.bytes_read, rows_done=rows_out)
+            assert reader.fingerprint is not None
+            if source_fp is not None and reader.fingerprint != source_fp:
+                raise DataError("the file changed while it was read; run again on a file nobody is writing to",
+                                reader.name)
+        except SlapError:
+            # Bad data fails the same way on every rerun until the file is fixed, and a fixed file has another
+            # fingerprint: these parts can never be resumed, so leave nothing behind. (An interrupt or a
+            # runtime failure keeps them.)
+            parts.remove()
+            raise
         meta = ArtifactMeta(
             kind="embeddings",
             command=command,
-            config={**asdict(config), "embed_model_identity": embed_ref.identity,
-                    "proxy_model_identity": proxy_ref.identity},
+            config=meta_config,
             source={"path": reader.path, "fingerprint": reader.fingerprint.to_dict(), "container": reader.container,
                     "compression": reader.compression, "layout": config.layout},
             stats={"records": stats.records, "rows": rows_out, "bad_skipped": stats.bad_skipped,
                    "bad_examples": stats.bad_examples, "truncated": truncated, "dim": dim},
         )
-        writer.finish(meta)
+    _assemble(parts, n_parts, schema, meta, output_path)
+    parts.remove()
     return meta
+
+
+def _assemble(parts: ChunkParts, n_parts: int, schema: pa.Schema, meta: ArtifactMeta, output_path: str) -> None:
+    """Concatenate the parts into the artifact, one row group each, and rename it over `output_path` at once.
+
+    The artifact is first completed inside the parts folder, so that a kill at any moment leaves no temporary
+    file beside the output; the folder sits beside the output, so the last rename is atomic.
+    """
+    assembled = os.path.join(parts.folder, "artifact.parquet")
+    with ArtifactWriter(assembled, schema) as writer:
+        for index in range(n_parts):
+            writer.write(pq.read_table(parts.part_path(index)))
+        writer.finish(meta)
+    os.replace(assembled, output_path)

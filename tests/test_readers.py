@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYOUT_DIR = ROOT / "sample_data" / "layouts"
 BAD_DIR = Path(__file__).resolve().parent / "data" / "bad"
 BAD_EXPECTED = json.loads((BAD_DIR / "expected.json").read_text(encoding="utf-8"))
+# Most bad files are errors; a few are not ("outcome": e.g. "truncated", a row over --max-tokens).
+BAD_ERRORS = {name: e for name, e in BAD_EXPECTED.items() if e.get("outcome", "error") == "error"}
 
 ALPACA_VARIANTS = ["alpaca.jsonl", "alpaca.json", "alpaca.jsonl.gz", "alpaca.jsonl.zst", "alpaca.parquet"]
 
@@ -333,9 +335,9 @@ def test_bad_corpus_is_complete() -> None:
     assert sorted(BAD_EXPECTED) == sorted(p.name for p in BAD_DIR.iterdir() if p.name != "expected.json")
 
 
-@pytest.mark.parametrize("name", sorted(BAD_EXPECTED))
+@pytest.mark.parametrize("name", sorted(BAD_ERRORS))
 def test_bad_corpus(name: str) -> None:
-    expected = BAD_EXPECTED[name]
+    expected = BAD_ERRORS[name]
     path = str(BAD_DIR / name)
     with pytest.raises(SlapError) as info:
         read_all(path)
@@ -364,6 +366,7 @@ def test_bad_corpus(name: str) -> None:
         ("mixed_layouts.jsonl", 2, 1),
         ("sharegpt_bad_role.jsonl", 1, 1),
         ("not_object.jsonl", 2, 1),
+        ("duplicate_ids.jsonl", 3, 1),
     ],
 )
 def test_skip_bad_lines(name: str, good: int, skipped: int) -> None:
@@ -377,6 +380,41 @@ def test_skip_bad_lines(name: str, good: int, skipped: int) -> None:
     assert expected["message_contains"] in stats.bad_examples[0]
     assert f"{BAD_DIR / name}:{expected['line']}: " in stats.bad_examples[0]
     assert expected["line"] not in [r.record.line for r in rows]
+
+
+def test_a_row_over_max_tokens_reads_like_any_other() -> None:
+    # Truncation happens in embed (counted in its summary): the reader must not refuse a long row.
+    expected = BAD_EXPECTED["over_max_tokens.jsonl"]
+    _, rows = read_all(BAD_DIR / "over_max_tokens.jsonl")
+    assert len(rows) == expected["rows"]
+    assert len(rows[expected["line"] - 1].example.response_text) > 20_000
+
+
+@pytest.mark.parametrize(
+    ("ids", "duplicate_line"),
+    [
+        (["a", "b", "c"], None),
+        ([1, "1", 1.5], None),  # ids compare as JSON values
+        ([None, None, "x"], None),  # a null id is no id
+        ([{"k": [1, 2]}, 3, {"k": [1, 2]}], 3),
+        ([7, 8, 7], 3),
+    ],
+)
+def test_duplicate_ids(tmp_path: Path, ids: list, duplicate_line: int | None) -> None:
+    rows = [{"id": i, "instruction": f"q{n}", "output": f"a{n}"} for n, i in enumerate(ids)]
+    path = write(tmp_path, "ids.jsonl", b"".join(json.dumps(r).encode() + b"\n" for r in rows))
+    if duplicate_line is None:
+        assert len(read_all(path)[1]) == len(ids)
+        return
+    with pytest.raises(DataError, match="duplicate id") as info:
+        read_all(path)
+    assert (info.value.line, info.value.field) == (duplicate_line, "id")
+
+
+def test_duplicate_ids_in_one_line_of_a_json_array(tmp_path: Path) -> None:
+    row = b'{"id": 5, "instruction": "q", "output": "a"}'
+    with pytest.raises(DataError, match="duplicate id 5: the row at line 1"):
+        read_all(write(tmp_path, "a.json", b"[" + row + b", " + row + b"]"))
 
 
 def test_skip_keeps_five_examples_and_fails_when_nothing_is_left(tmp_path: Path) -> None:

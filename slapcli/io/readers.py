@@ -25,6 +25,7 @@ from slapcli.io.layouts import LAYOUTS, Example, FieldError, detect_layout, pars
 
 CONTAINERS = ("jsonl", "json", "parquet")
 BAD_LINE_POLICIES = ("error", "skip")
+ID_FIELD = "id"  # a row's identifier, when the data has one; two rows with one id are a data error
 STDIN = "-"
 _CHUNK = 1 << 20
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -421,6 +422,21 @@ def record_value(record: SourceRecord) -> Any:
     return record.value.parse() if isinstance(record.value, _LazyJSON) else record.value
 
 
+def _check_unique_id(row: dict[str, Any], seen: dict[str, int], name: str, line: int) -> None:
+    """Two rows with one id mean a merge or a join went wrong upstream: say so before pruning keeps either.
+
+    Ids compare as JSON values (1 and "1" differ); a missing or null id is no id.
+    """
+    if row.get(ID_FIELD) is None:
+        return
+    key = json.dumps(row[ID_FIELD], sort_keys=True, ensure_ascii=False, default=str)
+    first = seen.get(key)
+    if first is not None:
+        shown = key if len(key) <= 60 else key[:57] + "..."
+        raise DataError(f"duplicate id {shown}: the row at line {first} has the same id", name, line, ID_FIELD)
+    seen[key] = line
+
+
 @dataclass(frozen=True)
 class ParsedRow:
     record: SourceRecord
@@ -441,6 +457,9 @@ def iter_examples(reader: SourceReader, layout: str = "auto", on_bad_line: str =
     stats = stats if stats is not None else ReadStats()
     file_layout = None if layout == "auto" else layout
     layout_line = 0
+    # id -> line of its first row. It grows with the input (only for data that has ids), as any duplicate
+    # check must; the ids are short next to the rows they stand for.
+    seen_ids: dict[str, int] = {}
     for record in reader.records():
         stats.records += 1
         try:
@@ -467,6 +486,7 @@ def iter_examples(reader: SourceReader, layout: str = "auto", on_bad_line: str =
                         f"(from line {layout_line or 'the --format option'}); mixed layouts are not supported",
                         reader.name, record.line) from None
                 raise DataError(e.message, reader.name, record.line, e.field) from None
+            _check_unique_id(value, seen_ids, reader.name, record.line)
         except DataError as e:
             if on_bad_line == "skip":
                 stats.skip(e)
