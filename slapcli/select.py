@@ -18,11 +18,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from slapcli.artifacts import (
     SELECTION_SCHEMA,
     ArtifactMeta,
     check_upstream,
+    read_embeddings,
     read_meta,
     read_table,
     upstream_record,
@@ -31,7 +33,7 @@ from slapcli.artifacts import (
 from slapcli.errors import UsageError
 from slapcli.models import DEFAULT_PROXY_MODEL
 from slapcli.progress import Reporter
-from slapcli.slapmath import allocate_budget, stratum_nn_scale
+from slapcli.slapmath import allocate_budget, farthest_point_order, group_positions, stratum_nn_scale
 from slapcli.stratify import ALLOCATIONS, row_budget
 
 METHODS = ("slap", "embedding", "stratified", "random")
@@ -79,6 +81,42 @@ class Choice:
     curvature: float | None = None
     diversity: float | None = None
     gain: float | None = None
+
+
+@dataclass
+class Selection:
+    """The chosen rows as columns, in selection order (NaN / -1 where a term does not apply).
+
+    Methods that choose hundreds of thousands of rows build these arrays directly; a list of `Choice`
+    objects would cost seconds of Python per million rows.
+    """
+
+    position: np.ndarray  # int64 index into the strata table
+    step: np.ndarray  # int32
+    batch: np.ndarray  # int32
+    terms: dict[str, np.ndarray] = field(default_factory=dict)  # loss, first_order, ...: float32, NaN = none
+
+    def __len__(self) -> int:
+        return len(self.position)
+
+    @classmethod
+    def plain(cls, positions: np.ndarray) -> Selection:
+        """Rows chosen without a score (random, stratified): no step, batch 0, no terms."""
+        zeros = np.zeros(len(positions), dtype=np.int32)
+        return cls(np.asarray(positions, dtype=np.int64), zeros, zeros.copy())
+
+    @classmethod
+    def from_choices(cls, choices: list[Choice]) -> Selection:
+        def column(name: str) -> np.ndarray:
+            return np.array([np.nan if (v := getattr(c, name)) is None else v for c in choices], dtype=np.float32)
+
+        return cls(np.array([c.position for c in choices], dtype=np.int64),
+                   np.array([c.step for c in choices], dtype=np.int32),
+                   np.array([c.batch for c in choices], dtype=np.int32),
+                   {name: column(name) for name in TERMS})
+
+
+TERMS = ("loss", "first_order", "curvature", "diversity", "gain")
 
 
 class StratifiedPool:
@@ -151,86 +189,59 @@ def resolve_budgets(strata_meta: ArtifactMeta, stratum: np.ndarray, eligible: np
     return allocate_budget(sizes, row_budget(len(stratum), keep, budget), allocation), allocation
 
 
-def select_random(eligible: np.ndarray, m: int, rng: np.random.Generator) -> list[Choice]:
-    picks = rng.choice(np.flatnonzero(eligible), size=min(m, int(eligible.sum())), replace=False)
-    return [Choice(int(p), 0, 0) for p in picks]
+def select_random(eligible: np.ndarray, m: int, rng: np.random.Generator) -> Selection:
+    return Selection.plain(rng.choice(np.flatnonzero(eligible), size=min(m, int(eligible.sum())), replace=False))
 
 
-def select_stratified(pool: StratifiedPool, rng: np.random.Generator) -> list[Choice]:
-    choices = []
-    for s in np.flatnonzero(pool.remaining).tolist():
-        take = int(pool.remaining[s])
-        choices.extend(Choice(int(pos), 0, 0) for pos in list(pool.queues[s])[:take])
-    return [choices[i] for i in rng.permutation(len(choices))]
-
-
-def farthest_point_order(points: np.ndarray, k: int, first: int) -> tuple[list[int], list[float]]:
-    """Greedy k-center: start at `first`, then repeatedly take the row farthest from all taken rows.
-
-    Returns the picked indices and, for each, its distance to the nearest row taken before it (inf for
-    the first). O(n k d) with one matrix-vector product per pick (|p - q|^2 = |p|^2 + |q|^2 - 2 p.q) and no
-    n x n matrix; numpy, since per-call overhead dominates on these small strata.
-    """
-    n = points.shape[0]
-    k = min(k, n)
-    if k == 0:
-        return [], []
-    sq_norm = np.einsum("ij,ij->i", points, points)
-    nearest = np.full(n, np.inf, dtype=np.float64)
-    picks, gaps = [first], [float("inf")]
-    for _ in range(k - 1):
-        last = picks[-1]
-        dist = sq_norm + sq_norm[last] - 2.0 * (points @ points[last])
-        np.minimum(nearest, np.maximum(dist, 0.0), out=nearest)
-        nearest[last] = -1.0  # taken rows are never the farthest
-        j = int(np.argmax(nearest))
-        picks.append(j)
-        gaps.append(float(np.sqrt(nearest[j])))
-    return picks, gaps
+def select_stratified(pool: StratifiedPool, rng: np.random.Generator) -> Selection:
+    chosen = [list(pool.queues[s])[:int(pool.remaining[s])] for s in np.flatnonzero(pool.remaining).tolist()]
+    positions = np.array([pos for part in chosen for pos in part], dtype=np.int64)
+    return Selection.plain(positions[rng.permutation(len(positions))])
 
 
 def select_embedding(stratum: np.ndarray, eligible: np.ndarray, budgets: np.ndarray, embeddings: np.ndarray,
                      centroid_distance: np.ndarray, scales: np.ndarray, config: SelectConfig,
-                     reporter: Reporter) -> list[Choice]:
+                     reporter: Reporter) -> Selection:
     """Strata + relative-distance diversity, no proxy: inside each stratum, greedy k-center from its most
     typical row (nearest the cluster centroid), so the kept rows are as far apart as the budget allows.
 
     Rows are then ordered round-robin over strata by pick rank and cut into batches of --batch-size, so every
     batch mixes strata. `diversity` records each row's gap to the rows picked before it in its stratum,
     relative to the stratum's typical nearest-neighbour distance (clipped like the replay's term). This is
-    the mode for data sets too large for a proxy pass: one matrix-vector product per kept row.
+    the mode for data sets too large for a proxy pass (see `farthest_point_order` for its cost).
     """
     members_of = _members_by_stratum(stratum, eligible)
-    ranked: list[tuple[int, int, int, float]] = []  # (rank in stratum, stratum, position, relative gap)
+    positions, ranks, strata_of, gaps = [], [], [], []
     with reporter.progress("select (embedding)", int(budgets.sum())) as bar:
         for s, members in members_of.items():
             if budgets[s] == 0:
                 continue
-            points = embeddings[members]
-            picks, gaps = farthest_point_order(points, int(budgets[s]), int(np.argmin(centroid_distance[members])))
-            scale = float(scales[members[0]])
-            ranked.extend((r, s, int(members[p]), min(g / scale, config.diversity_clip))
-                          for r, (p, g) in enumerate(zip(picks, gaps, strict=True)))
-            bar.update(advance=len(picks), rows_done=len(ranked))
-    ranked.sort()
-    return [Choice(pos, i // config.batch_size, i // config.batch_size, diversity=gap)
-            for i, (_, _, pos, gap) in enumerate(ranked)]
+            picks, gap = farthest_point_order(embeddings[members], int(budgets[s]),
+                                              int(np.argmin(centroid_distance[members])))
+            positions.append(members[picks])
+            ranks.append(np.arange(len(picks)))
+            strata_of.append(np.full(len(picks), s))
+            gaps.append(np.minimum(np.array(gap) / float(scales[members[0]]), config.diversity_clip))
+            bar.update(advance=len(picks))
+    if not positions:
+        return Selection.from_choices([])
+    order = np.lexsort((np.concatenate(strata_of), np.concatenate(ranks)))  # by rank, then stratum
+    batch = (np.arange(len(order)) // config.batch_size).astype(np.int32)
+    terms = {name: np.full(len(order), np.nan, dtype=np.float32) for name in TERMS}
+    terms["diversity"] = np.concatenate(gaps)[order].astype(np.float32)
+    return Selection(np.concatenate(positions)[order], batch, batch.copy(), terms)
 
 
 def _members_by_stratum(stratum: np.ndarray, eligible: np.ndarray) -> dict[int, np.ndarray]:
     positions = np.flatnonzero(eligible)
-    order = np.argsort(stratum[positions], kind="stable")
-    positions = positions[order]
-    labels, starts = np.unique(stratum[positions], return_index=True)
-    return {int(s): part for s, part in zip(labels, np.split(positions, starts[1:]), strict=True)}
+    return {s: positions[part] for s, part in group_positions(stratum[positions]).items()}
 
 
 def load_embeddings(strata_meta: ArtifactMeta, strata_path: str, override: str | None) -> np.ndarray:
     assert strata_meta.upstream is not None
     path = override or strata_meta.upstream["path"]
     check_upstream(strata_meta, path, strata_path)
-    column = read_table(path, ["embedding"])["embedding"].combine_chunks()
-    return np.ascontiguousarray(column.flatten().to_numpy().reshape(len(column), -1), dtype=np.float32)
+    return read_embeddings(path)
 
 
 def select(strata_path: str, output_path: str, config: SelectConfig, reporter: Reporter,
@@ -243,40 +254,40 @@ def select(strata_path: str, output_path: str, config: SelectConfig, reporter: R
     table = read_table(strata_path)
     n = table.num_rows
     stratum = table["stratum"].to_numpy()
-    pruned = np.array(table["pruned"].to_pylist(), dtype=object)
-    eligible = _is_none(pruned)
+    eligible = pc.is_null(table["pruned"]).to_numpy()
     budgets, allocation = resolve_budgets(strata_meta, stratum, eligible, config)
     m = int(budgets.sum())
     rng = np.random.default_rng(config.seed)
     reporter.log(f"selecting {m:,} of {n:,} rows with method {config.method!r}")
     stats: dict[str, Any] = {}
     if config.method == "random":
-        choices = select_random(eligible, m, rng)
+        chosen = select_random(eligible, m, rng)
     elif config.method == "stratified":
-        choices = select_stratified(StratifiedPool(stratum, eligible, budgets, rng), rng)
+        chosen = select_stratified(StratifiedPool(stratum, eligible, budgets, rng), rng)
     else:
         embeddings = load_embeddings(strata_meta, strata_path, config.embeddings)
-        scale_by_stratum = stratum_nn_scale(embeddings[eligible], stratum[eligible], seed=config.seed)
+        scale_by_stratum = stratum_nn_scale(embeddings, np.where(eligible, stratum, -1), seed=config.seed)
         scale_of = np.ones(int(stratum.max()) + 1, dtype=np.float32)
         scale_of[list(scale_by_stratum)] = list(scale_by_stratum.values())
         scales = scale_of[stratum]
         if config.method == "embedding":
-            choices = select_embedding(stratum, eligible, budgets, embeddings,
-                                       table["centroid_distance"].to_numpy(), scales, config, reporter)
+            chosen = select_embedding(stratum, eligible, budgets, embeddings,
+                                      table["centroid_distance"].to_numpy(), scales, config, reporter)
         else:
             from slapcli.replay import run_replay
 
             pool = StratifiedPool(stratum, eligible, budgets, rng, oversample=config.pool_factor)
             choices, stats = run_replay(strata_meta, strata_path, table, pool, embeddings, scales, config,
                                         reporter, input_override, output_path)
-    out = selection_table(table, pruned, choices)
+            chosen = Selection.from_choices(choices)
+    out = selection_table(table, chosen)
     meta = ArtifactMeta(
         kind="selection",
         command=command,
         config={**asdict(config), "allocation_used": allocation},
         source=strata_meta.source,
         upstream=upstream_record(strata_path, strata_meta),
-        stats={"rows": n, "kept": len(choices), "budget": m, **stats,
+        stats={"rows": n, "kept": len(chosen), "budget": m, **stats,
                "pruned_by_reason": _count_reasons(out)},
         extra={"strata_budgets": budgets.tolist()},
     )
@@ -289,34 +300,42 @@ def select(strata_path: str, output_path: str, config: SelectConfig, reporter: R
     return meta
 
 
-def _is_none(values: np.ndarray) -> np.ndarray:
-    return np.array([v is None for v in values], dtype=bool)
-
-
-def selection_table(strata: pa.Table, pruned: np.ndarray, choices: list[Choice]) -> pa.Table:
+def selection_table(strata: pa.Table, chosen: Selection) -> pa.Table:
+    """One row per strata row: kept or not, why, and for kept rows when and by which terms they were chosen."""
     n = strata.num_rows
     kept = np.zeros(n, dtype=bool)
-    reason = np.where(_is_none(pruned), "budget", pruned).astype(object)
-    columns: dict[str, list[Any]] = {k: [None] * n for k in
-                                     ("order", "step", "batch", "loss", "first_order", "curvature", "diversity",
-                                      "gain")}
-    for order, c in enumerate(choices):
-        kept[c.position] = True
-        reason[c.position] = "selected"
-        for key, value in (("order", order), ("step", c.step), ("batch", c.batch), ("loss", c.loss),
-                           ("first_order", c.first_order), ("curvature", c.curvature),
-                           ("diversity", c.diversity), ("gain", c.gain)):
-            columns[key][c.position] = value
+    kept[chosen.position] = True
+    # Reason: the strata artifact's prune label, else "selected" or "budget" (eligible but not chosen).
+    reason = pc.if_else(pa.array(kept), "selected", pc.coalesce(strata["pruned"], "budget"))
+
+    def scatter(values: np.ndarray, dtype: pa.DataType, missing: np.ndarray | None = None) -> pa.Array:
+        full = np.zeros(n, dtype=values.dtype)
+        full[chosen.position] = values
+        mask = ~kept
+        if missing is not None:
+            mask[chosen.position[missing]] = True
+        return pa.array(full, dtype, mask=mask)
+
+    columns = {
+        "order": scatter(np.arange(len(chosen), dtype=np.int64), pa.int64()),
+        "step": scatter(chosen.step, pa.int32()),
+        "batch": scatter(chosen.batch, pa.int32()),
+    }
+    for name in TERMS:
+        values = chosen.terms.get(name)
+        if values is None:
+            values = np.full(len(chosen), np.nan, dtype=np.float32)
+        columns[name] = scatter(values, pa.float32(), np.isnan(values))
     return pa.table({
         "row": strata["row"],
         "line": strata["line"],
         "stratum": strata["stratum"],
         "kept": kept,
-        "reason": pa.array(reason.tolist(), pa.string()),
-        **{k: pa.array(v, SELECTION_SCHEMA.field(k).type) for k, v in columns.items()},
+        "reason": reason,
+        **columns,
     }, schema=SELECTION_SCHEMA)
 
 
 def _count_reasons(table: pa.Table) -> dict[str, int]:
-    values, counts = np.unique(np.array(table["reason"].to_pylist(), dtype=object), return_counts=True)
-    return {str(v): int(c) for v, c in zip(values, counts, strict=True)}
+    counts = pc.value_counts(table["reason"])
+    return {str(v["values"]): int(v["counts"]) for v in sorted(counts.to_pylist(), key=lambda v: v["values"])}

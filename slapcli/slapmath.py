@@ -311,30 +311,104 @@ def stratum_nn_scale(embeddings: np.ndarray, strata: np.ndarray, max_per_stratum
     Dividing by it makes "far apart" mean the same in a dense cluster and a sparse one. Exact on at most
     `max_per_stratum` rows per stratum, sampled with a generator seeded by (seed, stratum), so one
     stratum's scale does not change when other strata do. A one-row stratum has no neighbour: it gets the
-    median of the other strata's scales (1.0 if there are none).
+    median of the other strata's scales (1.0 if there are none). Rows labelled < 0 are ignored (callers mark
+    ineligible rows so instead of copying the eligible ones). Only the sampled rows are copied, so a
+    million-row input costs no second copy of itself; the Gram product runs in float32 (the squared norms
+    in float64), half the time of float64 for a median that needs no more precision.
     """
-    emb = np.asarray(embeddings, dtype=np.float64)
     strata = np.asarray(strata)
-    if emb.ndim != 2 or strata.shape != (emb.shape[0],):
+    if embeddings.ndim != 2 or strata.shape != (embeddings.shape[0],):
         raise ValueError("embeddings must be [n, d] and strata [n]")
     scales: dict[int, float] = {}
     singles = []
-    for label in np.unique(strata):
-        idx = np.flatnonzero(strata == label)
+    for label, idx in group_positions(strata).items():
+        if label < 0:
+            continue
         if len(idx) < 2:
-            singles.append(int(label))
+            singles.append(label)
             continue
         if len(idx) > max_per_stratum:
-            rng = np.random.default_rng([seed, int(label) % 2**32])
+            rng = np.random.default_rng([seed, label % 2**32])
             idx = np.sort(rng.choice(idx, size=max_per_stratum, replace=False))
-        x = emb[idx]
-        sq = (x * x).sum(1)
-        d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * x @ x.T, 0.0)
+        x = np.asarray(embeddings[idx], dtype=np.float32)
+        sq = np.einsum("ij,ij->i", x, x, dtype=np.float64)
+        d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * (x @ x.T), 0.0)
         np.fill_diagonal(d2, np.inf)
-        scales[int(label)] = max(float(np.median(np.sqrt(d2.min(1)))), MIN_SCALE)
+        scales[label] = max(float(np.median(np.sqrt(d2.min(1)))), MIN_SCALE)
     fallback = float(np.median(list(scales.values()))) if scales else 1.0
     scales.update({label: fallback for label in singles})
     return scales
+
+
+def group_positions(labels: np.ndarray) -> dict[int, np.ndarray]:
+    """Label -> ascending positions holding it; one stable sort instead of a full scan per label."""
+    order = np.argsort(labels, kind="stable")
+    values, starts = np.unique(labels[order], return_index=True)
+    return {int(v): part for v, part in zip(values, np.split(order, starts[1:]), strict=True)}
+
+
+def farthest_point_order(points: np.ndarray, k: int, first: int, batch: int = 128) -> tuple[list[int], list[float]]:
+    """Greedy k-center: start at `first`, then repeatedly take the row farthest from all taken rows.
+
+    Returns the picked indices and, for each, its Euclidean distance to the nearest row taken before it
+    (inf for the first). Exact (same picks as the one-at-a-time greedy, barring float ties), but lazily
+    batched so the cost is matrix-matrix products rather than one memory-bound matrix-vector product per
+    pick (a 1M-row selection would otherwise stream ~2 TB through memory):
+
+    each round takes the `batch` rows with the largest current distance as candidates. Rows outside the
+    candidate set can only have shrunk since, so they are bounded by tau, the largest distance outside the
+    set. Inside the set, picks continue one at a time on the candidates' exact distances (kept up to date
+    from the candidates' own pairwise distances) while the best candidate still beats tau; the first pick of
+    a round is the global argmax, so every round makes progress. Then all rows are updated at once with the
+    round's picks.
+    """
+    n = points.shape[0]
+    k = min(k, n)
+    if k == 0:
+        return [], []
+    x = np.ascontiguousarray(points, dtype=np.float32)
+    sq = np.einsum("ij,ij->i", x, x)
+
+    def sq_dist(rows: np.ndarray, centres: np.ndarray) -> np.ndarray:
+        # |p - q|^2 = |p|^2 + |q|^2 - 2 p.q, in float64 from the float32 product: ties in the picks stay rare.
+        prod = (x[rows] if rows is not None else x) @ x[centres].T
+        left = sq[rows] if rows is not None else sq
+        return np.maximum(left[:, None].astype(np.float64) + sq[centres][None, :] - 2.0 * prod, 0.0)
+
+    nearest = sq_dist(None, np.array([first]))[:, 0]
+    nearest[first] = -1.0  # taken rows are never the farthest
+    picks, gaps = [first], [math.inf]
+    while len(picks) < k:
+        untaken = n - len(picks)
+        top = np.argmax(nearest)
+        if untaken > batch:
+            split = n - batch - 1
+            part = np.argpartition(nearest, split)
+            candidates = np.union1d(part[split + 1:], [top])  # ascending: argmax ties go to the lower index
+            tau = float(nearest[part[split]])
+        else:
+            candidates = np.flatnonzero(nearest >= 0.0)
+            tau = -math.inf
+        values = nearest[candidates].copy()
+        pair = sq_dist(candidates, candidates)
+        taken_now: list[int] = []
+        j = int(np.searchsorted(candidates, top))
+        while True:
+            taken_now.append(int(candidates[j]))
+            gaps.append(math.sqrt(values[j]))
+            np.minimum(values, pair[j], out=values)
+            values[j] = -1.0
+            if len(picks) + len(taken_now) == k:
+                break
+            j = int(np.argmax(values))
+            if values[j] <= tau or values[j] < 0.0:
+                break
+        picks.extend(taken_now)
+        if len(picks) < k:
+            taken_idx = np.array(taken_now)
+            np.minimum(nearest, sq_dist(None, taken_idx).min(axis=1), out=nearest)
+            nearest[taken_idx] = -1.0
+    return picks, gaps
 
 
 def _pairwise(x: Tensor, y: Tensor) -> Tensor:

@@ -13,8 +13,17 @@ from typing import Any
 import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from slapcli.artifacts import STRATA_SCHEMA, ArtifactMeta, read_meta, read_table, upstream_record, write_artifact
+from slapcli.artifacts import (
+    STRATA_SCHEMA,
+    ArtifactMeta,
+    read_embeddings,
+    read_meta,
+    read_table,
+    upstream_record,
+    write_artifact,
+)
 from slapcli.errors import UsageError
 from slapcli.models import DEFAULT_PROXY_MODEL, load_causal_lm, pick_device, pick_dtype, resolve_model
 from slapcli.progress import Reporter
@@ -81,9 +90,14 @@ def loss_bins_within_clusters(cluster: np.ndarray, loss: np.ndarray, n_bins: int
     return bins
 
 
-def first_occurrence(hashes: np.ndarray) -> np.ndarray:
-    """For each row the index of the first row with the same content hash (itself if unique)."""
-    _, first_idx, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+def first_occurrence(hashes: pa.Array | pa.ChunkedArray | np.ndarray) -> np.ndarray:
+    """For each row the index of the first row with the same content hash (itself if unique).
+
+    Through Arrow's dictionary encoding (integer codes) rather than np.unique on a million Python strings.
+    """
+    codes = pc.dictionary_encode(pa.chunked_array([hashes]) if isinstance(hashes, np.ndarray) else hashes)
+    codes = codes.combine_chunks() if isinstance(codes, pa.ChunkedArray) else codes
+    _, first_idx, inverse = np.unique(codes.indices.to_numpy(), return_index=True, return_inverse=True)
     return first_idx[inverse]
 
 
@@ -96,19 +110,17 @@ def stratify(embeddings_path: str, output_path: str, config: StratifyConfig, rep
     if config.loss_bins < 1:
         raise UsageError("--loss-bins must be >= 1")
     emb_meta = read_meta(embeddings_path, "embeddings")
-    table = read_table(embeddings_path)
+    table = read_table(embeddings_path, ["row", "line", "content_hash", "n_prompt_tokens", "n_response_tokens"])
     n = table.num_rows
     rows = table["row"].to_numpy()
-    embeddings = np.ascontiguousarray(
-        table["embedding"].combine_chunks().flatten().to_numpy().reshape(n, -1), dtype=np.float32)
+    embeddings = read_embeddings(embeddings_path)
     n_tokens = (table["n_prompt_tokens"].to_numpy() + table["n_response_tokens"].to_numpy()).astype(np.int32)
-    hashes = table["content_hash"].to_numpy(zero_copy_only=False)
     if config.proxy_loss:
         # Fail before clustering when the source data cannot be read back.
         src = source_path(emb_meta, input_override, embeddings_path)
         verify_source(emb_meta, src, embeddings_path)
 
-    first = first_occurrence(hashes) if config.dedup else np.arange(n)
+    first = first_occurrence(table["content_hash"]) if config.dedup else np.arange(n)
     is_duplicate = first != np.arange(n)
     eligible = ~is_duplicate
 
@@ -116,7 +128,10 @@ def stratify(embeddings_path: str, output_path: str, config: StratifyConfig, rep
     reporter.log(f"clustering {int(eligible.sum()):,} rows into {k} clusters (spherical k-means)")
     cluster = np.zeros(n, dtype=np.int32)
     distance = np.zeros(n, dtype=np.float32)
-    cluster[eligible], distance[eligible] = spherical_kmeans(embeddings[eligible], k, config.kmeans_iters, config.seed)
+    # Without duplicates no copy of the (possibly multi-GB) matrix is made.
+    points = embeddings if eligible.all() else embeddings[eligible]
+    cluster[eligible], distance[eligible] = spherical_kmeans(points, k, config.kmeans_iters, config.seed)
+    del points, embeddings
     # A duplicate sits in its original's cluster, so per-cluster counts describe the whole input.
     cluster[is_duplicate], distance[is_duplicate] = cluster[first[is_duplicate]], distance[first[is_duplicate]]
 
@@ -130,12 +145,10 @@ def stratify(embeddings_path: str, output_path: str, config: StratifyConfig, rep
         loss_bin[eligible] = loss_bins_within_clusters(cluster[eligible], loss[eligible], n_bins)
     stratum = (cluster.astype(np.int64) * n_bins + loss_bin).astype(np.int32)
 
-    pruned = np.array([None] * n, dtype=object)
-    pruned[is_duplicate] = "duplicate"
+    hardest = np.zeros(n, dtype=bool)
     if config.prune_hardest > 0 and config.proxy_loss:
         threshold = np.quantile(loss[eligible], 1.0 - config.prune_hardest)
         hardest = eligible & (loss > threshold)
-        pruned[hardest] = "hardest"
         eligible &= ~hardest
 
     m = row_budget(n, config.keep, config.budget)
@@ -154,7 +167,7 @@ def stratify(embeddings_path: str, output_path: str, config: StratifyConfig, rep
         "loss": pa.array(loss, pa.float32(), mask=np.isnan(loss)),
         "loss_bin": loss_bin,
         "stratum": stratum,
-        "pruned": pa.array(pruned.tolist(), pa.string()),
+        "pruned": prune_labels({"duplicate": is_duplicate, "hardest": hardest}),
         "duplicate_of": pa.array(np.where(is_duplicate, rows[first], 0), pa.int64(), mask=~is_duplicate),
     }, schema=STRATA_SCHEMA)
     meta = ArtifactMeta(
@@ -166,12 +179,25 @@ def stratify(embeddings_path: str, output_path: str, config: StratifyConfig, rep
                 "max_tokens": emb_meta.config.get("max_tokens", 1024)},
         source=emb_meta.source,
         upstream=upstream_record(embeddings_path, emb_meta),
-        stats={"rows": n, "duplicates": int(is_duplicate.sum()), "hardest_pruned": int((pruned == "hardest").sum()),
+        stats={"rows": n, "duplicates": int(is_duplicate.sum()), "hardest_pruned": int(hardest.sum()),
                "eligible": int(eligible.sum()), "budget": int(budgets.sum()), "requested_budget": m},
         extra={"strata": strata_table},
     )
     write_artifact(output_path, out, meta)
     return meta
+
+
+def prune_labels(masks: dict[str, np.ndarray]) -> pa.Array:
+    """A string column: the label of the (first) mask a row is in, null where it is in none.
+
+    Built from integer codes (a dictionary array cast to string), so a million rows make no Python objects.
+    """
+    labels = list(masks)
+    code = np.full(len(next(iter(masks.values()))), -1, dtype=np.int32)
+    for i, label in reversed(list(enumerate(labels))):
+        code[masks[label]] = i
+    indices = pa.array(code, pa.int32(), mask=code < 0)
+    return pa.DictionaryArray.from_arrays(indices, pa.array(labels, pa.string())).cast(pa.string())
 
 
 def _proxy_losses(emb_meta: ArtifactMeta, src: str, name: str, wanted_rows: np.ndarray, config: StratifyConfig,

@@ -137,21 +137,3 @@ def test_killed_select_resumes_to_the_same_selection(tmp_path, tiny_encoder_dir,
     assert resumed_steps["n"] == full_steps - 2  # two steps were done before the kill
     assert not os.path.exists(str(out) + ".ckpt")
     assert pq.read_table(out).equals(pq.read_table(tmp_path / "full.parquet"))
-
-
-def test_farthest_point_order_matches_naive_k_center():
-    from slapcli.select import farthest_point_order
-
-    rng = np.random.default_rng(0)
-    points = rng.normal(size=(30, 5))
-    picks, gaps = farthest_point_order(points, 10, first=4)
-    naive, naive_gaps = [4], [float("inf")]
-    while len(naive) < 10:
-        dist = [min(float(np.linalg.norm(points[i] - points[j])) for j in naive) if i not in naive else -1.0
-                for i in range(30)]
-        naive.append(int(np.argmax(dist)))
-        naive_gaps.append(max(dist))
-    assert picks == naive
-    np.testing.assert_allclose(gaps[1:], naive_gaps[1:], rtol=1e-6)
-    assert farthest_point_order(points, 0, first=0) == ([], [])
-    assert len(farthest_point_order(points, 99, first=0)[0]) == 30

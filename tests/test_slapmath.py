@@ -19,7 +19,9 @@ from slapcli.slapmath import (
     allocate_budget,
     batch_utility,
     curvature_diagonal,
+    farthest_point_order,
     greedy_batch,
+    group_positions,
     make_layer_projection,
     project_linear_grads,
     relative_diversity,
@@ -449,3 +451,43 @@ def test_greedy_respects_group_caps_like_a_naive_capped_greedy() -> None:
         before = utility(pool, naive, 0.7, 0.5, 2.0)["total"]
         naive.append(max(allowed, key=lambda c: (utility(pool, [*naive, c], 0.7, 0.5, 2.0)["total"] - before, -c)))
     assert res.chosen == naive
+
+
+def _naive_k_center(points: np.ndarray, k: int, first: int) -> tuple[list[int], list[float]]:
+    naive, gaps = [first], [float("inf")]
+    while len(naive) < min(k, len(points)):
+        dist = [min(float(np.linalg.norm(points[i] - points[j])) for j in naive) if i not in naive else -1.0
+                for i in range(len(points))]
+        naive.append(int(np.argmax(dist)))
+        gaps.append(max(dist))
+    return naive, gaps
+
+
+@pytest.mark.parametrize("n, k, batch", [(30, 10, 128), (30, 30, 2), (57, 40, 3), (80, 79, 7), (64, 20, 1)])
+def test_farthest_point_order_matches_naive_k_center(n: int, k: int, batch: int) -> None:
+    # Small batches force many lazy rounds, so the tau bound and the round updates are exercised.
+    rng = np.random.default_rng(n + k)
+    points = rng.normal(size=(n, 6)).astype(np.float32)
+    first = int(rng.integers(n))
+    picks, gaps = farthest_point_order(points, k, first=first, batch=batch)
+    naive, naive_gaps = _naive_k_center(points.astype(np.float64), k, first)
+    assert picks == naive
+    np.testing.assert_allclose(gaps[1:], naive_gaps[1:], rtol=1e-4)
+
+
+def test_farthest_point_order_edges() -> None:
+    points = np.random.default_rng(0).normal(size=(30, 5))
+    assert farthest_point_order(points, 0, first=0) == ([], [])
+    assert sorted(farthest_point_order(points, 99, first=0)[0]) == list(range(30))
+    # Exact duplicates: every row is still taken once, the duplicates last, at gap ~0 (float32 Gram trick).
+    dup = np.repeat(points[:3], 2, axis=0)
+    picks, gaps = farthest_point_order(dup, 6, first=0, batch=2)
+    assert sorted(picks) == list(range(6)) and max(gaps[3:]) < 1e-2 < min(gaps[1:3])
+
+
+def test_group_positions_matches_scan() -> None:
+    labels = np.random.default_rng(1).integers(0, 9, size=200)
+    groups = group_positions(labels)
+    assert sorted(groups) == sorted(set(labels.tolist()))
+    for label, idx in groups.items():
+        np.testing.assert_array_equal(idx, np.flatnonzero(labels == label))
