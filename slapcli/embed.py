@@ -187,15 +187,6 @@ def embed(input_path: str, output_path: str, config: EmbedConfig, reporter: Repo
     schema = embeddings_schema(dim)
     meta_config = {**asdict(config), "embed_model_identity": embed_ref.identity,
                    "proxy_model_identity": proxy_ref.identity}
-    # Parts are reusable only for the same bytes: fingerprint a file up front (one extra read, cheap next to
-    # the models). Stdin cannot be read twice, so its parts are never reused.
-    source_fp = None if input_path == STDIN else file_fingerprint(input_path)
-    parts = ChunkParts.open(parts_folder(output_path), {
-        "format": ChunkParts.FORMAT, "tool_version": __version__,
-        "source": source_fp.to_dict() if source_fp is not None else None,
-        "config": {k: v for k, v in meta_config.items() if k != "resume"},
-    }, config.resume, reporter)
-
     def embed_chunk(chunk: list[ParsedRow]) -> pa.Table:
         examples = [row.example for row in chunk]
         vectors = encode_texts(enc_tokenizer, encoder, [e.full_text for e in examples], config.batch_size,
@@ -215,6 +206,14 @@ def embed(input_path: str, output_path: str, config: EmbedConfig, reporter: Repo
     rows_out = truncated = n_parts = 0
     with SourceReader(input_path, config.input_format) as reader, \
             reporter.progress(f"embed {reader.name}", reader.total_bytes, unit="bytes") as bar:
+        # Parts are reusable only for the same bytes: fingerprint a file up front (one extra read, cheap next to
+        # the models). Stdin cannot be read twice, so its parts are never reused.
+        source_fp = None if input_path == STDIN else file_fingerprint(input_path)
+        parts = ChunkParts.open(parts_folder(output_path), {
+            "format": ChunkParts.FORMAT, "tool_version": __version__,
+            "source": source_fp.to_dict() if source_fp is not None else None,
+            "config": {k: v for k, v in meta_config.items() if k != "resume"},
+        }, config.resume, reporter)
         try:
             for index, chunk in enumerate(_chunks(iter_examples(reader, config.layout, config.on_bad_line, stats),
                                                   config.chunk_rows)):
