@@ -29,7 +29,7 @@ from slapcli.io.writers import check_output_path
 from slapcli.models import DEFAULT_EMBED_MODEL, DEFAULT_PROXY_MODEL
 from slapcli.pipeline import reuse_or_run
 from slapcli.progress import Reporter, stderr_console
-from slapcli.select import METHODS, SelectConfig, select
+from slapcli.select import LOSS_METHODS, METHODS, SelectConfig, select
 from slapcli.stratify import StratifyConfig, stratify
 from slapcli.summary import describe_artifact, selection_summary
 
@@ -298,7 +298,7 @@ def run_cmd(
     paths = {k: os.path.join(workdir, f"{k}.parquet") for k in ("embeddings", "strata", "selection")}
     embed_config = EmbedConfig(embed_model=embed_model, proxy_model=proxy_model, layout=layout,
                                on_bad_line=on_bad_line, device=device)
-    strat_config = StratifyConfig(proxy_loss=proxy_loss and method == "slap", proxy_model=proxy_model, keep=keep,
+    strat_config = StratifyConfig(proxy_loss=proxy_loss and method in LOSS_METHODS, proxy_model=proxy_model, keep=keep,
                                   budget=budget, seed=seed, device=device)
     select_config = SelectConfig(method=method, target=target, proxy_model=proxy_model, seed=seed, device=device)
     reuse_or_run(paths["embeddings"], asdict(embed_config), reporter,

@@ -6,6 +6,7 @@ Methods:
   relative-distance diversity alone. For data too large for a proxy pass.
 - `stratified`: uniform random rows inside each stratum, up to its budget.
 - `random`: uniform random rows, strata ignored (the floor every method must beat).
+- `ccs`, `kcenter`, `loss`, `ifd`: published baselines (see `slapcli.baselines`).
 """
 
 from __future__ import annotations
@@ -30,13 +31,16 @@ from slapcli.artifacts import (
     upstream_record,
     write_artifact,
 )
+from slapcli.baselines import ccs_order, ifd_order, ifd_scores, kcenter_order, middle_loss_order, without_prompt
 from slapcli.errors import UsageError
 from slapcli.models import DEFAULT_PROXY_MODEL
 from slapcli.progress import Reporter
 from slapcli.slapmath import allocate_budget, farthest_point_order, group_positions, stratum_nn_scale
-from slapcli.stratify import ALLOCATIONS, row_budget
+from slapcli.source import source_path
+from slapcli.stratify import ALLOCATIONS, LossPass, proxy_losses, row_budget
 
-METHODS = ("slap", "embedding", "stratified", "random")
+METHODS = ("slap", "embedding", "stratified", "random", "ccs", "kcenter", "loss", "ifd")
+LOSS_METHODS = ("slap", "ccs", "loss", "ifd")  # need the proxy losses of `stratify` (no --no-proxy-loss)
 
 
 @dataclass
@@ -226,10 +230,50 @@ def select_embedding(stratum: np.ndarray, eligible: np.ndarray, budgets: np.ndar
     if not positions:
         return Selection.from_choices([])
     order = np.lexsort((np.concatenate(strata_of), np.concatenate(ranks)))  # by rank, then stratum
-    batch = (np.arange(len(order)) // config.batch_size).astype(np.int32)
-    terms = {name: np.full(len(order), np.nan, dtype=np.float32) for name in TERMS}
-    terms["diversity"] = np.concatenate(gaps)[order].astype(np.float32)
-    return Selection(np.concatenate(positions)[order], batch, batch.copy(), terms)
+    return ranked_selection(np.concatenate(positions)[order], config.batch_size,
+                            {"diversity": np.concatenate(gaps)[order]})
+
+
+def select_baseline(strata_meta: ArtifactMeta, strata_path: str, table: pa.Table, eligible: np.ndarray, m: int,
+                    rng: np.random.Generator, config: SelectConfig, reporter: Reporter,
+                    input_override: str | None) -> Selection:
+    """The baselines of `slapcli.baselines`, over the whole budget (they ignore the strata, ccs has its own).
+
+    `loss` records each kept row's proxy loss; `gain` records the score that ranked it (IFD for ifd, the
+    distance to earlier picks for kcenter).
+    """
+    if config.method == "kcenter":
+        positions, gaps = kcenter_order(load_embeddings(strata_meta, strata_path, config.embeddings), eligible, m, rng)
+        return ranked_selection(positions, config.batch_size, {"diversity": gaps, "gain": gaps})
+    loss = table["loss"].to_numpy(zero_copy_only=False).astype(np.float32)
+    if np.isnan(loss[eligible]).all() and eligible.any():
+        raise UsageError(f"--method {config.method} ranks rows by proxy loss, but {strata_path} has none "
+                         "(it was stratified with --no-proxy-loss); stratify again with the proxy loss on")
+    if config.method == "ccs":
+        positions = ccs_order(loss, eligible, m, rng)
+        return ranked_selection(positions, config.batch_size, {"loss": loss[positions]})
+    if config.method == "loss":
+        positions = middle_loss_order(loss, eligible, m)
+        return ranked_selection(positions, config.batch_size, {"loss": loss[positions]})
+    rows = table["row"].to_numpy()
+    loss_pass = LossPass(strata_meta.config.get("proxy_model", config.proxy_model),
+                         int(config.max_tokens or strata_meta.config.get("max_tokens", 1024)),
+                         int(strata_meta.config.get("loss_batch_size", 16)), config.device,
+                         label="response loss without prompt")
+    direct = np.full(len(rows), np.nan, dtype=np.float32)
+    direct[eligible], _ = proxy_losses(strata_meta, source_path(strata_meta, input_override, strata_path),
+                                       strata_path, rows[eligible], loss_pass, reporter, view=without_prompt)
+    ifd = ifd_scores(loss, direct)
+    positions = ifd_order(ifd, eligible, m)
+    return ranked_selection(positions, config.batch_size, {"loss": loss[positions], "gain": ifd[positions]})
+
+
+def ranked_selection(positions: np.ndarray, batch_size: int, terms: dict[str, np.ndarray]) -> Selection:
+    """Rows chosen in one ranked pass, cut into batches of `batch_size` in that order."""
+    batch = (np.arange(len(positions)) // batch_size).astype(np.int32)
+    columns = {name: np.full(len(positions), np.nan, dtype=np.float32) for name in TERMS}
+    columns.update({name: np.asarray(values, dtype=np.float32) for name, values in terms.items()})
+    return Selection(np.asarray(positions, dtype=np.int64), batch, batch.copy(), columns)
 
 
 def _members_by_stratum(stratum: np.ndarray, eligible: np.ndarray) -> dict[int, np.ndarray]:
@@ -264,6 +308,8 @@ def select(strata_path: str, output_path: str, config: SelectConfig, reporter: R
         chosen = select_random(eligible, m, rng)
     elif config.method == "stratified":
         chosen = select_stratified(StratifiedPool(stratum, eligible, budgets, rng), rng)
+    elif config.method in ("ccs", "kcenter", "loss", "ifd"):
+        chosen = select_baseline(strata_meta, strata_path, table, eligible, m, rng, config, reporter, input_override)
     else:
         embeddings = load_embeddings(strata_meta, strata_path, config.embeddings)
         scale_by_stratum = stratum_nn_scale(embeddings, np.where(eligible, stratum, -1), seed=config.seed)

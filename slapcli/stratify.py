@@ -7,6 +7,7 @@ strata by water-filling (or proportional / sqrt allocation), so rare regions kee
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ from slapcli.artifacts import (
     write_artifact,
 )
 from slapcli.errors import UsageError
+from slapcli.io.layouts import Example
 from slapcli.models import DEFAULT_PROXY_MODEL, load_causal_lm, pick_device, pick_dtype, resolve_model
 from slapcli.progress import Reporter
 from slapcli.proxy import compute_losses
@@ -138,7 +140,10 @@ def stratify(embeddings_path: str, output_path: str, config: StratifyConfig, rep
     loss = np.full(n, np.nan, dtype=np.float32)
     loss_identity = None
     if config.proxy_loss:
-        loss[eligible], loss_identity = _proxy_losses(emb_meta, src, embeddings_path, rows[eligible], config, reporter)
+        loss_pass = LossPass(config.proxy_model, int(emb_meta.config.get("max_tokens", 1024)),
+                             config.loss_batch_size, config.device)
+        loss[eligible], loss_identity = proxy_losses(emb_meta, src, embeddings_path, rows[eligible], loss_pass,
+                                                     reporter)
     n_bins = config.loss_bins if config.proxy_loss else 1
     loss_bin = np.zeros(n, dtype=np.int16)
     if config.proxy_loss:
@@ -200,31 +205,45 @@ def prune_labels(masks: dict[str, np.ndarray]) -> pa.Array:
     return pa.DictionaryArray.from_arrays(indices, pa.array(labels, pa.string())).cast(pa.string())
 
 
-def _proxy_losses(emb_meta: ArtifactMeta, src: str, name: str, wanted_rows: np.ndarray, config: StratifyConfig,
-                  reporter: Reporter) -> tuple[np.ndarray, str]:
-    """Each wanted row's response loss under the untrained proxy (the policy at step 0)."""
-    device = pick_device(config.device)
-    ref = resolve_model(config.proxy_model)
+@dataclass(frozen=True)
+class LossPass:
+    """What a proxy loss pass over source rows needs to know."""
+
+    proxy_model: str
+    max_tokens: int
+    batch_size: int
+    device: str
+    label: str = "proxy loss"
+
+
+def proxy_losses(meta: ArtifactMeta, src: str, name: str, wanted_rows: np.ndarray, loss_pass: LossPass,
+                 reporter: Reporter, view: Callable[[Example], Example] | None = None) -> tuple[np.ndarray, str]:
+    """Each wanted row's response loss under the untrained proxy (the policy at step 0), in `wanted_rows` order.
+
+    `view` rewrites each row before scoring (IFD scores the response without its prompt). Rows are read from
+    the source again, streaming, and scored 1024 at a time. Returns the losses and the model's identity.
+    """
+    device = pick_device(loss_pass.device)
+    ref = resolve_model(loss_pass.proxy_model)
     reporter.log(f"loading proxy {ref.spec}")
     tokenizer, model = load_causal_lm(ref, device, pick_dtype(device))
-    max_tokens = int(emb_meta.config.get("max_tokens", 1024))
     wanted = set(wanted_rows.tolist())
     position = {r: i for i, r in enumerate(wanted_rows.tolist())}
     losses = np.full(len(wanted_rows), np.nan, dtype=np.float32)
     chunk: list[Any] = []
     done = 0
-    with reporter.progress("proxy loss", len(wanted_rows)) as bar:
+    with reporter.progress(loss_pass.label, len(wanted_rows)) as bar:
         def flush() -> None:
             nonlocal done
-            values = compute_losses(model, tokenizer, [r.example for r in chunk], max_tokens,
-                                    config.loss_batch_size, device)
+            examples = [r.example if view is None else view(r.example) for r in chunk]
+            values = compute_losses(model, tokenizer, examples, loss_pass.max_tokens, loss_pass.batch_size, device)
             for r, v in zip(chunk, values, strict=True):
                 losses[position[r.record.index]] = v
             done += len(chunk)
             bar.update(advance=len(chunk), rows_done=done)
             chunk.clear()
 
-        for row in iter_source_rows(emb_meta, src, name, wanted):
+        for row in iter_source_rows(meta, src, name, wanted):
             chunk.append(row)
             if len(chunk) == 1024:
                 flush()

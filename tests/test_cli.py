@@ -62,7 +62,7 @@ def chain(tmp_path, data_file, models, method="slap", extra_select=()):
     return emb, strata, sel
 
 
-@pytest.mark.parametrize("method", ["slap", "embedding", "stratified", "random"])
+@pytest.mark.parametrize("method", ["slap", "embedding", "stratified", "random", "ccs", "kcenter", "loss", "ifd"])
 def test_four_commands_chain_and_export_copies_bytes(tmp_path, data_file, models, method):
     _emb, _strata, sel = chain(tmp_path, data_file, models, method)
     out = tmp_path / "pruned.jsonl"
@@ -83,6 +83,15 @@ def test_four_commands_chain_and_export_copies_bytes(tmp_path, data_file, models
     # The duplicate pair is never both kept.
     rows = table["row"].to_pylist()
     assert not (kept_col[rows.index(3)] and kept_col[rows.index(10)])
+
+
+def test_loss_baselines_need_proxy_losses(tmp_path, data_file, models):
+    emb, strata = tmp_path / "e.parquet", tmp_path / "s.parquet"
+    assert invoke(["embed", data_file, "-o", emb, *models[:4], "-q"]).exit_code == 0
+    assert invoke(["stratify", emb, "-o", strata, "--no-proxy-loss", "-q"]).exit_code == 0
+    r = invoke(["select", strata, "-o", tmp_path / "sel.parquet", "--method", "ccs", "-q"])
+    assert r.exit_code == 2 and "--no-proxy-loss" in r.stderr
+    assert not (tmp_path / "sel.parquet").exists()
 
 
 def test_budgets_hold_per_stratum(tmp_path, data_file, models):

@@ -1,0 +1,80 @@
+"""The baselines `slap` must beat (issue 4), as pure functions over per-row scores.
+
+Each takes the rows' scores and an eligibility mask (duplicates and --prune-hardest rows are not eligible)
+and returns the chosen positions in selection order, so `select` writes every method's choice into the
+same artifact:
+
+- `ccs`: Coverage-centric Coreset Selection (Zheng et al., ICLR 2023): equal-width bins of the proxy loss,
+  the budget water-filled over the bins, uniform random rows inside each bin. Strata over loss only.
+- `kcenter`: greedy k-center on the sentence embeddings over the whole data set (Sener & Savarese, 2018).
+- `loss`: the middle of the loss distribution: drop the easiest and the hardest rows in equal numbers.
+- `ifd`: Instruction-Following Difficulty (Li et al., 2024, "From Quantity to Quality"): the response loss
+  with the prompt over the response loss without it; keep the highest. Rows with IFD >= 1 (the prompt does
+  not help predict the response: misaligned pairs, the paper drops them) come last, lowest first.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from slapcli.io.layouts import Example
+from slapcli.slapmath import allocate_budget, farthest_point_order
+
+CCS_BINS = 50  # the CCS paper's default number of score strata
+
+
+def ccs_order(loss: np.ndarray, eligible: np.ndarray, m: int, rng: np.random.Generator,
+              n_bins: int = CCS_BINS) -> np.ndarray:
+    """Water-fill `m` rows over equal-width loss bins, uniform random inside each; shuffled across bins."""
+    positions = np.flatnonzero(eligible)
+    if len(positions) == 0 or m == 0:
+        return np.zeros(0, dtype=np.int64)
+    values = loss[positions]
+    lo, hi = float(values.min()), float(values.max())
+    edges = np.linspace(lo, hi, n_bins + 1)[1:-1]
+    bins = np.searchsorted(edges, values, side="right")  # 0..n_bins-1, the maximum lands in the last bin
+    budgets = allocate_budget(np.bincount(bins, minlength=n_bins), m, "waterfill")
+    chosen = [rng.permutation(positions[bins == b])[:budgets[b]] for b in range(n_bins) if budgets[b]]
+    picked = np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
+    return picked[rng.permutation(len(picked))]
+
+
+def middle_loss_order(loss: np.ndarray, eligible: np.ndarray, m: int) -> np.ndarray:
+    """The `m` eligible rows in the middle of the loss ranking (ties by position), in ascending loss order."""
+    positions = np.flatnonzero(eligible)
+    ranked = positions[np.argsort(loss[positions], kind="stable")]
+    m = min(m, len(ranked))
+    start = (len(ranked) - m) // 2
+    return ranked[start:start + m]
+
+
+def ifd_scores(loss_with_prompt: np.ndarray, loss_without_prompt: np.ndarray) -> np.ndarray:
+    """IFD = L(response | prompt) / L(response); NaN where the direct loss is 0 (the ratio is undefined)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = loss_with_prompt / loss_without_prompt
+    return np.where(loss_without_prompt > 0, ratio, np.nan).astype(np.float32)
+
+
+def ifd_order(ifd: np.ndarray, eligible: np.ndarray, m: int) -> np.ndarray:
+    """Highest IFD below 1 first; then IFD >= 1 lowest first; undefined IFD last (ties by position)."""
+    positions = np.flatnonzero(eligible)
+    values = ifd[positions].astype(np.float64)
+    group = np.where(np.isnan(values), 2, np.where(values >= 1.0, 1, 0))
+    key = np.where(group == 0, -values, np.where(group == 1, values, 0.0))
+    order = np.lexsort((positions, key, group))
+    return positions[order][:m]
+
+
+def kcenter_order(embeddings: np.ndarray, eligible: np.ndarray, m: int,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy k-center over all eligible rows from a seeded random start; (positions, gap to earlier picks)."""
+    positions = np.flatnonzero(eligible)
+    if len(positions) == 0 or m == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+    picks, gaps = farthest_point_order(embeddings[positions], m, int(rng.integers(len(positions))))
+    return positions[picks], np.array(gaps, dtype=np.float32)
+
+
+def without_prompt(example: Example) -> Example:
+    """The row's assistant turns alone: what IFD's direct-answer loss scores."""
+    return Example(tuple(t for t in example.turns if t.role == "assistant"))

@@ -1,0 +1,95 @@
+"""The baseline selectors against from-scratch references on random inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from slapcli.baselines import (
+    ccs_order,
+    ifd_order,
+    ifd_scores,
+    kcenter_order,
+    middle_loss_order,
+    without_prompt,
+)
+from slapcli.io.layouts import Example, Turn
+
+
+def _eligible(n: int, rng: np.random.Generator) -> np.ndarray:
+    mask = rng.random(n) > 0.2
+    mask[0] = True
+    return mask
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ccs_water_fills_equal_width_loss_bins(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n, n_bins = 300, 7
+    loss = rng.gamma(2.0, size=n).astype(np.float32)
+    eligible = _eligible(n, rng)
+    m = int(rng.integers(1, int(eligible.sum())))
+    picked = ccs_order(loss, eligible, m, np.random.default_rng(0), n_bins=n_bins)
+    assert len(picked) == m == len(set(picked.tolist())) and eligible[picked].all()
+    # Naive: which bin each eligible row falls in, then water-filling one row at a time to the poorest bin.
+    values = loss[eligible]
+    width = (values.max() - values.min()) / n_bins
+    bin_of = np.minimum(((loss - values.min()) / width).astype(int), n_bins - 1)
+    sizes = np.bincount(bin_of[eligible], minlength=n_bins)
+    alloc = np.zeros(n_bins, dtype=int)
+    for _ in range(m):
+        open_bins = [b for b in range(n_bins) if alloc[b] < sizes[b]]
+        alloc[min(open_bins, key=lambda b: (alloc[b], -(sizes[b] - alloc[b]), b))] += 1
+    got = np.bincount(bin_of[picked], minlength=n_bins)
+    assert got.tolist() == alloc.tolist()
+
+
+def test_ccs_is_seeded() -> None:
+    loss = np.random.default_rng(1).random(100).astype(np.float32)
+    eligible = np.ones(100, dtype=bool)
+    a = ccs_order(loss, eligible, 40, np.random.default_rng(3))
+    b = ccs_order(loss, eligible, 40, np.random.default_rng(3))
+    c = ccs_order(loss, eligible, 40, np.random.default_rng(4))
+    assert a.tolist() == b.tolist() and sorted(a.tolist()) != sorted(c.tolist())
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_middle_loss_drops_both_ends_equally(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    loss = rng.normal(size=101).astype(np.float32)
+    eligible = _eligible(101, rng)
+    m = int(rng.integers(0, int(eligible.sum()) + 1))
+    picked = middle_loss_order(loss, eligible, m)
+    ranked = sorted(np.flatnonzero(eligible).tolist(), key=lambda i: (loss[i], i))
+    dropped_low = (len(ranked) - m) // 2
+    assert picked.tolist() == ranked[dropped_low:dropped_low + m]
+
+
+def test_ifd_ranks_below_one_first_then_misaligned_then_undefined() -> None:
+    with_prompt = np.array([1.0, 2.0, 0.5, 3.0, 1.0, 0.9], dtype=np.float32)
+    direct = np.array([2.0, 1.0, 1.0, 4.0, 0.0, 1.0], dtype=np.float32)
+    ifd = ifd_scores(with_prompt, direct)
+    np.testing.assert_allclose(ifd[:4], [0.5, 2.0, 0.5, 0.75])
+    assert np.isnan(ifd[4])
+    eligible = np.ones(6, dtype=bool)
+    assert ifd_order(ifd, eligible, 6).tolist() == [5, 3, 0, 2, 1, 4]
+    assert ifd_order(ifd, eligible, 2).tolist() == [5, 3]
+    eligible[3] = False
+    assert ifd_order(ifd, eligible, 2).tolist() == [5, 0]
+
+
+def test_kcenter_covers_all_eligible_rows_and_skips_the_rest() -> None:
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(50, 8)).astype(np.float32)
+    eligible = _eligible(50, rng)
+    picked, gaps = kcenter_order(emb, eligible, 10, np.random.default_rng(1))
+    assert len(picked) == 10 and eligible[picked].all()
+    assert np.isinf(gaps[0]) and np.all(np.diff(gaps[1:]) <= 1e-6)  # k-center gaps never grow
+    everything, _ = kcenter_order(emb, eligible, 999, np.random.default_rng(1))
+    assert sorted(everything.tolist()) == np.flatnonzero(eligible).tolist()
+
+
+def test_without_prompt_keeps_assistant_turns() -> None:
+    ex = Example((Turn("system", "s"), Turn("user", "q"), Turn("assistant", "a1"), Turn("user", "q2"),
+                  Turn("assistant", "a2")))
+    assert without_prompt(ex).turns == (Turn("assistant", "a1"), Turn("assistant", "a2"))
