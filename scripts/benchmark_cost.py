@@ -148,9 +148,9 @@ def slap_executable() -> str:
     return str(beside) if beside.exists() else "slap"
 
 
-def run_stage(stage: str, args: list[str], log_dir: Path) -> StageTime:
-    """Wall time, CPU time and peak memory of one whole `slap` subprocess."""
-    command = [slap_executable(), *args]
+def run_stage(stage: str, args: list[str], log_dir: Path, executable: str | None = None) -> StageTime:
+    """Wall time, CPU time and peak memory of one whole `slap` (or `executable`) subprocess."""
+    command = [executable or slap_executable(), *args]
     log = log_dir / f"{stage}.stderr.txt"
     load_before = os.getloadavg()[0]
     with log.open("wb") as err:

@@ -396,8 +396,12 @@ def load_tokenizer(ref: ModelRef) -> Any:
     return _ensure_pad_token(tokenizer)
 
 
-def load_encoder(ref: ModelRef, device: torch.device) -> tuple[Any, torch.nn.Module]:
-    """Tokenizer and encoder model (AutoModel, eval mode, float32) for sentence embeddings."""
+def load_encoder(ref: ModelRef, device: torch.device, dtype: torch.dtype | None = None
+                 ) -> tuple[Any, torch.nn.Module]:
+    """Tokenizer and encoder model (AutoModel, eval mode) for sentence embeddings.
+
+    `dtype` defaults to `pick_dtype(device)`: bf16 on CUDA, float32 on the CPU (pooling is done in float32).
+    """
     from transformers import AutoModel, AutoTokenizer
 
     if ref.is_gguf:
@@ -410,7 +414,7 @@ def load_encoder(ref: ModelRef, device: torch.device) -> tuple[Any, torch.nn.Mod
             model = AutoModel.from_pretrained(folder, **kwargs)
         except (OSError, ValueError, KeyError, ImportError) as e:
             raise _load_failure(ref, "encoder", e) from e
-    return tokenizer, model.to(device).eval()
+    return tokenizer, model.to(device=device, dtype=dtype if dtype is not None else pick_dtype(device)).eval()
 
 
 def load_causal_lm(ref: ModelRef, device: torch.device, dtype: torch.dtype | None = None

@@ -1,0 +1,277 @@
+"""Performance of each stage on this machine (issue 5): embed speed, scale without a proxy, flat memory.
+
+Every number is a whole `slap` subprocess (interpreter start, imports, model load and artifact I/O count, as
+they do for a user), timed with its own rusage (wall, CPU, peak RSS). Parts, each with `--only`:
+
+- `embed`: `slap embed` on N real rows (default 2,000, the shared two-domain excerpt) against the plain way
+  of doing it, also a whole process: transformers AutoModel, rows in file order, batches of 32, mean
+  pooling, torch defaults. Runs alternate (plain, slap, plain, slap, ...) so load drifts hit both; the
+  medians are compared. Also reports rows/s, encoder tokens/s and the worst cosine between the two
+  processes' vectors for the same row (the speed must not come from computing something else).
+- `scale`: 1,000,000 synthetic 384-dim unit vectors (200 Gaussian centres) written as an embeddings
+  artifact, then `slap stratify --no-proxy-loss` and `slap select --method embedding`: wall time and peak
+  RSS of each (target: together < 3 min, each < 4 GB).
+- `memory`: peak RSS of `slap embed` and `slap export` on synthetic rows at two sizes (default 20k and 200k),
+  with a tiny randomly initialised encoder (the real tokenizer), so the pipeline's memory, not the model's
+  speed, is measured (target: the larger within 1.5x of the smaller).
+
+The cost of stratify + select against one epoch of fine-tuning is `scripts/benchmark_cost.py`.
+
+Usage (from the repository root):
+
+    .venv/bin/python scripts/benchmark_perf.py --out work/perf/results.json
+    .venv/bin/python scripts/benchmark_perf.py --only scale --scale-rows 1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark_cost import build_excerpt, code_version, machine_info, run_stage
+
+PARTS = ("embed", "scale", "memory")
+
+# The plain way, run as its own process: what a user would write with transformers alone.
+PLAIN_EMBED = r'''
+import json, sys, numpy as np, torch
+from transformers import AutoModel, AutoTokenizer
+data, model_dir, out = sys.argv[1:4]
+texts = []
+with open(data, encoding="utf-8") as f:
+    for line in f:
+        row = json.loads(line)
+        texts.append("\n\n".join(t for t in (row.get("instruction", ""), row.get("input", ""), row["output"]) if t))
+tok = AutoTokenizer.from_pretrained(model_dir)
+model = AutoModel.from_pretrained(model_dir).eval()
+vectors = []
+with torch.no_grad():
+    for i in range(0, len(texts), 32):
+        enc = tok(texts[i:i + 32], padding=True, truncation=True, max_length=256, return_tensors="pt")
+        hidden = model(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        vectors.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
+np.save(out, np.concatenate(vectors))
+'''
+
+
+def encoder_dir() -> str:
+    from slapcli.models import DEFAULT_EMBED_MODEL, resolve_model
+
+    ref = resolve_model(DEFAULT_EMBED_MODEL)
+    assert ref.path is not None
+    return ref.path
+
+
+def run_python(stage: str, code: str, args: list[str], log_dir: Path) -> dict[str, Any]:
+    """Like run_stage, for a `python -c` process (same rusage accounting)."""
+    return vars(run_stage(stage, ["-c", code, *args], log_dir, executable=sys.executable))
+
+
+def bench_embed(workdir: Path, rows: int, repeats: int, seed: int) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    data = workdir / f"embed_{rows}.jsonl"
+    excerpt = build_excerpt(rows, seed, data)
+    model = encoder_dir()
+    logs = workdir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    plain_runs, slap_runs = [], []
+    for i in range(repeats):
+        plain_runs.append(run_python(f"plain_embed_{i}", PLAIN_EMBED, [str(data), model, str(workdir / "plain.npy")],
+                                     logs))
+        slap_runs.append(vars(run_stage(f"slap_embed_{i}", ["embed", str(data), "-o", str(workdir / "e.parquet"),
+                                                             "--force", "--no-resume", "-q"], logs)))
+    tok = AutoTokenizer.from_pretrained(model)
+    texts = [json.loads(ln) for ln in data.read_text(encoding="utf-8").splitlines()]
+    joined = ["\n\n".join(t for t in (r.get("instruction", ""), r.get("input", ""), r["output"]) if t) for r in texts]
+    n_tokens = sum(len(ids) for ids in tok(joined, truncation=True, max_length=256)["input_ids"])
+    plain = np.load(workdir / "plain.npy")
+    column = pq.read_table(workdir / "e.parquet", columns=["embedding"])["embedding"].combine_chunks()
+    ours = column.flatten().to_numpy().reshape(len(column), -1)
+    cosine = (plain * ours).sum(1)
+    plain_s = statistics.median(r["wall_s"] for r in plain_runs)
+    slap_s = statistics.median(r["wall_s"] for r in slap_runs)
+    return {
+        "data": excerpt, "encoder_tokens": n_tokens, "repeats": repeats,
+        "plain": {"median_wall_s": plain_s, "rows_per_s": rows / plain_s, "tokens_per_s": n_tokens / plain_s,
+                  "runs": plain_runs},
+        "slap": {"median_wall_s": slap_s, "rows_per_s": rows / slap_s, "tokens_per_s": n_tokens / slap_s,
+                 "runs": slap_runs},
+        "speedup": plain_s / slap_s,
+        "min_cosine": float(cosine.min()),
+    }
+
+
+def write_synthetic_embeddings(path: Path, n: int, dim: int, seed: int) -> None:
+    """n unit vectors around 200 Gaussian centres, as an embeddings artifact, written in slices."""
+    import pyarrow as pa
+
+    from slapcli.artifacts import ArtifactMeta, ArtifactWriter, embeddings_schema
+
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(200, dim)).astype(np.float32)
+    with ArtifactWriter(str(path), embeddings_schema(dim)) as writer:
+        for start in range(0, n, 65_536):
+            m = min(65_536, n - start)
+            x = centres[rng.integers(0, 200, m)] + 0.5 * rng.normal(size=(m, dim)).astype(np.float32)
+            x /= np.linalg.norm(x, axis=1, keepdims=True)
+            idx = np.arange(start, start + m)
+            writer.write(pa.table({
+                "row": idx, "line": idx + 1,
+                "content_hash": [f"{i:032x}" for i in idx],
+                "n_prompt_tokens": np.full(m, 10, np.int32), "n_response_tokens": np.full(m, 20, np.int32),
+                "truncated": np.zeros(m, bool),
+                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), dim),
+            }))
+        writer.finish(ArtifactMeta(kind="embeddings", command="benchmark_perf synthetic", config={"seed": seed},
+                                   source={"path": "synthetic", "fingerprint": {"size": 0, "blake2b": "0"}},
+                                   stats={"rows": n, "dim": dim}))
+
+
+def bench_scale(workdir: Path, rows: int, seed: int) -> dict[str, Any]:
+    emb, strata, sel = (workdir / f"scale_{name}.parquet" for name in ("embeddings", "strata", "selection"))
+    logs = workdir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    write_synthetic_embeddings(emb, rows, 384, seed)
+    generate_s = time.perf_counter() - start
+    stratify = vars(run_stage("scale_stratify", ["stratify", str(emb), "-o", str(strata), "--no-proxy-loss",
+                                                 "--keep", "0.7", "--force", "-q"], logs))
+    select = vars(run_stage("scale_select", ["select", str(strata), "-o", str(sel), "--method", "embedding",
+                                             "--force", "-q"], logs))
+    for path in (emb, strata, sel):
+        path.unlink()  # 1.4 GB of vectors: do not leave them in the workdir
+    total = stratify["wall_s"] + select["wall_s"]
+    return {"rows": rows, "dim": 384, "generate_s": generate_s, "stratify": stratify, "select": select,
+            "total_wall_s": total, "peak_rss_mib": max(stratify["max_rss_mib"], select["max_rss_mib"])}
+
+
+WORDS = ["data", "model", "train", "loss", "row", "batch", "token", "code", "list", "sort", "parse", "write", "read",
+         "file", "value", "error", "test", "function", "class", "method", "string", "number", "array", "graph",
+         "tree", "node", "edge", "path", "search", "query"]
+
+
+def write_synthetic_rows(path: Path, n: int, seed: int) -> None:
+    rng = random.Random(seed)
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(n):
+            words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 40)))
+            f.write(json.dumps({"instruction": f"Task {i}: explain {words[:40]}", "input": "",
+                                "output": f"{words}. Row {i}."}) + "\n")
+
+
+def tiny_encoder(workdir: Path) -> Path:
+    """A 2-layer, 64-wide BERT with random weights and the real MiniLM tokenizer."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    out = workdir / "tiny_encoder"
+    if not (out / "config.json").exists():
+        import torch
+
+        torch.manual_seed(0)
+        tok = AutoTokenizer.from_pretrained(encoder_dir())
+        config = BertConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=128, max_position_embeddings=512)
+        BertModel(config).save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
+    return out
+
+
+def bench_memory(workdir: Path, sizes: list[int], seed: int) -> dict[str, Any]:
+    encoder = tiny_encoder(workdir)
+    logs = workdir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {}
+    for n in sizes:
+        data = workdir / f"mem_{n}.jsonl"
+        write_synthetic_rows(data, n, seed)
+        emb, strata, sel, out = (workdir / f"mem_{n}_{k}" for k in ("e.parquet", "s.parquet", "sel.parquet",
+                                                                   "pruned.jsonl"))
+        embed = vars(run_stage(f"mem_embed_{n}", ["embed", str(data), "-o", str(emb), "--embed-model", str(encoder),
+                                                  "--force", "--no-resume", "-q"], logs))
+        subprocess.run([sys.executable, "-m", "slapcli", "stratify", str(emb), "-o", str(strata), "--no-proxy-loss",
+                        "--force", "-q"], check=True)
+        subprocess.run([sys.executable, "-m", "slapcli", "select", str(strata), "-o", str(sel), "--method", "random",
+                        "--force", "-q"], check=True)
+        export = vars(run_stage(f"mem_export_{n}", ["export", str(sel), "-o", str(out), "--force", "-q"], logs))
+        results[str(n)] = {"embed": embed, "export": export}
+        for path in (data, emb, strata, sel, out):
+            path.unlink()
+    small, large = (results[str(n)] for n in (min(sizes), max(sizes)))
+    return {"sizes": sizes, "runs": results,
+            "embed_rss_ratio": large["embed"]["max_rss_mib"] / small["embed"]["max_rss_mib"],
+            "export_rss_ratio": large["export"]["max_rss_mib"] / small["export"]["max_rss_mib"]}
+
+
+def summary_lines(results: dict[str, Any]) -> list[str]:
+    lines = []
+    if "embed" in results:
+        e = results["embed"]
+        lines.append(f"embed {e['data']['rows']} rows: plain {e['plain']['median_wall_s']:.1f} s "
+                     f"({e['plain']['rows_per_s']:.1f} rows/s, {e['plain']['tokens_per_s']:.0f} tok/s), slap "
+                     f"{e['slap']['median_wall_s']:.1f} s ({e['slap']['rows_per_s']:.1f} rows/s, "
+                     f"{e['slap']['tokens_per_s']:.0f} tok/s): {e['speedup']:.2f}x, min cosine {e['min_cosine']:.5f}")
+    if "scale" in results:
+        s = results["scale"]
+        lines.append(f"scale {s['rows']:,} rows: stratify {s['stratify']['wall_s']:.1f} s "
+                     f"({s['stratify']['max_rss_mib']:.0f} MiB), select {s['select']['wall_s']:.1f} s "
+                     f"({s['select']['max_rss_mib']:.0f} MiB), total {s['total_wall_s']:.1f} s")
+    if "memory" in results:
+        m = results["memory"]
+        for n, r in m["runs"].items():
+            lines.append(f"memory {int(n):,} rows: embed {r['embed']['max_rss_mib']:.0f} MiB "
+                         f"({r['embed']['wall_s']:.1f} s), export {r['export']['max_rss_mib']:.0f} MiB")
+        lines.append(f"memory ratio largest/smallest: embed {m['embed_rss_ratio']:.2f}, "
+                     f"export {m['export_rss_ratio']:.2f}")
+    return lines
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default=",".join(PARTS), help=f"Comma-separated parts: {', '.join(PARTS)}.")
+    parser.add_argument("--workdir", type=Path, default=Path("work/perf"))
+    parser.add_argument("--out", type=Path, default=Path("work/perf/results.json"))
+    parser.add_argument("--embed-rows", type=int, default=2000)
+    parser.add_argument("--embed-repeats", type=int, default=2)
+    parser.add_argument("--scale-rows", type=int, default=1_000_000)
+    parser.add_argument("--memory-rows", default="20000,200000")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    parts = [p.strip() for p in args.only.split(",") if p.strip()]
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise SystemExit(f"--only: unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"machine": machine_info(), "code": code_version(), "argv": sys.argv}
+    if "embed" in parts:
+        results["embed"] = bench_embed(args.workdir, args.embed_rows, args.embed_repeats, args.seed)
+    if "scale" in parts:
+        results["scale"] = bench_scale(args.workdir, args.scale_rows, args.seed)
+    if "memory" in parts:
+        results["memory"] = bench_memory(args.workdir, [int(n) for n in args.memory_rows.split(",")], args.seed)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    for line in summary_lines(results):
+        print(line)
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
