@@ -1,7 +1,7 @@
 """The `slap` command line: thin commands that parse options into a config and call one stage.
 
 Data goes to stdout only (`export -o -`); progress, logs and errors go to stderr.
-Exit codes: 0 done, 1 runtime failure, 2 usage or data error, 130 interrupted.
+Exit codes: 0 done, 1 runtime failure, 2 usage or data error, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -17,21 +17,69 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Any, TypeVar
 
-import typer
-from rich.console import Console
+from slapcli.errors import Stopped
 
-from slapcli import __version__
-from slapcli.embed import EmbedConfig, embed
-from slapcli.errors import EXIT_INTERRUPTED, SlapError, UsageError
-from slapcli.export import ExportConfig, export
-from slapcli.io.readers import STDIN, file_fingerprint
-from slapcli.io.writers import check_output_path
-from slapcli.models import DEFAULT_EMBED_MODEL, DEFAULT_PROXY_MODEL
-from slapcli.pipeline import reuse_or_run
-from slapcli.progress import Reporter, stderr_console
-from slapcli.select import LOSS_METHODS, METHODS, SelectConfig, select
-from slapcli.stratify import StratifyConfig, stratify
-from slapcli.summary import describe_artifact, selection_summary
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def stop_message(signum: int) -> str:
+    what = "terminated" if signum == signal.SIGTERM else "interrupted"
+    return f"{what}: no output was written; rerun the same command to continue"
+
+
+def _exit_while_starting(signum: int, frame: object) -> None:
+    # Nothing has been written before a command runs, so there is nothing to clean up; exiting at once also
+    # skips the teardown of half-imported native libraries (torch), which a raised exception would go through.
+    os.write(2, f"{stop_message(signum)}\n".encode())
+    os._exit(128 + signum)
+
+
+def _stop_once(signum: int, frame: object) -> None:
+    # Later signals are ignored: they would cut short the cleanup the first one started (temporary files
+    # being removed on the way out). SIGKILL still stops everything, and resume covers that too.
+    for other in STOP_SIGNALS:
+        signal.signal(other, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def _on_stop_signals(handler: Callable[[int, object], None]) -> Iterator[None]:
+    """Route SIGINT and SIGTERM to `handler` inside the block, then put back what was there."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    # A signal the caller ignores stays ignored (SIGINT in a background job), and so does a handler that
+    # someone else installed; only the defaults and our own handlers are replaced.
+    ours = (signal.default_int_handler, signal.SIG_DFL, _exit_while_starting)
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS if signal.getsignal(signum) in ours}
+    for signum in previous:
+        signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+# Importing torch and transformers takes seconds; a Ctrl-C or SIGTERM meanwhile gets the same one line and exit
+# code as during a command, not a traceback from deep inside an import.
+with _on_stop_signals(_exit_while_starting):
+    import typer
+    from rich.console import Console
+
+    from slapcli import __version__
+    from slapcli.artifacts import read_meta
+    from slapcli.embed import EmbedConfig, embed
+    from slapcli.errors import EXIT_INTERRUPTED, SlapError, UsageError
+    from slapcli.export import ExportConfig, export
+    from slapcli.io.readers import STDIN, file_fingerprint
+    from slapcli.io.writers import atomic_path, check_output_path
+    from slapcli.models import DEFAULT_EMBED_MODEL, DEFAULT_PROXY_MODEL
+    from slapcli.pipeline import reuse_or_run
+    from slapcli.progress import Reporter, stderr_console
+    from slapcli.select import LOSS_METHODS, METHODS, SelectConfig, select
+    from slapcli.stratify import StratifyConfig, stratify
+    from slapcli.summary import describe_artifact, selection_summary
 
 app = typer.Typer(
     name="slap",
@@ -56,44 +104,24 @@ PROXY = typer.Option(DEFAULT_PROXY_MODEL, "--proxy-model",
                           "or a hub id.")
 
 
-def _interrupt_once(signum: int, frame: object) -> None:
-    # Later Ctrl-Cs are ignored: they would cut short the cleanup the first one started (temporary files
-    # being removed on the way out). SIGKILL still stops everything, and resume covers that too.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _clean_interrupts() -> Iterator[None]:
-    """Make the first Ctrl-C raise KeyboardInterrupt and ignore the rest, for the duration of a command."""
-    if threading.current_thread() is not threading.main_thread() \
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield  # signals are main-thread only; and a SIGINT the caller ignores (a background job) stays ignored
-        return
-    signal.signal(signal.SIGINT, _interrupt_once)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
 def _handle_errors(func: F) -> F:
-    """Turn SlapErrors into one message on stderr and their exit code; Ctrl-C into one line and 130."""
+    """Turn SlapErrors into one message on stderr and their exit code; Ctrl-C or SIGTERM into one line and
+    128 + the signal number (130, 143)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         console = stderr_console()
-        with _clean_interrupts():
+        with _on_stop_signals(_stop_once):
             try:
                 return func(*args, **kwargs)
             except SlapError as e:
                 console.print(f"[red]error:[/red] {e}", markup=True, soft_wrap=True)
                 raise typer.Exit(e.exit_code) from None
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as e:
                 # By now every writer has removed its temporary file; what a rerun can resume from is kept.
-                console.print("[red]interrupted[/red]: no output was written; rerun the same command to continue",
-                              soft_wrap=True)
-                raise typer.Exit(EXIT_INTERRUPTED) from None
+                signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+                console.print(stop_message(signum), markup=False, soft_wrap=True)
+                raise typer.Exit(e.exit_code if isinstance(e, Stopped) else EXIT_INTERRUPTED) from None
             except BrokenPipeError:
                 # The reader of our stdout went away (e.g. `| head`): not an error of ours.
                 devnull = os.open(os.devnull, os.O_WRONLY)
@@ -289,12 +317,7 @@ def run_cmd(
     reporter = _reporter(quiet)
     os.makedirs(workdir, exist_ok=True)
     if input == STDIN:
-        # Later stages re-read the data: keep a copy of stdin in the workdir.
-        copy = os.path.join(workdir, "input.stdin")
-        with open(copy + ".tmp", "wb") as f:
-            shutil.copyfileobj(sys.stdin.buffer, f)
-        os.replace(copy + ".tmp", copy)
-        input = copy
+        input = _copy_stdin(os.path.join(workdir, "input.stdin"))
     paths = {k: os.path.join(workdir, f"{k}.parquet") for k in ("embeddings", "strata", "selection")}
     embed_config = EmbedConfig(embed_model=embed_model, proxy_model=proxy_model, layout=layout,
                                on_bad_line=on_bad_line, device=device)
@@ -303,6 +326,8 @@ def run_cmd(
     select_config = SelectConfig(method=method, target=target, proxy_model=proxy_model, seed=seed, device=device)
     reuse_or_run(paths["embeddings"], asdict(embed_config), reporter,
                  lambda: embed(input, paths["embeddings"], embed_config, reporter), source=file_fingerprint(input))
+    # Also when the embeddings were reused: the skipped and truncated rows shape this run's output as well.
+    _report_read_stats(reporter, read_meta(paths["embeddings"], "embeddings").stats, embed_config.max_tokens)
     reuse_or_run(paths["strata"], asdict(strat_config), reporter,
                  lambda: stratify(paths["embeddings"], paths["strata"], strat_config, reporter, input_override=input),
                  upstream=paths["embeddings"])
@@ -315,9 +340,18 @@ def run_cmd(
                  f"{'stdout' if output == '-' else output}")
 
 
+def _copy_stdin(copy: str) -> str:
+    """Keep stdin in the work folder (later stages read the data again); a stopped copy leaves no file."""
+    with atomic_path(copy) as tmp, open(tmp, "wb") as f:
+        shutil.copyfileobj(sys.stdin.buffer, f)
+    return copy
+
+
 def main() -> None:
     try:
-        app()
+        # Until a command's own handling takes over, a signal exits with one line (typer would print "Aborted!").
+        with _on_stop_signals(_exit_while_starting):
+            app()
     except UsageError as e:  # raised outside a command (should not happen, but never show a traceback)
         stderr_console().print(f"error: {e}")
         sys.exit(e.exit_code)

@@ -1,6 +1,7 @@
 """Errors that the CLI turns into one clear message and a meaningful exit code.
 
-Exit codes (as in simonw/llm): 0 done, 1 runtime failure, 2 usage or data error, 130 interrupted.
+Exit codes (as in simonw/llm): 0 done, 1 runtime failure, 2 usage or data error; stopped by a signal:
+130 (Ctrl-C, SIGINT) and 143 (SIGTERM), the 128 + signal number that shells report.
 """
 
 from __future__ import annotations
@@ -8,7 +9,21 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+class Stopped(KeyboardInterrupt):
+    """A command was stopped by a signal (SIGINT or SIGTERM).
+
+    A KeyboardInterrupt on purpose: every cleanup written for Ctrl-C (temporary files removed, resume state kept)
+    then runs for SIGTERM too, and no `except Exception` can swallow it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.exit_code = 128 + signum
 
 
 class SlapError(Exception):

@@ -88,12 +88,13 @@ def temp_files(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.name.endswith(".tmp")]
 
 
-def start_slap(tmp_path: Path, argv: list[str], slow: list[tuple[str, str, float]]) -> subprocess.Popen:
+def start_slap(tmp_path: Path, argv: list[str], slow: list[tuple[str, str, float]],
+               stdin: int | None = None) -> subprocess.Popen:
     script = tmp_path / "run_slap.py"
     script.write_text(_RUNNER)
     spec = json.dumps({"slow": slow, "argv": argv})
-    return subprocess.Popen([sys.executable, str(script), spec], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.Popen([sys.executable, str(script), spec], stdin=stdin, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def wait_for(condition, proc: subprocess.Popen, timeout: float = 180.0) -> None:
@@ -212,26 +213,67 @@ def test_a_run_on_bad_data_leaves_no_parts(tmp_path, data_file, models):
 # --- Ctrl-C --------------------------------------------------------------------------------------------------------
 
 
-def assert_clean_interrupt(proc: subprocess.Popen) -> None:
+STOPPED = {signal.SIGINT: (130, "interrupted"), signal.SIGTERM: (143, "terminated")}
+STOP_SIGNALS = pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+
+
+def assert_clean_interrupt(proc: subprocess.Popen, signum: int = signal.SIGINT) -> None:
     stdout, stderr = proc.communicate(timeout=60)
     text = stderr.decode()
-    assert proc.returncode == 130, text
+    code, word = STOPPED[signum]
+    assert proc.returncode == code, text
     assert stdout == b""
     assert "Traceback" not in text and "KeyboardInterrupt" not in text
-    assert text.splitlines() == ["interrupted: no output was written; rerun the same command to continue"]
+    assert text.splitlines() == [f"{word}: no output was written; rerun the same command to continue"]
 
 
-def test_ctrl_c_stops_embed_cleanly(tmp_path, data_file, models):
+def loading_torch(pid: int) -> bool:
+    """True once the process has mapped libtorch: it is in the middle of `import torch`."""
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc to see the import under way")
+@STOP_SIGNALS
+def test_a_signal_while_torch_is_imported_gives_one_line(tmp_path, data_file, models, signum):
+    out = tmp_path / "e.parquet"
+    # What the installed `slap` script runs: the handling must be in place before slapcli.cli imports torch.
+    entry = "import sys; from slapcli.cli import main; sys.exit(main())"
+    proc = subprocess.Popen([sys.executable, "-c", entry, *embed_args(data_file, out, models)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(lambda: loading_torch(proc.pid), proc, timeout=60)
+    proc.send_signal(signum)
+    assert_clean_interrupt(proc, signum)
+    assert not out.exists() and not temp_files(tmp_path)
+
+
+@STOP_SIGNALS
+def test_a_signal_stops_embed_cleanly(tmp_path, data_file, models, signum):
     out = tmp_path / "run" / "e.parquet"
     proc = start_slap(tmp_path, embed_args(data_file, out, models), [("slapcli.embed", "encode_texts", 0.3)])
     wait_for(lambda: len(part_files(out)) >= 1, proc)
-    proc.send_signal(signal.SIGINT)
-    assert_clean_interrupt(proc)
+    proc.send_signal(signum)
+    assert_clean_interrupt(proc, signum)
     assert not out.exists() and not temp_files(tmp_path)
     assert part_files(out)  # kept: the same command resumes from them
 
 
-def test_ctrl_c_stops_select_cleanly(tmp_path, data_file, models):
+@STOP_SIGNALS
+def test_a_signal_while_a_part_is_written_leaves_no_temporary_file(tmp_path, data_file, models, signum):
+    out = tmp_path / "run" / "e.parquet"
+    # Slow Parquet writes, so that the signal lands while a part's temporary file exists.
+    proc = start_slap(tmp_path, embed_args(data_file, out, models), [("pyarrow.parquet", "write_table", 0.5)])
+    wait_for(lambda: bool(temp_files(tmp_path)), proc)
+    proc.send_signal(signum)
+    assert_clean_interrupt(proc, signum)
+    assert not out.exists() and not temp_files(tmp_path)
+    assert (parts_of(out) / "manifest.json").exists()  # resume state is kept
+
+
+@STOP_SIGNALS
+def test_a_signal_stops_select_cleanly(tmp_path, data_file, models, signum):
     emb, strata, out = tmp_path / "e.parquet", tmp_path / "s.parquet", tmp_path / "sel" / "sel.parquet"
     assert invoke(embed_args(data_file, emb, models)).exit_code == 0
     r = invoke(["stratify", emb, "-o", strata, "--proxy-model", models[3], "--clusters", "3", "--keep", "0.5", "-q"])
@@ -241,9 +283,39 @@ def test_ctrl_c_stops_select_cleanly(tmp_path, data_file, models):
     proc = start_slap(tmp_path, argv, [("slapcli.replay", "_train_step", 0.3)])
     checkpoint = Path(str(out) + ".ckpt")
     wait_for(checkpoint.exists, proc)
+    proc.send_signal(signum)
+    assert_clean_interrupt(proc, signum)
+    assert not out.exists() and not temp_files(tmp_path)
+
+
+def test_ctrl_c_while_run_copies_stdin_leaves_no_temporary_file(tmp_path, data_file, models):
+    work = tmp_path / "work"
+    argv = ["run", "-", "-o", str(tmp_path / "out.jsonl"), "--workdir", str(work), *models, "-q"]
+    proc = start_slap(tmp_path, argv, [], stdin=subprocess.PIPE)
+    assert proc.stdin is not None
+    proc.stdin.write(data_file.read_bytes()[:100])  # part of the data; stdin stays open, so the copy waits
+    proc.stdin.flush()
+    wait_for(lambda: bool(temp_files(work)) if work.exists() else False, proc)
     proc.send_signal(signal.SIGINT)
     assert_clean_interrupt(proc)
-    assert not out.exists() and not temp_files(tmp_path)
+    proc.stdin.close()
+    assert not temp_files(tmp_path) and not (work / "input.stdin").exists()
+
+
+def test_run_on_stdin_warns_about_skipped_and_truncated_rows(tmp_path, data_file, models):
+    long_row = {"instruction": "Repeat", "output": "word " * 3000}  # far over the default --max-tokens (1024)
+    data = data_file.read_bytes() + b"not json\n" + json.dumps(long_row).encode() + b"\n"
+    out = tmp_path / "out.jsonl"
+    argv = ["run", "-", "-o", out, "--workdir", tmp_path / "work", *models, "--method", "random",
+            "--on-bad-line", "skip", "-q"]
+    for attempt in ("fresh", "reused"):
+        r = runner.invoke(app, [str(a) for a in argv], input=data, catch_exceptions=False)
+        assert r.exit_code == 0, (attempt, r.stderr)
+        text = r.stderr.replace("\n", "")  # the console wraps long warnings (keeping the space at a break)
+        assert f"warning: skipped 1 bad rows, e.g. {tmp_path / 'work' / 'input.stdin'}:{ROWS + 1}: malformed" \
+            in text, (attempt, text)
+        assert f"warning: 1 of {ROWS + 1:,} rows exceed --max-tokens (1024)" in text, (attempt, text)
+        argv.append("--force")  # the second run reuses the artifacts and rewrites the output
 
 
 # --- the bad-input corpus through the CLI --------------------------------------------------------------------------
