@@ -2,26 +2,45 @@
 
 JSON Lines input gives the same bytes, line for line. Other inputs give one compact JSON object per line
 (or Parquet when the output name ends in .parquet). `order="selection"` writes rows in the order `select`
-chose them; to stay flat in memory it spools kept rows to a temporary file and reads them back by offset.
+chose them.
+
+Memory stays flat in the input size: rows stream through in chunks, Parquet is written row group by row group,
+and selection order spools kept rows to a temporary file and reads them back (JSON Lines by offset, Parquet by
+merging rank-sorted runs).
+
+A Parquet file has one schema. Parquet input keeps its own (columns, types, metadata). For JSON input it is
+inferred from the first chunk of kept rows; a later row that does not fit it is a DataError naming the file,
+line and field, never a value silently dropped or changed.
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from slapcli.artifacts import check_source, read_meta, read_table
-from slapcli.errors import UsageError
+from slapcli.errors import DataError, UsageError
 from slapcli.io.readers import STDIN, SourceReader, record_value
 from slapcli.io.writers import atomic_path, open_output
-from slapcli.progress import Reporter
+from slapcli.progress import ProgressTask, Reporter
 from slapcli.source import source_path, verify_source
 
 ORDERS = ("source", "selection")
+ROW_GROUP_ROWS = 4096  # kept rows per Parquet row group, and at most per chunk held in memory
+CHUNK_BYTES = 32 << 20  # a chunk of long JSON rows closes early, at this many input bytes
+SPOOL_BATCH_ROWS = 256  # selection order reads each spooled run back this many rows at a time
+_TO_JSONL = "export to .jsonl to keep every row as it is"
+
+# Kept rows in source order as one Arrow table, and each row's position in selection order.
+Chunk = tuple[pa.Table, np.ndarray]
 
 
 @dataclass
@@ -43,43 +62,60 @@ def export(selection_path: str, output: str, config: ExportConfig, reporter: Rep
     src = source_path(meta, config.input, selection_path)
     verify_source(meta, src, selection_path)
     table = read_table(selection_path, ["row", "kept", "order"])
-    kept_mask = table["kept"].to_numpy(zero_copy_only=False)
-    kept_rows = table["row"].to_numpy()[kept_mask]
-    # rank[row] = position in selection order, for every kept row.
-    selection_rank = dict(zip(kept_rows.tolist(),
-                              np.argsort(np.argsort(table["order"].to_numpy(zero_copy_only=False)[kept_mask],
-                                                    kind="stable"), kind="stable").tolist(), strict=True))
+    ranks = selection_ranks(table)
+    n_kept = int((ranks >= 0).sum())
     as_parquet = output != "-" and output.lower().endswith(".parquet")
-    with SourceReader(src, meta.source.get("container")) as reader, \
+    container = meta.source.get("container")
+    with SourceReader(src, container) as reader, \
             reporter.progress(f"export {reader.name}", reader.total_bytes, unit="bytes") as bar:
         if as_parquet:
-            written = _export_parquet(reader, selection_rank, output, config.order)
+            chunks = _parquet_chunks(reader, ranks, bar) if container == "parquet" and src != STDIN \
+                else _json_chunks(reader, ranks, bar)
+            written = _export_parquet(chunks, n_kept, output, config.order, reader.name)
         else:
             with open_output(output) as sink:
-                written = _export_jsonl(reader, selection_rank, sink, config.order, bar)
+                written = _export_jsonl(reader, ranks, n_kept, sink, config.order, bar)
         if src == STDIN:
             assert reader.fingerprint is not None
             check_source(meta, reader.fingerprint, "<stdin>", selection_path)
-        bar.update(completed=reader.bytes_read, rows_done=written)
-    return ExportResult(written, int(meta.stats.get("rows", len(kept_mask))))
+        bar.update(completed=reader.total_bytes or reader.bytes_read, rows_done=written)  # all read by now
+    return ExportResult(written, int(meta.stats.get("rows", len(table))))
 
 
-def _export_jsonl(reader: SourceReader, rank: dict[int, int], sink, order: str, bar) -> int:
+def selection_ranks(table: pa.Table) -> np.ndarray:
+    """ranks[row] = the position of kept source row `row` in selection order; -1 for a row not kept.
+
+    An array indexed by source row rather than a dict: 8 bytes a row, so a large selection stays cheap to hold.
+    """
+    kept = table["kept"].to_numpy().astype(bool)
+    rows = table["row"].to_numpy()
+    ranks = np.full(int(rows.max()) + 1 if len(rows) else 0, -1, dtype=np.int64)
+    order = table["order"].to_numpy()[kept]
+    ranks[rows[kept]] = np.argsort(np.argsort(order, kind="stable"), kind="stable")
+    return ranks
+
+
+def _rank(ranks: np.ndarray, index: int) -> int:
+    return int(ranks[index]) if index < len(ranks) else -1
+
+
+def _export_jsonl(reader: SourceReader, ranks: np.ndarray, n_kept: int, sink, order: str, bar) -> int:
     written = 0
     if order == "source":
         for record in reader.records():
-            if record.index in rank:
+            if _rank(ranks, record.index) >= 0:
                 sink.write(record.raw + b"\n")
                 written += 1
                 if written % 4096 == 0:
                     bar.update(completed=reader.bytes_read, rows_done=written)
         return written
     # Selection order: spool kept rows (source order) to disk, then emit them by rank via seeks.
-    offsets = np.zeros((len(rank), 2), dtype=np.int64)
+    offsets = np.zeros((n_kept, 2), dtype=np.int64)
     with tempfile.TemporaryFile() as spool:
         for record in reader.records():
-            if record.index in rank:
-                offsets[rank[record.index]] = (spool.tell(), len(record.raw))
+            rank = _rank(ranks, record.index)
+            if rank >= 0:
+                offsets[rank] = (spool.tell(), len(record.raw))
                 spool.write(record.raw + b"\n")
                 written += 1
         for start, length in offsets:
@@ -88,14 +124,240 @@ def _export_jsonl(reader: SourceReader, rank: dict[int, int], sink, order: str, 
     return written
 
 
-def _export_parquet(reader: SourceReader, rank: dict[int, int], output: str, order: str) -> int:
-    rows, ranks = [], []
+def _export_parquet(chunks: Iterator[Chunk], n_kept: int, output: str, order: str, name: str) -> int:
+    with atomic_path(output) as tmp, _ParquetSink(tmp, name) as sink:
+        if order == "source":
+            for table, _ in chunks:
+                sink.write(table)
+        else:
+            _write_in_rank_order(chunks, n_kept, sink)
+    return sink.rows
+
+
+class _ParquetSink:
+    """A ParquetWriter opened on the first table, whose schema it keeps, writing bounded row groups."""
+
+    def __init__(self, path: str, name: str) -> None:
+        self.path, self.name = path, name
+        self.rows = 0
+        self._writer: pq.ParquetWriter | None = None
+
+    def __enter__(self) -> _ParquetSink:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if self._writer is None:
+            if exc_type is not None:
+                return
+            self._open(pa.schema([]))  # nothing kept: still a valid (empty) Parquet file
+        assert self._writer is not None
+        self._writer.close()
+
+    def _open(self, schema: pa.Schema) -> None:
+        try:
+            self._writer = pq.ParquetWriter(self.path, schema)
+        except pa.ArrowNotImplementedError as e:  # e.g. a field that is always {}: Parquet has no empty struct
+            raise DataError(f"the rows cannot be stored as Parquet ({e}); {_TO_JSONL}", self.name) from None
+
+    def write(self, table: pa.Table) -> None:
+        if self._writer is None:
+            self._open(table.schema)
+        assert self._writer is not None
+        self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+        self.rows += table.num_rows
+
+
+def _parquet_chunks(reader: SourceReader, ranks: np.ndarray, bar: ProgressTask) -> Iterator[Chunk]:
+    """Kept rows of a Parquet file straight from its Arrow batches: columns, types and metadata stay as they are.
+
+    (Rows that became Python values, as SourceReader yields them, would come back with inferred types.)
+    """
+    with pq.ParquetFile(reader.path) as source:
+        schema, total, start = source.schema_arrow, max(1, source.metadata.num_rows), 0
+        for batch in source.iter_batches(batch_size=ROW_GROUP_ROWS):
+            batch_ranks = np.full(batch.num_rows, -1, dtype=np.int64)
+            known = ranks[start:start + batch.num_rows]  # a record index is the row's position in the file
+            batch_ranks[:len(known)] = known
+            start += batch.num_rows
+            keep = batch_ranks >= 0
+            if keep.any():
+                yield pa.Table.from_batches([batch.filter(pa.array(keep))], schema=schema), batch_ranks[keep]
+            bar.update(completed=(reader.total_bytes or 0) * start / total)
+
+
+def _json_chunks(reader: SourceReader, ranks: np.ndarray, bar: ProgressTask) -> Iterator[Chunk]:
+    """Kept rows of a JSON (or stdin) source, in chunks bounded in rows and bytes, as tables of one schema."""
+    builder = _TableBuilder(reader.name)
+    rows: list[Any] = []
+    lines: list[int] = []
+    chunk_ranks: list[int] = []
+    size = 0
     for record in reader.records():
-        if record.index in rank:
-            rows.append(record_value(record))
-            ranks.append(rank[record.index])
-    if order == "selection":
-        rows = [rows[i] for i in np.argsort(ranks, kind="stable")]
-    with atomic_path(output) as tmp:
-        pq.write_table(pa.Table.from_pylist(rows), tmp)
-    return len(rows)
+        rank = _rank(ranks, record.index)
+        if rank < 0:
+            continue
+        rows.append(record_value(record))
+        lines.append(record.line)
+        chunk_ranks.append(rank)
+        size += len(record.raw)
+        if len(rows) >= ROW_GROUP_ROWS or size >= CHUNK_BYTES:
+            yield builder.table(rows, lines), np.array(chunk_ranks, dtype=np.int64)
+            bar.update(completed=reader.bytes_read)
+            rows, lines, chunk_ranks, size = [], [], [], 0
+    if rows:
+        yield builder.table(rows, lines), np.array(chunk_ranks, dtype=np.int64)
+
+
+class _Misfit(Exception):
+    """Values whose own type does not fit the column type they must go into."""
+
+
+class _TableBuilder:
+    """Arrow tables of one schema from chunks of JSON rows: the first chunk's, inferred from its values.
+
+    A later chunk must fit it: no new field, and values that convert without loss (null into any type, an integer
+    into a float column). Anything else is a DataError naming the file, line and field: a Parquet file has one
+    schema, and dropping or retyping a value would not be exporting the row as it was.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.schema: pa.Schema | None = None
+
+    def table(self, rows: list[Any], lines: list[int]) -> pa.Table:
+        columns = self._columns(rows, lines)
+        if self.schema is None:
+            table = pa.table({name: self._array(name, values, lines, None) for name, values in columns.items()})
+            self.schema = table.schema
+            return table
+        for name in columns:
+            if self.schema.get_field_index(name) < 0:
+                line = next(line for row, line in zip(rows, lines, strict=True) if name in row)
+                raise DataError(f"not a field of the rows before it, which set the Parquet columns; {_TO_JSONL}",
+                                self.name, line, name)
+        arrays = [self._array(field.name, columns.get(field.name, [None] * len(rows)), lines, field.type)
+                  for field in self.schema]
+        return pa.Table.from_arrays(arrays, schema=self.schema)
+
+    def _columns(self, rows: list[Any], lines: list[int]) -> dict[str, list[Any]]:
+        """Values by field over all rows (None where a row lacks the field), fields in order of appearance."""
+        names: dict[str, None] = {}
+        for row, line in zip(rows, lines, strict=True):
+            if not isinstance(row, dict):
+                raise DataError(f"not a JSON object, so not a Parquet row; {_TO_JSONL}", self.name, line)
+            names.update(dict.fromkeys(row))
+        return {name: [row.get(name) for row in rows] for name in names}
+
+    def _array(self, name: str, values: list[Any], lines: list[int], want: pa.DataType | None) -> pa.Array:
+        try:
+            return _convert(values, want)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, _Misfit):
+            pass
+        bad = _first_bad_value(values, want)
+        value = values[bad]
+        try:
+            own = pa.array([value]).type
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as e:
+            reason = f"cannot be stored in a Parquet column ({e})"
+        else:
+            column = pa.array(values[:bad]).type if want is None else want
+            reason = f"holds {own}, but the rows before it made this Parquet column {column}"
+        raise DataError(f"{reason}; {_TO_JSONL}", self.name, lines[bad], name)
+
+
+def _convert(values: list[Any], want: pa.DataType | None) -> pa.Array:
+    """The values as one Arrow array: inferred, or of type `want` when what they hold fits it without loss."""
+    array = pa.array(values)
+    if want is None or array.type == want:
+        return array
+    if not _fits(array.type, want):
+        raise _Misfit
+    return pa.array(values, type=want)  # fills a struct's missing fields with nulls; checks integer ranges
+
+
+def _first_bad_value(values: list[Any], want: pa.DataType | None) -> int:
+    """Index of the value that makes `_convert` fail: a failing prefix stays failing, so bisect its length."""
+    good, bad = 0, len(values)  # a prefix of `good` values converts, one of `bad` values does not
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        try:
+            _convert(values[:middle], want)
+            good = middle
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, _Misfit):
+            bad = middle
+    return bad - 1
+
+
+def _fits(have: pa.DataType, want: pa.DataType) -> bool:
+    """Whether values inferred as `have` convert to `want` keeping every field and every value's kind.
+
+    Not Arrow's cast: that turns 1 into "1" and drops struct fields the target lacks.
+    """
+    if have == want or pa.types.is_null(have):
+        return True
+    if pa.types.is_integer(have):
+        return pa.types.is_integer(want) or pa.types.is_floating(want)
+    if pa.types.is_list(have) and pa.types.is_list(want):
+        return _fits(have.value_type, want.value_type)
+    if pa.types.is_struct(have) and pa.types.is_struct(want):
+        return all(want.get_field_index(f.name) >= 0 and _fits(f.type, want.field(f.name).type) for f in have)
+    return False
+
+
+def _write_in_rank_order(chunks: Iterator[Chunk], n_kept: int, sink: _ParquetSink) -> None:
+    """Selection order in bounded memory: an external merge by rank.
+
+    Each chunk (source order) is sorted by rank and appended to a spool file as one run of small record batches.
+    Output chunk c holds ranks [c*R, (c+1)*R); as every run is sorted, what it needs from a run are the run's next
+    rows, so each run is read front to back once, a small batch at a time.
+    """
+    run_of_rank = np.full(n_kept, -1, dtype=np.int32)
+    run_starts: list[int] = []  # the first spool batch of each run
+    with tempfile.TemporaryDirectory(prefix="slap-export-") as folder:
+        path = os.path.join(folder, "spool.arrow")
+        writer: ipc.RecordBatchFileWriter | None = None
+        batches = 0
+        for table, ranks in chunks:
+            if writer is None:
+                schema = table.schema
+                writer = ipc.new_file(path, schema)
+            run_of_rank[ranks] = len(run_starts)
+            run_starts.append(batches)
+            for batch in table.take(np.argsort(ranks)).to_batches(max_chunksize=SPOOL_BATCH_ROWS):
+                writer.write_batch(batch)
+                batches += 1
+        if writer is None:
+            return  # nothing kept
+        writer.close()
+        with pa.OSFile(path, "rb") as spool:  # not memory-mapped: only the batches read are held
+            reader = ipc.open_file(spool)
+            runs = [_RunCursor(reader, first) for first in run_starts]
+            for start in range(0, n_kept, ROW_GROUP_ROWS):
+                run_ids = run_of_rank[start:start + ROW_GROUP_ROWS]
+                by_run = np.argsort(run_ids, kind="stable")  # these ranks grouped by run, ascending inside each
+                ids, counts = np.unique(run_ids, return_counts=True)
+                pieces = [piece for run, count in zip(ids, counts, strict=True) for piece in runs[run].take(int(count))]
+                # Row k of the grouped table has rank start + by_run[k]; put each rank at its place.
+                sink.write(pa.Table.from_batches(pieces, schema=schema).take(np.argsort(by_run)))
+
+
+class _RunCursor:
+    """Reads one rank-sorted run of the spool front to back, holding at most one small batch of it."""
+
+    def __init__(self, reader: ipc.RecordBatchFileReader, first_batch: int) -> None:
+        self._reader = reader
+        self._next = first_batch
+        self._batch: pa.RecordBatch | None = None
+
+    def take(self, n: int) -> list[pa.RecordBatch]:
+        """The run's next `n` rows."""
+        pieces = []
+        while n > 0:
+            if self._batch is None or self._batch.num_rows == 0:
+                self._batch = self._reader.get_batch(self._next)
+                self._next += 1
+            piece = self._batch.slice(0, n)
+            pieces.append(piece)
+            self._batch = self._batch.slice(piece.num_rows)
+            n -= piece.num_rows
+        return pieces
