@@ -148,25 +148,42 @@ def slap_executable() -> str:
     return str(beside) if beside.exists() else "slap"
 
 
-def run_stage(stage: str, args: list[str], log_dir: Path, executable: str | None = None) -> StageTime:
+# Peak RSS must be read in a slim parent: Linux carries the parent's RSS high-water mark into a child's
+# ru_maxrss across fork + exec, so children of this torch-laden process all read >= its ~850 MiB. The launcher
+# (a bare interpreter, ~10 MiB) forks the command, waits for it, and writes the command's own ru_maxrss (KiB).
+_LAUNCHER = """import os, signal, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss))
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
+def run_stage(stage: str, args: list[str], log_dir: Path, executable: str | None = None,
+              env: dict[str, str] | None = None) -> StageTime:
     """Wall time, CPU time and peak memory of one whole `slap` (or `executable`) subprocess."""
     command = [executable or slap_executable(), *args]
     log = log_dir / f"{stage}.stderr.txt"
+    rss_file = log_dir / f"{stage}.maxrss_kib"
     load_before = os.getloadavg()[0]
     with log.open("wb") as err:
         start = time.perf_counter()
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
-        # wait4 gives this child's own rusage; RUSAGE_CHILDREN would mix all children together.
+        proc = subprocess.Popen([sys.executable, "-S", "-c", _LAUNCHER, str(rss_file), *command],
+                                stdout=subprocess.DEVNULL, stderr=err,
+                                env=None if env is None else {**os.environ, **env})
+        # The launcher's rusage from wait4 includes the command it waited for (CPU seconds of both).
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         tail = log.read_text(errors="replace")[-2000:]
         raise SystemExit(f"`{' '.join(command)}` exited with {proc.returncode}:\n{tail}")
-    # ru_maxrss is in KiB on Linux.
     return StageTime(stage, round(wall, 3), round(usage.ru_utime + usage.ru_stime, 3),
-                     round(usage.ru_maxrss / 1024, 1), (round(load_before, 2), round(os.getloadavg()[0], 2)),
-                     command)
+                     round(int(rss_file.read_text()) / 1024, 1),
+                     (round(load_before, 2), round(os.getloadavg()[0], 2)), command)
 
 
 # ---------------------------------------------------------------------------------------------- epoch

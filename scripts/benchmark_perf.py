@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_cost import build_excerpt, code_version, machine_info, run_stage
 
 PARTS = ("embed", "scale", "memory")
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 # The plain way, run as its own process: what a user would write with transformers alone.
 PLAIN_EMBED = r'''
@@ -200,13 +201,16 @@ def bench_memory(workdir: Path, sizes: list[int], seed: int) -> dict[str, Any]:
         write_synthetic_rows(data, n, seed)
         emb, strata, sel, out = (workdir / f"mem_{n}_{k}" for k in ("e.parquet", "s.parquet", "sel.parquet",
                                                                    "pruned.jsonl"))
+        # One thread: memory is the point here, and on a shared 2-core machine two spinning OpenMP threads
+        # made the tiny model 10x slower.
         embed = vars(run_stage(f"mem_embed_{n}", ["embed", str(data), "-o", str(emb), "--embed-model", str(encoder),
-                                                  "--force", "--no-resume", "-q"], logs))
+                                                  "--force", "--no-resume", "-q"], logs, env=ONE_THREAD))
         subprocess.run([sys.executable, "-m", "slapcli", "stratify", str(emb), "-o", str(strata), "--no-proxy-loss",
                         "--force", "-q"], check=True)
         subprocess.run([sys.executable, "-m", "slapcli", "select", str(strata), "-o", str(sel), "--method", "random",
                         "--force", "-q"], check=True)
-        export = vars(run_stage(f"mem_export_{n}", ["export", str(sel), "-o", str(out), "--force", "-q"], logs))
+        export = vars(run_stage(f"mem_export_{n}", ["export", str(sel), "-o", str(out), "--force", "-q"], logs,
+                                env=ONE_THREAD))
         results[str(n)] = {"embed": embed, "export": export}
         for path in (data, emb, strata, sel, out):
             path.unlink()
