@@ -9,9 +9,11 @@ greedily, and takes one AdamW step of the proxy on it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
+import tempfile
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -119,13 +121,46 @@ class SplitProxy:
                 self.blocks[i] = block
 
 
+class HiddenStore:
+    """Per-row float16 hidden states in an anonymous file on disk, appended once and read back by offset.
+
+    The replay would otherwise hold every offered row's [tokens, hidden] states in RAM (~6 GB for 50k rows of
+    SmolLM2). The file is created already unlinked (`tempfile.TemporaryFile`), so nothing is left behind even
+    after a SIGKILL; reads go through the page cache, which the OS can drop under memory pressure.
+    """
+
+    def __init__(self, directory: str | None = None) -> None:
+        self._file = tempfile.TemporaryFile(dir=directory)
+        self._fd = self._file.fileno()
+        self._end = 0
+        self._where: dict[Any, tuple[int, tuple[int, ...]]] = {}  # key -> (byte offset, shape)
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self._where
+
+    def put(self, key: Any, states: torch.Tensor) -> None:
+        data = states.detach().to("cpu", torch.float16).contiguous().numpy()
+        os.pwrite(self._fd, data.tobytes(), self._end)
+        self._where[key] = (self._end, data.shape)
+        self._end += data.nbytes
+
+    def get(self, key: Any) -> torch.Tensor:
+        offset, shape = self._where[key]
+        out = np.empty(shape, dtype=np.float16)
+        os.preadv(self._fd, [out], offset)
+        return torch.from_numpy(out)
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class PrefixCache:
-    """Per-row hidden states at the split, computed on first use and kept in float16 (half the memory)."""
+    """Per-row hidden states at the split, computed on first use and stored in float16 on disk (HiddenStore)."""
 
     def __init__(self, split: SplitProxy, encoded: dict[int, EncodedExample], pad_id: int,
-                 device: torch.device) -> None:
+                 device: torch.device, spill_dir: str | None = None) -> None:
         self.split, self.encoded, self.pad_id, self.device = split, encoded, pad_id, device
-        self.hidden: dict[Any, torch.Tensor] = {}
+        self.hidden = HiddenStore(spill_dir)
 
     def ensure(self, keys: list[Any]) -> None:
         missing = [k for k in keys if k not in self.hidden]
@@ -134,18 +169,21 @@ class PrefixCache:
             batch = {k: v.to(self.device) for k, v in collate([self.encoded[k] for k in chunk], self.pad_id).items()}
             hidden = self.split.prefix(batch)
             for r, k in enumerate(chunk):
-                self.hidden[k] = hidden[r, : len(self.encoded[k].input_ids)].to("cpu", torch.float16)
+                self.hidden.put(k, hidden[r, : len(self.encoded[k].input_ids)])
 
     def batch(self, keys: list[Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """A collated batch of these rows and their padded cached hidden states."""
         self.ensure(keys)
         batch = {k: v.to(self.device) for k, v in collate([self.encoded[k] for k in keys], self.pad_id).items()}
         width = batch["input_ids"].shape[1]
-        hidden = torch.zeros(len(keys), width, self.hidden[keys[0]].shape[-1], dtype=torch.float32)
-        for r, k in enumerate(keys):
-            h = self.hidden[k]
+        states = [self.hidden.get(k) for k in keys]
+        hidden = torch.zeros(len(keys), width, states[0].shape[-1], dtype=torch.float32)
+        for r, h in enumerate(states):
             hidden[r, : h.shape[0]] = h.float()
         return batch, hidden.to(self.device)
+
+    def close(self) -> None:
+        self.hidden.close()
 
 
 def row_features(split: SplitProxy, cache: PrefixCache, projector: GradientProjector,
@@ -230,7 +268,8 @@ def run_replay(strata_meta: ArtifactMeta, strata_path: str, table: pa.Table, poo
     else:
         target_keys = [int(p) for p in stratified_sample(stratum, eligible, config.target_rows, rng)]
 
-    cache = PrefixCache(split, encoded, pad_id, device)
+    # Hidden states spill to an anonymous file beside the output: the user chose that disk for big files.
+    cache = PrefixCache(split, encoded, pad_id, device, spill_dir=os.path.dirname(os.path.abspath(output_path)))
     projector = GradientProjector(model, split.linears, config.proj_dim, seed=config.seed)
     curvature = CurvatureState.empty(projector.dim)
     feature_cache: dict[int, tuple[int, torch.Tensor, float]] = {}  # position -> (step, feature, loss)
@@ -328,6 +367,7 @@ def run_replay(strata_meta: ArtifactMeta, strata_path: str, table: pa.Table, poo
                     last_save = time.monotonic()
     finally:
         projector.close()
+        cache.close()
     reporter.log("replay time: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
     stats: dict[str, Any] = {"replay_steps": step, "proj_dim": projector.dim, "trainable_linears": len(split.linears),
                              "target_rows": len(target_keys)}
@@ -387,5 +427,8 @@ def _encode_chunk(chunk: list[Any], tokenizer: Any, max_tokens: int, position_of
     if not chunk:
         return
     for parsed, enc in zip(chunk, encode_examples(tokenizer, [p.example for p in chunk], max_tokens), strict=True):
-        out[position_of_row[parsed.record.index]] = enc
+        # int32 / bool arrays: 5 bytes a token instead of a Python list's 8-byte pointer plus an int object.
+        out[position_of_row[parsed.record.index]] = dataclasses.replace(
+            enc, input_ids=np.asarray(enc.input_ids, dtype=np.int32),
+            response_mask=np.asarray(enc.response_mask, dtype=bool))
 

@@ -137,3 +137,19 @@ def test_killed_select_resumes_to_the_same_selection(tmp_path, tiny_encoder_dir,
     assert resumed_steps["n"] == full_steps - 2  # two steps were done before the kill
     assert not os.path.exists(str(out) + ".ckpt")
     assert pq.read_table(out).equals(pq.read_table(tmp_path / "full.parquet"))
+
+
+def test_hidden_store_round_trips_and_leaves_no_file(tmp_path):
+    from slapcli.replay import HiddenStore
+
+    store = HiddenStore(str(tmp_path))
+    rows = {k: torch.randn(n, 7) for k, n in ((3, 5), ("target", 1), (11, 40))}
+    for k, v in rows.items():
+        store.put(k, v)
+    assert 3 in store and 4 not in store
+    for k, v in rows.items():
+        got = store.get(k)
+        assert got.dtype == torch.float16 and got.shape == v.shape
+        torch.testing.assert_close(got.float(), v.half().float())
+    assert list(tmp_path.iterdir()) == []  # the file was unlinked at creation: nothing to clean up after a kill
+    store.close()
