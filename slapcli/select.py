@@ -12,6 +12,8 @@ Methods:
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -34,7 +36,9 @@ from slapcli.artifacts import (
 )
 from slapcli.baselines import ccs_order, ifd_order, ifd_scores, kcenter_order, middle_loss_order, without_prompt
 from slapcli.errors import UsageError
-from slapcli.models import DEFAULT_PROXY_MODEL
+from slapcli.io.readers import file_fingerprint
+from slapcli.io.writers import atomic_path
+from slapcli.models import DEFAULT_PROXY_MODEL, cache_dir, resolve_model
 from slapcli.progress import Reporter
 from slapcli.slapmath import allocate_budget, farthest_point_order, group_positions, stratum_nn_scale
 from slapcli.source import source_path
@@ -263,12 +267,35 @@ def select_baseline(strata_meta: ArtifactMeta, strata_path: str, table: pa.Table
                          int(config.max_tokens or strata_meta.config.get("max_tokens", 1024)),
                          int(strata_meta.config.get("loss_batch_size", 16)), config.device,
                          label="response loss without prompt")
-    direct = np.full(len(rows), np.nan, dtype=np.float32)
-    direct[eligible], _ = proxy_losses(strata_meta, source_path(strata_meta, input_override, strata_path),
-                                       strata_path, rows[eligible], loss_pass, reporter, view=without_prompt)
+    direct = _direct_losses(strata_meta, strata_path, rows, eligible, loss_pass, reporter, input_override)
     ifd = ifd_scores(loss, direct)
     positions = ifd_order(ifd, eligible, m)
     return ranked_selection(positions, config.batch_size, {"loss": loss[positions], "gain": ifd[positions]})
+
+
+def _direct_losses(strata_meta: ArtifactMeta, strata_path: str, rows: np.ndarray, eligible: np.ndarray,
+                   loss_pass: LossPass, reporter: Reporter, input_override: str | None) -> np.ndarray:
+    """IFD's prompt-free response losses, cached per (strata file, proxy, max tokens) in the slapcli cache.
+
+    The pass costs as much as stratify's loss pass and does not depend on --keep, so trying several keep ratios
+    (as the quality benchmark does) pays for it once. The strata file's fingerprint covers the source data.
+    """
+    identity = resolve_model(loss_pass.proxy_model).identity
+    key = hashlib.blake2b(json.dumps([file_fingerprint(strata_path).to_dict(), identity, loss_pass.max_tokens,
+                                      "ifd-direct-v1"]).encode(), digest_size=16).hexdigest()
+    cached = cache_dir() / "ifd" / f"{key}.npy"
+    if cached.exists():
+        direct = np.load(cached, allow_pickle=False)
+        if direct.shape == rows.shape:
+            reporter.log(f"prompt-free losses from the cache ({cached})")
+            return direct
+    direct = np.full(len(rows), np.nan, dtype=np.float32)
+    direct[eligible], _ = proxy_losses(strata_meta, source_path(strata_meta, input_override, strata_path),
+                                       strata_path, rows[eligible], loss_pass, reporter, view=without_prompt)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(str(cached)) as tmp, open(tmp, "wb") as f:
+        np.save(f, direct, allow_pickle=False)
+    return direct
 
 
 def ranked_selection(positions: np.ndarray, batch_size: int, terms: dict[str, np.ndarray]) -> Selection:

@@ -94,6 +94,16 @@ def test_loss_baselines_need_proxy_losses(tmp_path, data_file, models):
     assert not (tmp_path / "sel.parquet").exists()
 
 
+def test_ifd_reuses_its_prompt_free_losses_across_keep_ratios(tmp_path, data_file, models):
+    _, strata, sel = chain(tmp_path, data_file, models, "ifd")
+    first = pq.read_table(sel)
+    r = invoke(["select", strata, "-o", tmp_path / "sel2.parquet", "--method", "ifd", "--keep", "0.5", "--force",
+                "--proxy-model", models[3]])
+    assert r.exit_code == 0, r.stderr
+    assert "from the cache" in r.stderr
+    assert pq.read_table(tmp_path / "sel2.parquet").equals(first)  # same scores, same choice
+
+
 def test_budgets_hold_per_stratum(tmp_path, data_file, models):
     _, _strata, sel = chain(tmp_path, data_file, models, "slap")
     meta = read_meta(str(sel))
