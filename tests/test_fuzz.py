@@ -22,7 +22,9 @@ from slapcli.errors import EXIT_USAGE, DataError, SlapError, UsageError
 from slapcli.io.layouts import LAYOUTS, FieldError, detect_layout, parse_example
 from slapcli.io.readers import ReadStats, SourceReader, iter_examples, record_value
 
-FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: CI must not fail on an example no one has seen locally; explore with --hypothesis-seed=N.
+FAST = settings(max_examples=60, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 LAYOUT_KEYS = ["instruction", "input", "output", "conversations", "messages", "prompt", "completion", "response",
                "text", "from", "value", "role", "content", "id"]
@@ -54,13 +56,16 @@ def assert_clean(error: SlapError, path: Path, data: bytes) -> None:
         assert 1 <= error.line <= max(1, data.count(b"\n") + 1), (error.line, message)
 
 
-def outcome(path: Path, data: bytes, on_bad_line: str) -> list | None:
-    """The rows read from `data`, or None after checking that the error is clean."""
+def outcome(path: Path, data: bytes, on_bad_line: str, text: bytes | None = None) -> list | None:
+    """The rows read from `data`, or None after checking that the error is clean.
+
+    `text` is what the reader sees after decompression (line numbers count its lines); default `data`.
+    """
     path.write_bytes(data)
     try:
         rows = read(path, on_bad_line)
     except SlapError as e:
-        assert_clean(e, path, data)
+        assert_clean(e, path, data if text is None else text)
         return None
     assert rows and all(r.example.response_text.strip() for r in rows)
     return rows
@@ -81,11 +86,13 @@ def test_arbitrary_json_values_read_or_fail_cleanly(tmp_path: Path, values: list
        compress=st.booleans())
 def test_arbitrary_bytes_read_or_fail_cleanly(tmp_path: Path, data: bytes, name: str, compress: bool) -> None:
     # Raw bytes under a compressed name are a damaged stream; compressed bytes test the text path behind it.
+    text = data
     if compress and name.endswith(".gz"):
         data = gzip.compress(data, mtime=0)
     elif compress and name.endswith(".zst"):
         data = zstandard.ZstdCompressor().compress(data)
-    outcome(tmp_path / name, data, "error")
+    # A damaged stream's errors name no line; a good one's lines are those of the decompressed text.
+    outcome(tmp_path / name, data, "error", text if compress else None)
 
 
 def flushed_per_line(lines: list[bytes], kind: str) -> bytes:
