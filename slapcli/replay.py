@@ -130,6 +130,8 @@ class HiddenStore:
     """
 
     def __init__(self, directory: str | None = None) -> None:
+        if directory:
+            os.makedirs(directory, exist_ok=True)  # the output's folder, which the artifact writer would create too
         self._file = tempfile.TemporaryFile(dir=directory)
         self._fd = self._file.fileno()
         self._end = 0
