@@ -240,7 +240,10 @@ def loading_torch(pid: int) -> bool:
 def test_a_signal_while_torch_is_imported_gives_one_line(tmp_path, data_file, models, signum):
     out = tmp_path / "e.parquet"
     # What the installed `slap` script runs: the handling must be in place before slapcli.cli imports torch.
-    entry = "import sys; from slapcli.cli import main; sys.exit(main())"
+    # SIGINT back to its default first: a test run started as a background job inherits it ignored, and slap
+    # rightly leaves an ignored SIGINT ignored.
+    entry = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "from slapcli.cli import main; sys.exit(main())")
     proc = subprocess.Popen([sys.executable, "-c", entry, *embed_args(data_file, out, models)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_for(lambda: loading_torch(proc.pid), proc, timeout=60)
