@@ -37,7 +37,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import random
 import re
 import subprocess
@@ -54,6 +53,9 @@ from slapcli.io.readers import SourceReader, iter_examples
 from slapcli.models import DEFAULT_PROXY_MODEL, ensure_gguf_converted, load_causal_lm, resolve_model
 from slapcli.proxy import EncodedExample, collate, encode_examples, length_sorted_batches, response_losses
 from slapcli.replay import SplitProxy
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark_cost import machine_info  # one description of the machine for every benchmark
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path("/work/shared/data")
@@ -146,32 +148,6 @@ def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def machine_info() -> dict[str, Any]:
-    cpu_model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import transformers
-
-    return {
-        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "cpu_model": cpu_model,
-        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "torch": torch.__version__,
-        "torch_num_threads": torch.get_num_threads(),
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
-
-
-# ---------------------------------------------------------------------------------------------- slap stages
 
 
 def slap_executable() -> str:
