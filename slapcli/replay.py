@@ -248,7 +248,7 @@ def run_replay(strata_meta: ArtifactMeta, strata_path: str, table: pa.Table, poo
     # Token ids of every eligible row, kept as compact numpy arrays (not padded tensors).
     rows = table["row"].to_numpy()
     stratum = table["stratum"].to_numpy()
-    eligible = np.array([p is None for p in table["pruned"].to_pylist()], dtype=bool)
+    eligible = pool.eligible
     position_of_row = {int(r): i for i, r in enumerate(rows.tolist())}
     src = source_path(strata_meta, input_override, strata_path)
     encoded: dict[Any, EncodedExample] = {}

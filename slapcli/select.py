@@ -45,6 +45,7 @@ from slapcli.source import source_path
 from slapcli.stratify import ALLOCATIONS, LossPass, proxy_losses, row_budget
 
 METHODS = ("slap", "embedding", "stratified", "random", "ccs", "kcenter", "loss", "ifd")
+BASELINES = ("ccs", "kcenter", "loss", "ifd")  # slapcli.baselines, through select_baseline
 LOSS_METHODS = ("slap", "ccs", "loss", "ifd")  # need the proxy losses of `stratify` (no --no-proxy-loss)
 
 
@@ -94,7 +95,7 @@ class Choice:
 
 @dataclass
 class Selection:
-    """The chosen rows as columns, in selection order (NaN / -1 where a term does not apply).
+    """The chosen rows as columns, in selection order (NaN where a term does not apply).
 
     Methods that choose hundreds of thousands of rows build these arrays directly; a list of `Choice`
     objects would cost seconds of Python per million rows.
@@ -142,6 +143,7 @@ class StratifiedPool:
     def __init__(self, stratum: np.ndarray, eligible: np.ndarray, budgets: np.ndarray,
                  rng: np.random.Generator, oversample: int = 4) -> None:
         self.stratum = stratum
+        self.eligible = eligible
         self.oversample = oversample
         self.remaining = budgets.astype(np.int64).copy()
         order = rng.permutation(len(stratum))
@@ -235,7 +237,7 @@ def select_embedding(stratum: np.ndarray, eligible: np.ndarray, budgets: np.ndar
             gaps.append(np.minimum(np.array(gap) / float(scales[members[0]]), config.diversity_clip))
             bar.update(advance=len(picks))
     if not positions:
-        return Selection.from_choices([])
+        return Selection.plain(np.zeros(0, dtype=np.int64))
     order = np.lexsort((np.concatenate(strata_of), np.concatenate(ranks)))  # by rank, then stratum
     return ranked_selection(np.concatenate(positions)[order], config.batch_size,
                             {"diversity": np.concatenate(gaps)[order]})
@@ -338,7 +340,7 @@ def select(strata_path: str, output_path: str, config: SelectConfig, reporter: R
         chosen = select_random(eligible, m, rng)
     elif config.method == "stratified":
         chosen = select_stratified(StratifiedPool(stratum, eligible, budgets, rng), rng)
-    elif config.method in ("ccs", "kcenter", "loss", "ifd"):
+    elif config.method in BASELINES:
         chosen = select_baseline(strata_meta, strata_path, table, eligible, m, rng, config, reporter, input_override)
     else:
         embeddings = load_embeddings(strata_meta, strata_path, config.embeddings)

@@ -358,3 +358,13 @@ def test_selection_artifact_explains_every_row(tmp_path, mixed, tiny_proxy_dir):
             assert all(np.isfinite(cols[k][i]) for k in terms), i
             assert np.isclose(cols["gain"][i], cols["first_order"][i] - cols["curvature"][i] + cols["diversity"][i],
                               rtol=1e-3, atol=1e-6), i
+
+
+def test_duplicates_are_found_across_row_groups() -> None:
+    # Real embeddings artifacts hold many row groups, so the hash column arrives as several chunks.
+    import pyarrow as pa
+
+    from slapcli.stratify import first_occurrence
+
+    hashes = pa.chunked_array([["a", "b", "c"], ["d", "a", "e"], ["b", "f", "d"]])
+    assert first_occurrence(hashes).tolist() == [0, 1, 2, 3, 0, 5, 1, 7, 3]
