@@ -39,6 +39,7 @@ import json
 import os
 import random
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -127,6 +128,15 @@ def build_data(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             p.write_bytes(b)
     info_path.write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def parse_variant(text: str) -> tuple[str, str, list[str]]:
+    """'LABEL=METHOD --opt value ...' -> (LABEL, METHOD, ['--opt', 'value', ...])."""
+    label, sep, rest = text.partition("=")
+    words = shlex.split(rest)
+    if not sep or not label.strip() or not words or not re.fullmatch(r"[A-Za-z0-9.+-]+", label.strip()):
+        raise SystemExit(f"--variant {text!r}: expected LABEL=METHOD [OPTIONS], LABEL of letters, digits, . + -")
+    return label.strip(), words[0], words[1:]
 
 
 def read_rows(path: Path) -> tuple[list[Any], list[str]]:
@@ -488,7 +498,7 @@ def fmt(x: float | None, digits: int = 4) -> str:
 def write_markdown(results: dict[str, Any], summary: dict[str, Any], path: Path, plot: Path | None) -> None:
     c, m, d = results["config"], results["machine"], results["data"]
     cells, keeps = summary["cells"], [f"{k:.2f}" for k in c["keeps"]]
-    methods = [x for x in ["random", *results["methods_run"]] if x in cells]
+    methods = [x for x in ["random", *results["methods_run"], *results.get("variants", {})] if x in cells]
     domains = sorted({k for r in results["runs"] if r.get("heldout") for k in r["heldout"]})
     dirty = ", slapcli/ with uncommitted changes" if results["code"]["slapcli_changes"] else ""
     lines = ["# Held-out quality of coresets", "",
@@ -692,6 +702,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keeps", type=floats, default=[0.5, 0.6, 0.7, 0.8])
     p.add_argument("--methods", default="all",
                    help="comma-separated `slap select` methods besides random (default: every one it offers)")
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL=METHOD [OPTIONS]",
+                   help="also run METHOD with extra `slap select` OPTIONS, reported as LABEL (an ablation row), "
+                        "e.g. --variant 'slap-raw=slap --feature-norm raw'; repeatable")
     p.add_argument("--random-seeds", type=int, default=3, help="random subsets per keep (seeds 0..N-1)")
     p.add_argument("--seed", type=int, default=0, help="seed of stratify and of the non-random selections")
     p.add_argument("--max-tokens", type=int, default=256, help="tokens per row, for the proxy and the training")
@@ -772,22 +785,28 @@ def main(argv: list[str] | None = None) -> int:
         s["command_rel"][0] = "slap"
     results["stages"] = stages
 
-    plan: list[tuple[str, float, int]] = [("random", k, s) for k in args.keeps for s in range(args.random_seeds)]
-    plan += [(m, k, args.seed) for k in args.keeps for m in methods]
+    # (label, method, keep, seed, extra select options); a variant is a method with other options, under its label
+    plan: list[tuple[str, str, float, int, list[str]]] = [
+        ("random", "random", k, s, []) for k in args.keeps for s in range(args.random_seeds)]
+    plan += [(m, m, k, args.seed, []) for k in args.keeps for m in methods]
+    variants = [parse_variant(v) for v in args.variant]
+    plan += [(label, m, k, args.seed, extra) for k in args.keeps for label, m, extra in variants]
+    results["variants"] = {label: {"method": m, "options": extra} for label, m, extra in variants}
     selections: dict[str, dict[str, Any]] = {}
-    for method, keep, seed in plan:
-        name = f"{method}_k{keep:.2f}_s{seed}"
+    for label, method, keep, seed, extra in plan:
+        name = f"{label}_k{keep:.2f}_s{seed}"
         out = workdir / "selections" / f"{name}.parquet"
         try:
             t = cached_stage(f"select_{name}", ["select", str(strata), "-o", str(out), "--method", method,
-                                                "--keep", str(keep), "--seed", str(seed), *common], out, workdir)
+                                                "--keep", str(keep), "--seed", str(seed), *extra, *common],
+                             out, workdir)
         except RuntimeError as e:
-            results["notes"].append(f"`slap select --method {method} --keep {keep} --seed {seed}` failed: "
-                                    f"{str(e).splitlines()[-1] if str(e).strip() else e}")
+            results["notes"].append(f"`slap select --method {method} {' '.join(extra)} --keep {keep} --seed {seed}`"
+                                    f" failed: {str(e).splitlines()[-1] if str(e).strip() else e}")
             log(results["notes"][-1])
             continue
         t["command_rel"] = ["slap", *[rel(x) if "/" in x else x for x in t["command"][1:]]]
-        selections[name] = {"method": method, "keep": keep, "seed": seed, "path": str(out), **t}
+        selections[name] = {"method": label, "keep": keep, "seed": seed, "path": str(out), **t}
         log(f"select {name}: {t['wall_s']} s{' (cached)' if t['cached'] else ''}")
     results["selections"] = selections
 

@@ -239,6 +239,8 @@ def select_cmd(
     proj_dim: int = typer.Option(1024, "--proj-dim", help="Dimension of the projected gradient features."),
     refresh: int = typer.Option(4, "--refresh", help="Replay steps a candidate's gradient feature is reused."),
     lr: float = typer.Option(1e-4, "--lr", help="Proxy learning rate (and eta of the batch score)."),
+    feature_norm: str = typer.Option("raw", "--feature-norm",
+                                     help="unit: score gradient directions (cosine); raw: inner products."),
     max_tokens: int | None = typer.Option(None, "--max-tokens", help="Proxy tokens per row (default: as embedded)."),
     target: str | None = typer.Option(None, "--target", help="Dev file of rows like the downstream task."),
     proxy_model: str = PROXY,
@@ -259,6 +261,7 @@ def select_cmd(
     check_output_path(output, [strata], force)
     config = SelectConfig(method=method, keep=keep, budget=budget, allocation=allocation, batch_size=batch_size,
                           pool_factor=pool_factor, diversity=diversity, proj_dim=proj_dim, refresh=refresh, lr=lr,
+                          feature_norm=feature_norm,
                           max_tokens=max_tokens, target=target, proxy_model=proxy_model, embeddings=embeddings,
                           seed=seed, device=device, resume=resume, checkpoint_seconds=60.0 * checkpoint_minutes,
                           record_timings=timings)

@@ -38,6 +38,7 @@ from slapcli.slapmath import (
     allocate_budget,
     curvature_diagonal,
     greedy_batch,
+    normalize_features,
     update_curvature,
 )
 from slapcli.source import iter_source_rows, source_path
@@ -189,8 +190,9 @@ class PrefixCache:
 
 
 def row_features(split: SplitProxy, cache: PrefixCache, projector: GradientProjector,
-                 keys: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Projected per-row gradient features [n, D] and losses [n] under the proxy's current state."""
+                 keys: list[Any], norm: str = "raw") -> tuple[torch.Tensor, torch.Tensor]:
+    """Projected per-row gradient features [n, D] (normalised per `norm`) and losses [n] under the proxy's
+    current state."""
     feats, losses = [], []
     for start in range(0, len(keys), FEATURE_BATCH):
         batch, hidden = cache.batch(keys[start:start + FEATURE_BATCH])
@@ -199,7 +201,7 @@ def row_features(split: SplitProxy, cache: PrefixCache, projector: GradientProje
         with split.top_only(hidden):
             loss = response_losses(split.model, batch)
             loss.sum().backward()  # the sum keeps each row's gradient its own
-        feats.append(projector.features(batch["attention_mask"]).cpu())
+        feats.append(normalize_features(projector.features(batch["attention_mask"]), norm).cpu())
         losses.append(loss.detach().float().cpu())
     split.model.zero_grad(set_to_none=True)
     return torch.cat(feats), torch.cat(losses)
@@ -309,14 +311,14 @@ def run_replay(strata_meta: ArtifactMeta, strata_path: str, table: pa.Table, poo
             while pool.left > 0:
                 t0 = time.perf_counter()
                 if step % target_refresh == 0:
-                    feats, _ = row_features(split, cache, projector, target_keys)
+                    feats, _ = row_features(split, cache, projector, target_keys, config.feature_norm)
                     target = feats.double().mean(0)
                 t1 = time.perf_counter()
                 candidates = pool.draw(config.pool_factor * config.batch_size)
                 stale = [int(p) for p in candidates.tolist()
                          if p not in feature_cache or step - feature_cache[p][0] >= config.refresh]
                 if stale:
-                    feats, losses = row_features(split, cache, projector, stale)
+                    feats, losses = row_features(split, cache, projector, stale, config.feature_norm)
                     curvature = update_curvature(curvature, feats)
                     for p, f, loss in zip(stale, feats, losses.tolist(), strict=True):
                         feature_cache[p] = (step, f, loss)

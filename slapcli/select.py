@@ -40,7 +40,13 @@ from slapcli.io.readers import file_fingerprint
 from slapcli.io.writers import atomic_path
 from slapcli.models import DEFAULT_PROXY_MODEL, cache_dir, resolve_model
 from slapcli.progress import Reporter
-from slapcli.slapmath import allocate_budget, farthest_point_order, group_positions, stratum_nn_scale
+from slapcli.slapmath import (
+    FEATURE_NORMS,
+    allocate_budget,
+    farthest_point_order,
+    group_positions,
+    stratum_nn_scale,
+)
 from slapcli.source import source_path
 from slapcli.stratify import ALLOCATIONS, LossPass, proxy_losses, row_budget
 
@@ -68,6 +74,7 @@ class SelectConfig:
     lr: float = 1e-4  # proxy learning rate (AdamW) and the eta of the Taylor score
     trainable_blocks: int = 2  # the last decoder blocks get trained and give the gradient features
     damping: float = 0.1  # curvature damping, relative to the mean curvature
+    feature_norm: str = "raw"  # "unit": score gradient directions (cosine), "raw": inner products
     max_tokens: int | None = None  # None: the --max-tokens recorded by `embed`
     target: str | None = None  # dev file whose rows define the target direction
     target_rows: int = 64  # reference rows when no --target: a fixed stratified sample of the data
@@ -326,6 +333,8 @@ def select(strata_path: str, output_path: str, config: SelectConfig, reporter: R
         raise UsageError(f"--method must be one of {', '.join(METHODS)}")
     if config.batch_size < 1 or config.pool_factor < 1:
         raise UsageError("--batch-size and --pool-factor must be >= 1")
+    if config.feature_norm not in FEATURE_NORMS:
+        raise UsageError(f"--feature-norm must be one of {', '.join(FEATURE_NORMS)}")
     strata_meta = read_meta(strata_path, "strata")
     table = read_table(strata_path)
     n = table.num_rows

@@ -301,6 +301,26 @@ def curvature_diagonal(state: CurvatureState, damping: float) -> Tensor:
     return mean + damping * (level if level > 0 else 1.0)
 
 
+FEATURE_NORMS = ("unit", "raw")
+
+
+def normalize_features(features: Tensor, mode: str) -> Tensor:
+    """Per-row gradient features as the score sees them: "raw", or "unit" (each row scaled to norm 1).
+
+    Why "unit": a row's loss is the MEAN over its response tokens, so a short response's gradient is
+    dominated by a few tokens every row shares (the end-of-turn token) and has a much larger norm; with raw
+    features the inner product with the target rewards that norm and the selection drifts to one-line
+    answers. Scoring directions instead of magnitudes (cosine, as LESS does for the same reason) removes the
+    length bias. All-zero rows stay zero.
+    """
+    if mode == "raw":
+        return features
+    if mode != "unit":
+        raise ValueError(f"feature normalisation must be one of {FEATURE_NORMS}, got {mode!r}")
+    norms = features.norm(dim=1, keepdim=True)
+    return features / torch.where(norms > 0, norms, torch.ones_like(norms))
+
+
 # ------------------------------------------------------------------------------------------- diversity
 
 
