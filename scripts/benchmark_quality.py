@@ -17,7 +17,9 @@ The protocol, cheap enough for a 2-core CPU (a full fine-tune of the 135M proxy 
   the top `--train-blocks` blocks are computed once per row (train and held-out) and cached on disk (float16
   memmap + index). Each subset then restarts the top blocks from the pretrained weights and trains only them
   (embeddings, final norm and LM head frozen; logits only at response positions) with one fixed recipe: AdamW
-  (no weight decay), constant learning rate, batch 8, the same number of epochs, rows shuffled with a fixed seed.
+  (no weight decay), constant learning rate, batch 8, the same number of epochs, rows shuffled; each subset
+  is trained with several shuffle seeds (`--train-seeds`, 3) and scored by their mean, because the order alone moves one
+  subset's held-out loss by up to ~0.01.
 - Evaluation: mean response-token loss of each held-out row (the tool's row loss), averaged per domain; the
   headline is the mean over domains. The untrained model is evaluated too, for scale.
 
@@ -319,11 +321,11 @@ class TopTrainer:
             for p, p0 in zip(self.split.parameters, self.initial, strict=True):
                 p.copy_(p0)
 
-    def train(self, cache: HiddenCache, rows: np.ndarray) -> dict[str, Any]:
+    def train(self, cache: HiddenCache, rows: np.ndarray, seed: int) -> dict[str, Any]:
         a = self.args
         self.reset()
-        torch.manual_seed(a.train_seed)
-        rng = np.random.default_rng(a.train_seed)
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
         optimizer = torch.optim.AdamW(self.split.parameters, lr=a.lr, weight_decay=0.0)
         self.model.train()
         steps, losses = 0, []
@@ -402,6 +404,42 @@ def gradient_alignment(trainer: TopTrainer, train: HiddenCache, heldout: HiddenC
     np.savez(path, key=key, cos=cos, response_tokens=resp, seconds=seconds)
     log(f"gradient alignment of {len(train)} rows: {seconds:.0f} s")
     return {"cos": cos, "response_tokens": resp, "seconds": seconds}
+
+
+PROBES = {
+    "probe-align": "oracle: highest cosine of the row's gradient with the HELD-OUT gradient (pretrained weights)",
+    "probe-hard": "highest proxy loss (stratify's loss column)",
+    "probe-long": "most response tokens",
+}
+
+
+def probe_subsets(strata: Path, selections: dict[str, dict[str, Any]], align: dict[str, np.ndarray],
+                  seed: int) -> list[dict[str, Any]]:
+    """Subsets that keep, in every stratum, as many rows as `stratified` does, ranked by one per-row score.
+
+    Not methods of the tool (probe-align reads the held-out set): they ask which per-row signal is worth
+    anything under this protocol, with the strata and budgets held equal to `stratified`'s.
+    """
+    table = pq.read_table(strata, columns=["row", "stratum", "loss"])
+    rows = table["row"].to_numpy()
+    stratum = table["stratum"].to_numpy()
+    loss = table["loss"].to_numpy(zero_copy_only=False).astype(np.float64)
+    scores = {"probe-align": align["cos"][rows], "probe-hard": np.nan_to_num(loss, nan=-np.inf),
+              "probe-long": align["response_tokens"][rows].astype(np.float64)}
+    out = []
+    for sel in selections.values():
+        if sel["method"] != "stratified":
+            continue
+        kept = set(kept_rows(Path(sel["path"])).tolist())
+        counts = np.bincount(stratum[[r in kept for r in rows.tolist()]], minlength=int(stratum.max()) + 1)
+        for name, score in scores.items():
+            picks = []
+            for s, c in enumerate(counts.tolist()):
+                members = np.flatnonzero(stratum == s)
+                picks += rows[members[np.argsort(-score[members], kind="stable")[:c]]].tolist()
+            out.append({"method": name, "keep": sel["keep"], "seed": seed, "wall_s": None, "cpu_s": None,
+                        "rows": np.sort(np.array(picks, dtype=np.int64))})
+    return out
 
 
 def selection_diagnostics(align: dict[str, np.ndarray], selections: dict[str, dict[str, Any]],
@@ -498,7 +536,8 @@ def fmt(x: float | None, digits: int = 4) -> str:
 def write_markdown(results: dict[str, Any], summary: dict[str, Any], path: Path, plot: Path | None) -> None:
     c, m, d = results["config"], results["machine"], results["data"]
     cells, keeps = summary["cells"], [f"{k:.2f}" for k in c["keeps"]]
-    methods = [x for x in ["random", *results["methods_run"], *results.get("variants", {})] if x in cells]
+    methods = [x for x in ["random", *results["methods_run"], *results.get("variants", {}),
+                           *results.get("probes", {})] if x in cells]
     domains = sorted({k for r in results["runs"] if r.get("heldout") for k in r["heldout"]})
     dirty = ", slapcli/ with uncommitted changes" if results["code"]["slapcli_changes"] else ""
     lines = ["# Held-out quality of coresets", "",
@@ -522,7 +561,9 @@ def write_markdown(results: dict[str, Any], summary: dict[str, Any], path: Path,
              "them; embeddings, final norm and LM head stay frozen.",
              f"- **Recipe** (identical for every subset): AdamW lr {c['lr']:g}, no weight decay, constant rate, "
              f"batch {c['batch_size']}, {c['epochs']} epoch(s) (so a smaller subset takes fewer steps), rows "
-             f"shuffled with seed {c['train_seed']}, response-token loss, max {c['max_tokens']} tokens per row "
+             f"shuffled; every subset trained {c['train_seeds']} times (shuffle seeds {c['train_seed']}-"
+             f"{c['train_seed'] + c['train_seeds'] - 1}) and its loss is the mean of those runs; response-token "
+             f"loss, max {c['max_tokens']} tokens per row "
              "(ChatML, as the tool formats rows); "
              + ("training under bf16 autocast, evaluation in float32." if c.get("bf16") else "float32 throughout."),
              "- **Metric**: held-out response loss (per row the mean cross-entropy over its response tokens, then "
@@ -533,8 +574,8 @@ def write_markdown(results: dict[str, Any], summary: dict[str, Any], path: Path,
              "- The model trained is the same one `slap` uses as its proxy (and whose losses shaped the strata), "
              "the most favourable case for proxy-based selection; a larger target model is untested here.",
              f"- Small scale: {d['train_rows']} training rows, {c['epochs']} epoch(s), "
-             f"{2 * d['heldout_per_domain']} held-out rows; one training seed. Differences in the third decimal are "
-             "within noise; the random seeds' spread is the yardstick.",
+             f"{2 * d['heldout_per_domain']} held-out rows. The shuffle order alone moves one subset's loss by up "
+             "to ~0.01 (hence several training seeds per subset); random's spread over subsets is the yardstick.",
              "- Same epochs for every subset means fewer optimizer steps for smaller subsets, as in practice; "
              "keep-ratio curves mix the value of the rows with the number of steps.",
              "- The held-out domains are the training domains (no unseen data set).", "",
@@ -547,7 +588,7 @@ def write_markdown(results: dict[str, Any], summary: dict[str, Any], path: Path,
              "which ran, per stage (paths relative to the repository root):", "", "```sh"]
     for key in ("embed", "stratify"):
         lines.append(" ".join(results["stages"][key]["command_rel"]))
-    for method in ["random", *results["methods_run"]]:
+    for method in ["random", *results["methods_run"], *results.get("variants", {})]:
         sel = next((s for s in results["selections"].values() if s["method"] == method), None)
         if sel:
             lines.append(" ".join(sel["command_rel"]))
@@ -571,6 +612,13 @@ def write_markdown(results: dict[str, Any], summary: dict[str, Any], path: Path,
         lines.append(f"| {method} | " + " | ".join(row) + " |")
     lines += [f"| full data (keep 1.00) | {fmt(summary['full'])} |" + " |" * (len(keeps) - 1),
               f"| untrained model | {fmt(summary['pretrained'])} |" + " |" * (len(keeps) - 1), ""]
+    legend = [f"- `{label}`: `slap select --method {v['method']} {' '.join(v['options'])}`"
+              for label, v in results.get("variants", {}).items() if label in cells]
+    legend += [f"- `{label}` (probe, not a method): per stratum as many rows as `stratified` keeps, the ones with "
+               f"the {text.split(': ', 1)[-1]}" + (" (reads the held-out set: an oracle)" if "oracle" in text else "")
+               for label, text in results.get("probes", {}).items() if label in cells]
+    if legend:
+        lines += ["Variants (ablations) and probes in the table:", "", *legend, ""]
     if plot is not None:
         lines += [f"![held-out loss vs keep ratio]({plot.name})", ""]
 
@@ -655,7 +703,7 @@ def write_markdown(results: dict[str, Any], summary: dict[str, Any], path: Path,
     for key in ("embed", "stratify"):
         s = results["stages"][key]
         lines.append(f"| slap {key} (load {s['load_1m'][0]:.1f}) | {s['wall_s']:.1f} | {s['cpu_s']:.1f} |")
-    for method in ["random", *results["methods_run"]]:
+    for method in ["random", *results["methods_run"], *results.get("variants", {})]:
         sels = [s for s in results["selections"].values() if s["method"] == method]
         if sels:
             walls = [s["wall_s"] for s in sels]
@@ -705,6 +753,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variant", action="append", default=[], metavar="LABEL=METHOD [OPTIONS]",
                    help="also run METHOD with extra `slap select` OPTIONS, reported as LABEL (an ablation row), "
                         "e.g. --variant 'slap-raw=slap --feature-norm raw'; repeatable")
+    p.add_argument("--variant-keeps", type=floats, default=None, help="keep ratios of the variants (default: --keeps)")
     p.add_argument("--random-seeds", type=int, default=3, help="random subsets per keep (seeds 0..N-1)")
     p.add_argument("--seed", type=int, default=0, help="seed of stratify and of the non-random selections")
     p.add_argument("--max-tokens", type=int, default=256, help="tokens per row, for the proxy and the training")
@@ -712,11 +761,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--train-seed", type=int, default=0, help="shuffle seed of every training run")
+    p.add_argument("--train-seed", type=int, default=0, help="first shuffle seed of the training runs")
+    p.add_argument("--train-seeds", type=int, default=3,
+                   help="training runs per subset (shuffle seeds train-seed, train-seed+1, ...); a subset's loss is "
+                        "their mean")
     p.add_argument("--bf16", action="store_true",
                    help="train under bf16 autocast (~1.5x faster on CPUs with avx512_bf16; evaluation stays float32)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for caching, training and evaluation")
     p.add_argument("--no-full", action="store_true", help="skip the full-data run")
+    p.add_argument("--probes", action="store_true",
+                   help="also train on per-row-score probes (stratified's per-stratum counts, top rows by held-out "
+                        "gradient alignment, proxy loss or response length): which signal is worth anything")
     p.add_argument("--no-diagnose", action="store_true",
                    help="skip the diagnostic (per-row gradient alignment with the held-out gradient; one backward "
                         "pass per training row)")
@@ -743,7 +798,7 @@ def main(argv: list[str] | None = None) -> int:
         (workdir / sub).mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": " ".join([".venv/bin/python", "scripts/benchmark_quality.py", *(argv or sys.argv[1:])]),
+        "command": shlex.join([".venv/bin/python", "scripts/benchmark_quality.py", *(argv or sys.argv[1:])]),
         "code": {"commit": git("rev-parse", "HEAD"), "slapcli_changes": git("status", "--short", "--", "slapcli")},
         "machine": machine_info(), "load_average_start": os.getloadavg(), "notes": [],
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -790,7 +845,8 @@ def main(argv: list[str] | None = None) -> int:
         ("random", "random", k, s, []) for k in args.keeps for s in range(args.random_seeds)]
     plan += [(m, m, k, args.seed, []) for k in args.keeps for m in methods]
     variants = [parse_variant(v) for v in args.variant]
-    plan += [(label, m, k, args.seed, extra) for k in args.keeps for label, m, extra in variants]
+    plan += [(label, m, k, args.seed, extra)
+             for k in (args.variant_keeps or args.keeps) for label, m, extra in variants]
     results["variants"] = {label: {"method": m, "options": extra} for label, m, extra in variants}
     selections: dict[str, dict[str, Any]] = {}
     for label, method, keep, seed, extra in plan:
@@ -828,7 +884,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{' (cached)' if results['prefix_cache'][key]['cached'] else ''}")
 
     trainer = TopTrainer(split, pad_id, args)
-    recipe = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "train_seed", "train_blocks", "max_tokens")}
+    recipe = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "train_blocks", "max_tokens")}
     if args.bf16:
         recipe["bf16"] = True
     recipe_key = hashlib.blake2b(json.dumps([recipe, results["prefix_cache"]["train"]["key"],
@@ -841,36 +897,56 @@ def main(argv: list[str] | None = None) -> int:
         jobs.append(("full", 1.0, None, np.arange(n_train), None))
     for sel in selections.values():
         jobs.append((sel["method"], sel["keep"], sel["seed"], kept_rows(Path(sel["path"])), sel))
+    align_key = results["prefix_cache"]["train"]["key"] + results["prefix_cache"]["heldout"]["key"]
+    if args.probes:
+        align = gradient_alignment(trainer, caches["train"], caches["heldout"], workdir / "alignment.npz", align_key)
+        probes = probe_subsets(strata, selections, align, args.seed)
+        results["probes"] = {name: PROBES[name] for name in sorted({p["method"] for p in probes})}
+        jobs += [(p["method"], p["keep"], p["seed"], p.pop("rows"), p) for p in probes]
+    train_seeds = list(range(args.train_seed, args.train_seed + args.train_seeds))
     runs = []
     for i, (method, keep, seed, rows, sel) in enumerate(jobs):
         tag = f"{method}_k{keep:.2f}_s{seed}" if sel else method
-        run_path = workdir / "runs" / f"{tag}.{recipe_key}.json"
-        if run_path.exists():
-            run = json.loads(run_path.read_text())
-        else:
-            run = {"method": method, "keep": keep, "seed": seed,
-                   "kept_rows": 0 if rows is None else len(rows),
-                   "select_wall_s": sel["wall_s"] if sel else None, "select_cpu_s": sel["cpu_s"] if sel else None}
-            if rows is None:
-                trainer.reset()
+        per_seed = []
+        for ts in (train_seeds if rows is not None else [None]):  # the untrained model needs one evaluation
+            run_path = workdir / "runs" / f"{tag}{'' if ts is None else f'_t{ts}'}.{recipe_key}.json"
+            if run_path.exists():
+                one = json.loads(run_path.read_text())
             else:
-                if rows.size and int(rows.max()) >= n_train:
-                    raise SystemExit(f"{sel and sel['path']}: row {int(rows.max())} beyond the {n_train} training rows")
-                tr = trainer.train(caches["train"], rows)
-                run.update({"train_wall_s": tr["train_s"], "steps": tr["steps"],
-                            "train_loss_first": tr["train_loss_first"],
-                            "train_loss_last_epoch": tr["train_loss_last_epoch"]})
-            ev = trainer.evaluate(caches["heldout"])
-            run.update(ev)
-            run_path.write_text(json.dumps(run, indent=2) + "\n")
+                one = {"train_seed": ts}
+                if rows is None:
+                    trainer.reset()
+                else:
+                    if rows.size and int(rows.max()) >= n_train:
+                        raise SystemExit(f"{sel and sel['path']}: row {int(rows.max())} beyond the {n_train} "
+                                         "training rows")
+                    tr = trainer.train(caches["train"], rows, ts)
+                    one.update({"train_wall_s": tr["train_s"], "steps": tr["steps"],
+                                "train_loss_first": tr["train_loss_first"],
+                                "train_loss_last_epoch": tr["train_loss_last_epoch"]})
+                one.update(trainer.evaluate(caches["heldout"]))
+                run_path.write_text(json.dumps(one, indent=2) + "\n")
+            per_seed.append(one)
+        # One subset's result is the mean over training seeds: the shuffle order alone moves it by ~0.005-0.01.
+        domains = sorted(per_seed[0]["heldout"])
+        run = {"method": method, "keep": keep, "seed": seed, "kept_rows": 0 if rows is None else len(rows),
+               "select_wall_s": sel["wall_s"] if sel else None, "select_cpu_s": sel["cpu_s"] if sel else None,
+               "heldout": {d: round(float(np.mean([r["heldout"][d] for r in per_seed])), 5) for d in domains},
+               "mean": round(float(np.mean([r["mean"] for r in per_seed])), 5),
+               "train_seeds": [r["mean"] for r in per_seed] if rows is not None else None,
+               "steps": per_seed[0].get("steps"),
+               "train_wall_s": round(float(np.mean([r["train_wall_s"] for r in per_seed])), 2)
+               if rows is not None else None,
+               "eval_s": round(float(np.mean([r["eval_s"] for r in per_seed])), 2)}
         runs.append(run)
-        log(f"run {i + 1}/{len(jobs)} {tag}: {run['kept_rows']} rows, held-out {run['heldout']} mean {run['mean']:.4f}"
-            f"{'' if run.get('train_wall_s') is None else ', train ' + str(run['train_wall_s']) + ' s'}")
+        spread = "" if rows is None or len(per_seed) < 2 else \
+            f" (training seeds {min(run['train_seeds']):.4f}-{max(run['train_seeds']):.4f})"
+        log(f"run {i + 1}/{len(jobs)} {tag}: {run['kept_rows']} rows, held-out {run['heldout']} mean "
+            f"{run['mean']:.4f}{spread}")
     results["runs"] = runs
 
     if not args.no_diagnose:
-        align = gradient_alignment(trainer, caches["train"], caches["heldout"], workdir / "alignment.npz",
-                                   results["prefix_cache"]["train"]["key"] + results["prefix_cache"]["heldout"]["key"])
+        align = gradient_alignment(trainer, caches["train"], caches["heldout"], workdir / "alignment.npz", align_key)
         results["diagnostics"] = selection_diagnostics(align, selections, args.first_picks)
 
     # Other engineers may change slapcli/ while a long benchmark runs: say which code made which selection.

@@ -239,8 +239,12 @@ def select_cmd(
     proj_dim: int = typer.Option(1024, "--proj-dim", help="Dimension of the projected gradient features."),
     refresh: int = typer.Option(4, "--refresh", help="Replay steps a candidate's gradient feature is reused."),
     lr: float = typer.Option(1e-4, "--lr", help="Proxy learning rate (and eta of the batch score)."),
-    feature_norm: str = typer.Option("raw", "--feature-norm",
+    feature_norm: str = typer.Option("unit", "--feature-norm",
                                      help="unit: score gradient directions (cosine); raw: inner products."),
+    eta: str = typer.Option("target", "--eta",
+                            help="Step of the batch score: target (Newton step along the target) or row."),
+    curvature: bool = typer.Option(True, "--curvature/--no-curvature",
+                                   help="Keep the second-order (curvature) term of the batch score."),
     max_tokens: int | None = typer.Option(None, "--max-tokens", help="Proxy tokens per row (default: as embedded)."),
     target: str | None = typer.Option(None, "--target", help="Dev file of rows like the downstream task."),
     proxy_model: str = PROXY,
@@ -261,7 +265,7 @@ def select_cmd(
     check_output_path(output, [strata], force)
     config = SelectConfig(method=method, keep=keep, budget=budget, allocation=allocation, batch_size=batch_size,
                           pool_factor=pool_factor, diversity=diversity, proj_dim=proj_dim, refresh=refresh, lr=lr,
-                          feature_norm=feature_norm,
+                          feature_norm=feature_norm, eta=eta, curvature=curvature,
                           max_tokens=max_tokens, target=target, proxy_model=proxy_model, embeddings=embeddings,
                           seed=seed, device=device, resume=resume, checkpoint_seconds=60.0 * checkpoint_minutes,
                           record_timings=timings)

@@ -33,6 +33,7 @@ from slapcli.models import load_causal_lm, pick_device, pick_dtype, resolve_mode
 from slapcli.progress import Reporter
 from slapcli.proxy import EncodedExample, collate, encode_examples, response_losses
 from slapcli.slapmath import (
+    ETA_RULES,
     CurvatureState,
     GradientProjector,
     allocate_budget,
@@ -325,7 +326,9 @@ def run_replay(strata_meta: ArtifactMeta, strata_path: str, table: pa.Table, poo
                 t2 = time.perf_counter()
                 pool_feats = torch.stack([feature_cache[int(p)][1] for p in candidates]).double()
                 h = curvature_diagonal(curvature, config.damping)
-                eta = config.extra.get("score_lr") or calibrated_eta(pool_feats, target, h)
+                if not config.curvature:  # first-order + diversity only
+                    h = torch.zeros_like(h)
+                eta = config.extra.get("score_lr") or score_step(config.eta, pool_feats, target, h)
                 singles = eta * (pool_feats @ target) - 0.5 * eta**2 * (pool_feats.pow(2) @ h)
                 spread = float(singles.std()) if len(singles) > 1 else 0.0
                 gamma = config.diversity * (spread if spread > 0 else 1.0)
@@ -414,6 +417,27 @@ def calibrated_eta(pool_feats: torch.Tensor, target: torch.Tensor, h: torch.Tens
     quad = pool_feats.pow(2) @ h
     ratios = align[(align > 0) & (quad > 0)] / quad[(align > 0) & (quad > 0)]
     return float(ratios.median()) if len(ratios) else 1.0
+
+
+def target_newton_eta(target: torch.Tensor, h: torch.Tensor) -> float:
+    """The Newton step along g* itself, <g*, g*> / g*^T H g* (1 when undefined).
+
+    With this eta, U(B) = eta <g*, m> - eta^2/2 m^T H m peaks where the batch mean m equals H^-1 g* / eta, which
+    for a flat H is g* itself: the best batch is one whose mean gradient stands for the target, not one that
+    exaggerates its dominant direction. (The per-candidate median of `calibrated_eta` is smaller, so it rewards
+    batches of rows that all point the same way: measured worse, see docs/RESULTS.md.)
+    """
+    quad = float(target.pow(2) @ h)
+    return float(target @ target) / quad if quad > 0 else 1.0
+
+
+def score_step(rule: str, pool_feats: torch.Tensor, target: torch.Tensor, h: torch.Tensor) -> float:
+    """The eta of the batch score under `--eta`: "target" (Newton step along g*) or "row" (median per-row)."""
+    if rule == "target":
+        return target_newton_eta(target, h)
+    if rule == "row":
+        return calibrated_eta(pool_feats, target, h)
+    raise ValueError(f"eta rule must be one of {ETA_RULES}, got {rule!r}")
 
 
 def _train_step(split: SplitProxy, cache: PrefixCache, optimizer: torch.optim.Optimizer, keys: list[Any]) -> None:

@@ -41,6 +41,7 @@ from slapcli.io.writers import atomic_path
 from slapcli.models import DEFAULT_PROXY_MODEL, cache_dir, resolve_model
 from slapcli.progress import Reporter
 from slapcli.slapmath import (
+    ETA_RULES,
     FEATURE_NORMS,
     allocate_budget,
     farthest_point_order,
@@ -74,7 +75,9 @@ class SelectConfig:
     lr: float = 1e-4  # proxy learning rate (AdamW) and the eta of the Taylor score
     trainable_blocks: int = 2  # the last decoder blocks get trained and give the gradient features
     damping: float = 0.1  # curvature damping, relative to the mean curvature
-    feature_norm: str = "raw"  # "unit": score gradient directions (cosine), "raw": inner products
+    feature_norm: str = "unit"  # "unit": score gradient directions (cosine), "raw": inner products
+    eta: str = "target"  # step of the batch score: "target" (Newton step along g*) or "row" (median per row)
+    curvature: bool = True  # False drops the second-order term of the batch score (an ablation)
     max_tokens: int | None = None  # None: the --max-tokens recorded by `embed`
     target: str | None = None  # dev file whose rows define the target direction
     target_rows: int = 64  # reference rows when no --target: a fixed stratified sample of the data
@@ -335,6 +338,8 @@ def select(strata_path: str, output_path: str, config: SelectConfig, reporter: R
         raise UsageError("--batch-size and --pool-factor must be >= 1")
     if config.feature_norm not in FEATURE_NORMS:
         raise UsageError(f"--feature-norm must be one of {', '.join(FEATURE_NORMS)}")
+    if config.eta not in ETA_RULES:
+        raise UsageError(f"--eta must be one of {', '.join(ETA_RULES)}")
     strata_meta = read_meta(strata_path, "strata")
     table = read_table(strata_path)
     n = table.num_rows

@@ -302,6 +302,7 @@ def curvature_diagonal(state: CurvatureState, damping: float) -> Tensor:
 
 
 FEATURE_NORMS = ("unit", "raw")
+ETA_RULES = ("target", "row")  # how the batch score's step size is set (slapcli.replay.score_step)
 
 
 def normalize_features(features: Tensor, mode: str) -> Tensor:

@@ -153,3 +153,67 @@ def test_hidden_store_round_trips_and_leaves_no_file(tmp_path):
         torch.testing.assert_close(got.float(), v.half().float())
     assert list(tmp_path.iterdir()) == []  # the file was unlinked at creation: nothing to clean up after a kill
     store.close()
+
+
+def test_unit_features_are_the_raw_features_scaled_to_norm_one(tiny_proxy_dir):
+    _, model, split, cache, encoded = _setup(tiny_proxy_dir)
+    keys = list(encoded)
+    with GradientProjector(model, split.linears, 64, seed=3) as projector:
+        raw, raw_loss = row_features(split, cache, projector, keys, "raw")
+        unit, unit_loss = row_features(split, cache, projector, keys, "unit")
+    torch.testing.assert_close(unit, raw / raw.norm(dim=1, keepdim=True))
+    torch.testing.assert_close(unit_loss, raw_loss)  # the loss recorded per row is not normalised
+
+
+def test_select_without_curvature_records_no_curvature_term(tmp_path, tiny_encoder_dir, tiny_proxy_dir):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from slapcli.embed import EmbedConfig, embed
+    from slapcli.progress import Reporter
+    from slapcli.select import SelectConfig, select
+    from slapcli.stratify import StratifyConfig, stratify
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"task {i} about {'abc'[i % 3]}", "output": f"answer {i * 7}"})
+                            + "\n" for i in range(24)))
+    quiet = Reporter(quiet=True)
+    embed(str(data), str(tmp_path / "e.parquet"),
+          EmbedConfig(embed_model=str(tiny_encoder_dir), proxy_model=str(tiny_proxy_dir)), quiet)
+    stratify(str(tmp_path / "e.parquet"), str(tmp_path / "s.parquet"),
+             StratifyConfig(proxy_model=str(tiny_proxy_dir), clusters=3, keep=0.5), quiet)
+    curv = {}
+    for on in (True, False):
+        out = tmp_path / f"sel_{on}.parquet"
+        select(str(tmp_path / "s.parquet"), str(out), SelectConfig(proxy_model=str(tiny_proxy_dir), proj_dim=32,
+                                                                   batch_size=4, curvature=on), quiet)
+        table = pq.read_table(out)
+        kept = table["kept"].to_numpy(zero_copy_only=False)
+        assert kept.sum() == 12
+        curv[on] = table["curvature"].to_numpy(zero_copy_only=False)[kept].astype(float)
+    assert np.all(curv[False] == 0.0)
+    assert np.any(curv[True] != 0.0)
+
+
+def test_target_newton_eta_makes_the_target_itself_the_best_batch_mean():
+    from slapcli.replay import score_step, target_newton_eta
+
+    gen = torch.Generator().manual_seed(4)
+    target = torch.randn(6, generator=gen, dtype=torch.float64)
+    h = torch.rand(6, generator=gen, dtype=torch.float64) + 0.1
+    eta = target_newton_eta(target, h)
+    assert abs(eta - float(target @ target) / float((h * target * target).sum())) < 1e-12
+
+    def utility(m):  # U without diversity, as batch_utility computes it
+        return eta * float(target @ m) - 0.5 * eta**2 * float((h * m * m).sum())
+
+    # Along the target's direction, U peaks at the target itself (m = c g*, c = 1).
+    best = max((utility(c * target), c) for c in np.linspace(0.2, 3.0, 57))
+    assert abs(best[1] - 1.0) < 1e-9
+    feats = torch.randn(5, 6, generator=gen, dtype=torch.float64)
+    assert score_step("target", feats, target, h) == eta
+    assert score_step("row", feats, target, h) == calibrated_eta(feats, target, h)
+    assert target_newton_eta(torch.zeros(6, dtype=torch.float64), h) == 1.0
+    with pytest.raises(ValueError):
+        score_step("batch", feats, target, h)

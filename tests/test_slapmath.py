@@ -23,6 +23,7 @@ from slapcli.slapmath import (
     greedy_batch,
     group_positions,
     make_layer_projection,
+    normalize_features,
     project_linear_grads,
     relative_diversity,
     split_projection_dim,
@@ -283,6 +284,22 @@ def test_curvature_running_mean() -> None:
         curvature_diagonal(state, 0.0)
     zero = update_curvature(CurvatureState.empty(3), torch.zeros(2, 3))
     assert (curvature_diagonal(zero, 1e-3) > 0).all()
+
+
+def test_normalize_features_unit_rows_vs_loop() -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(7, 5, generator=gen, dtype=torch.float64) * torch.rand(7, 1, generator=gen, dtype=torch.float64)
+    x[3] = 0.0  # an all-zero feature (a row with no gradient) must stay zero, not become NaN
+    unit = normalize_features(x, "unit")
+    for i in range(7):
+        norm = math.sqrt(sum(float(v) ** 2 for v in x[i]))
+        expected = x[i] / norm if norm > 0 else x[i]
+        torch.testing.assert_close(unit[i], expected)
+    assert torch.equal(normalize_features(x, "raw"), x)
+    # Scoring directions: a row's weight no longer depends on its gradient's length.
+    torch.testing.assert_close(normalize_features(x * 9.0, "unit"), unit)
+    with pytest.raises(ValueError):
+        normalize_features(x, "cosine")
 
 
 # ------------------------------------------------------------------------------------------- diversity
