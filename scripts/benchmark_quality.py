@@ -533,7 +533,8 @@ def fmt(x: float | None, digits: int = 4) -> str:
     return "" if x is None else f"{x:.{digits}f}"
 
 
-def write_markdown(results: dict[str, Any], summary: dict[str, Any], path: Path, plot: Path | None) -> None:
+def write_markdown(results: dict[str, Any], summary: dict[str, Any], path: Path, plot: Path | None,
+                   analysis: Path | None = None) -> None:
     c, m, d = results["config"], results["machine"], results["data"]
     cells, keeps = summary["cells"], [f"{k:.2f}" for k in c["keeps"]]
     methods = [x for x in ["random", *results["methods_run"], *results.get("variants", {}),
@@ -686,6 +687,9 @@ def write_markdown(results: dict[str, Any], summary: dict[str, Any], path: Path,
             lines.append(f"| {method} | " + " | ".join(row) + f" | {first} |")
         lines.append("")
 
+    if analysis is not None and analysis.exists():
+        lines += [f"## Reading of these results (hand-written, kept in `{rel(str(analysis))}`)", "",
+                  analysis.read_text().strip(), ""]
     lines += ["### Per domain", "", "| method | keep | seed | kept rows | " + " | ".join(domains)
               + " | mean | select wall s | train wall s |", "| --- | ---: | ---: | ---: | "
               + " | ".join("---:" for _ in domains) + " | ---: | ---: | ---: |"]
@@ -709,7 +713,9 @@ def write_markdown(results: dict[str, Any], summary: dict[str, Any], path: Path,
             walls = [s["wall_s"] for s in sels]
             cpus = [s["cpu_s"] for s in sels]
             load = np.mean([s["load_1m"][0] for s in sels])
-            lines.append(f"| slap select --method {method} ({len(sels)} runs: mean, [min, max]; load {load:.1f}) | "
+            v = results.get("variants", {}).get(method)
+            what = f"{v['method']} {' '.join(v['options'])} (`{method}`)" if v else method
+            lines.append(f"| slap select --method {what} ({len(sels)} runs: mean, [min, max]; load {load:.1f}) | "
                          f"{np.mean(walls):.1f} [{min(walls):.1f}, {max(walls):.1f}] | {np.mean(cpus):.1f} |")
     for key, label in (("train", "prefix cache, training rows"), ("heldout", "prefix cache, held-out rows")):
         s = results["prefix_cache"][key]
@@ -779,6 +785,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="results JSON (default: <workdir>/results.json)")
     p.add_argument("--no-docs", action="store_true", help="do not write docs/RESULTS.md and the plot")
     p.add_argument("--docs", type=Path, default=ROOT / "docs" / "RESULTS.md")
+    p.add_argument("--analysis", type=Path, default=ROOT / "docs" / "results_analysis.md",
+                   help="hand-written reading of the results, copied into the report when the file exists")
     return p.parse_args(argv)
 
 
@@ -978,7 +986,7 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             results["notes"].append("no plot: matplotlib is missing (pip install -e '.[bench]')")
             plot = None
-        write_markdown(results, results["summary"], args.docs, plot)
+        write_markdown(results, results["summary"], args.docs, plot, args.analysis)
         log(f"report: {args.docs}")
     return 0
 
