@@ -72,7 +72,7 @@ class SelectConfig:
     proj_dim: int = 1024
     refresh: int = 4  # replay steps a candidate's gradient feature is reused before it is recomputed
     target_refresh: int = 25  # replay steps between recomputations of the target direction (it moves slowly)
-    lr: float = 1e-4  # proxy learning rate (AdamW) and the eta of the Taylor score
+    lr: float = 1e-4  # proxy learning rate (AdamW); the score's eta is set by `eta`, in feature units
     trainable_blocks: int = 2  # the last decoder blocks get trained and give the gradient features
     damping: float = 0.1  # curvature damping, relative to the mean curvature
     feature_norm: str = "unit"  # "unit": score gradient directions (cosine), "raw": inner products
