@@ -87,27 +87,36 @@ def test_calibrated_eta_is_the_median_newton_step():
     assert calibrated_eta(-feats, target, h) == 1.0
 
 
-def test_killed_select_resumes_to_the_same_selection(tmp_path, tiny_encoder_dir, tiny_proxy_dir, monkeypatch):
-    """A replay interrupted mid-way and rerun from its checkpoint ends with the same artifact."""
+def _tiny_strata(tmp_path, tiny_encoder_dir, tiny_proxy_dir, rows: int) -> None:
+    """d.jsonl -> e.parquet -> s.parquet in tmp_path (3 clusters, keep 0.5) with the tiny models."""
     import json
 
-    import pyarrow.parquet as pq
-
-    from slapcli import replay
-    from slapcli.artifacts import read_meta
     from slapcli.embed import EmbedConfig, embed
     from slapcli.progress import Reporter
-    from slapcli.select import SelectConfig, select
     from slapcli.stratify import StratifyConfig, stratify
 
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"task {i} about {'abc'[i % 3]}", "output": f"answer {i * 7}"})
-                            + "\n" for i in range(40)))
+                            + "\n" for i in range(rows)))
     quiet = Reporter(quiet=True)
     embed(str(data), str(tmp_path / "e.parquet"),
           EmbedConfig(embed_model=str(tiny_encoder_dir), proxy_model=str(tiny_proxy_dir)), quiet)
     stratify(str(tmp_path / "e.parquet"), str(tmp_path / "s.parquet"),
              StratifyConfig(proxy_model=str(tiny_proxy_dir), clusters=3, keep=0.5), quiet)
+
+
+def test_killed_select_resumes_to_the_same_selection(tmp_path, tiny_encoder_dir, tiny_proxy_dir, monkeypatch):
+    """A replay interrupted mid-way and rerun from its checkpoint ends with the same artifact."""
+
+    import pyarrow.parquet as pq
+
+    from slapcli import replay
+    from slapcli.artifacts import read_meta
+    from slapcli.progress import Reporter
+    from slapcli.select import SelectConfig, select
+
+    _tiny_strata(tmp_path, tiny_encoder_dir, tiny_proxy_dir, rows=40)
+    quiet = Reporter(quiet=True)
     config = SelectConfig(proxy_model=str(tiny_proxy_dir), proj_dim=32, batch_size=4, checkpoint_seconds=0.0)
     select(str(tmp_path / "s.parquet"), str(tmp_path / "full.parquet"), config, quiet)
 
@@ -166,23 +175,13 @@ def test_unit_features_are_the_raw_features_scaled_to_norm_one(tiny_proxy_dir):
 
 
 def test_select_without_curvature_records_no_curvature_term(tmp_path, tiny_encoder_dir, tiny_proxy_dir):
-    import json
-
     import pyarrow.parquet as pq
 
-    from slapcli.embed import EmbedConfig, embed
     from slapcli.progress import Reporter
     from slapcli.select import SelectConfig, select
-    from slapcli.stratify import StratifyConfig, stratify
 
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"instruction": f"task {i} about {'abc'[i % 3]}", "output": f"answer {i * 7}"})
-                            + "\n" for i in range(24)))
+    _tiny_strata(tmp_path, tiny_encoder_dir, tiny_proxy_dir, rows=24)
     quiet = Reporter(quiet=True)
-    embed(str(data), str(tmp_path / "e.parquet"),
-          EmbedConfig(embed_model=str(tiny_encoder_dir), proxy_model=str(tiny_proxy_dir)), quiet)
-    stratify(str(tmp_path / "e.parquet"), str(tmp_path / "s.parquet"),
-             StratifyConfig(proxy_model=str(tiny_proxy_dir), clusters=3, keep=0.5), quiet)
     curv = {}
     for on in (True, False):
         out = tmp_path / f"sel_{on}.parquet"
