@@ -238,9 +238,12 @@ def select_cmd(
     diversity: float = typer.Option(0.1, "--diversity", help="Weight (gamma) of the relative-distance diversity."),
     proj_dim: int = typer.Option(1024, "--proj-dim", help="Dimension of the projected gradient features."),
     refresh: int = typer.Option(4, "--refresh", help="Replay steps a candidate's gradient feature is reused."),
+    target_refresh: int = typer.Option(25, "--target-refresh",
+                                       help="Replay steps between recomputations of the target direction."),
     lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate of the proxy replay."),
     feature_norm: str = typer.Option("unit", "--feature-norm",
-                                     help="unit: score gradient directions (cosine); raw: inner products."),
+                                     help="unit: score gradient directions (cosine); tokens: directions weighted "
+                                          "by sqrt(response tokens / mean); raw: inner products."),
     eta: str = typer.Option("target", "--eta",
                             help="Step of the batch score: target (Newton step along the target) or row."),
     curvature: bool = typer.Option(True, "--curvature/--no-curvature",
@@ -264,7 +267,8 @@ def select_cmd(
     """Stage 3: choose the coreset batch by batch (the proxy-training replay for --method slap)."""
     check_output_path(output, [strata], force)
     config = SelectConfig(method=method, keep=keep, budget=budget, allocation=allocation, batch_size=batch_size,
-                          pool_factor=pool_factor, diversity=diversity, proj_dim=proj_dim, refresh=refresh, lr=lr,
+                          pool_factor=pool_factor, diversity=diversity, proj_dim=proj_dim, refresh=refresh,
+                          target_refresh=target_refresh, lr=lr,
                           feature_norm=feature_norm, eta=eta, curvature=curvature,
                           max_tokens=max_tokens, target=target, proxy_model=proxy_model, embeddings=embeddings,
                           seed=seed, device=device, resume=resume, checkpoint_seconds=60.0 * checkpoint_minutes,

@@ -31,7 +31,7 @@ from slapcli.io.readers import file_fingerprint
 from slapcli.io.writers import discard, temp_path_beside
 from slapcli.models import load_causal_lm, pick_device, pick_dtype, resolve_model
 from slapcli.progress import Reporter
-from slapcli.proxy import EncodedExample, collate, encode_examples, response_losses
+from slapcli.proxy import IGNORE_INDEX, EncodedExample, collate, encode_examples, response_losses
 from slapcli.slapmath import (
     ETA_RULES,
     CurvatureState,
@@ -191,9 +191,10 @@ class PrefixCache:
 
 
 def row_features(split: SplitProxy, cache: PrefixCache, projector: GradientProjector,
-                 keys: list[Any], norm: str = "raw") -> tuple[torch.Tensor, torch.Tensor]:
-    """Projected per-row gradient features [n, D] (normalised per `norm`) and losses [n] under the proxy's
-    current state."""
+                 keys: list[Any], norm: str = "raw",
+                 reference_tokens: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projected per-row gradient features [n, D] (normalised per `norm`; `reference_tokens` is the typical
+    response length of norm "tokens") and losses [n] under the proxy's current state."""
     feats, losses = [], []
     for start in range(0, len(keys), FEATURE_BATCH):
         batch, hidden = cache.batch(keys[start:start + FEATURE_BATCH])
@@ -202,7 +203,9 @@ def row_features(split: SplitProxy, cache: PrefixCache, projector: GradientProje
         with split.top_only(hidden):
             loss = response_losses(split.model, batch)
             loss.sum().backward()  # the sum keeps each row's gradient its own
-        feats.append(normalize_features(projector.features(batch["attention_mask"]), norm).cpu())
+        n_response = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1)  # the tokens response_losses averages
+        feats.append(normalize_features(projector.features(batch["attention_mask"]), norm, n_response,
+                                        reference_tokens).cpu())
         losses.append(loss.detach().float().cpu())
     split.model.zero_grad(set_to_none=True)
     return torch.cat(feats), torch.cat(losses)
@@ -266,6 +269,9 @@ def run_replay(strata_meta: ArtifactMeta, strata_path: str, table: pa.Table, poo
                 chunk = []
         _encode_chunk(chunk, tokenizer, max_tokens, position_of_row, encoded)
 
+    # Norm "tokens" weighs a row's direction by sqrt(n / n_ref): n_ref is the data's mean response length, fixed
+    # for the whole replay so that features of different steps stay on one scale.
+    reference_tokens = float(np.mean([int(np.sum(e.response_mask)) for e in encoded.values()])) if encoded else 1.0
     if config.target:
         target_rows = _encode_target_file(config.target, tokenizer, max_tokens, config.target_rows)
         target_keys: list[Any] = [("target", i) for i in range(len(target_rows))]
@@ -312,14 +318,16 @@ def run_replay(strata_meta: ArtifactMeta, strata_path: str, table: pa.Table, poo
             while pool.left > 0:
                 t0 = time.perf_counter()
                 if step % target_refresh == 0:
-                    feats, _ = row_features(split, cache, projector, target_keys, config.feature_norm)
+                    feats, _ = row_features(split, cache, projector, target_keys, config.feature_norm,
+                                            reference_tokens)
                     target = feats.double().mean(0)
                 t1 = time.perf_counter()
                 candidates = pool.draw(config.pool_factor * config.batch_size)
                 stale = [int(p) for p in candidates.tolist()
                          if p not in feature_cache or step - feature_cache[p][0] >= config.refresh]
                 if stale:
-                    feats, losses = row_features(split, cache, projector, stale, config.feature_norm)
+                    feats, losses = row_features(split, cache, projector, stale, config.feature_norm,
+                                                   reference_tokens)
                     curvature = update_curvature(curvature, feats)
                     for p, f, loss in zip(stale, feats, losses.tolist(), strict=True):
                         feature_cache[p] = (step, f, loss)
@@ -377,7 +385,7 @@ def run_replay(strata_meta: ArtifactMeta, strata_path: str, table: pa.Table, poo
         cache.close()
     reporter.log("replay time: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
     stats: dict[str, Any] = {"replay_steps": step, "proj_dim": projector.dim, "trainable_linears": len(split.linears),
-                             "target_rows": len(target_keys)}
+                             "target_rows": len(target_keys), "reference_response_tokens": round(reference_tokens, 3)}
     if config.record_timings:  # wall times differ run to run: only on request, so equal runs give equal bytes
         stats["seconds"] = {k: round(v, 3) for k, v in timings.items()}
     return choices, stats

@@ -336,6 +336,8 @@ def select(strata_path: str, output_path: str, config: SelectConfig, reporter: R
         raise UsageError(f"--method must be one of {', '.join(METHODS)}")
     if config.batch_size < 1 or config.pool_factor < 1:
         raise UsageError("--batch-size and --pool-factor must be >= 1")
+    if config.refresh < 1 or config.target_refresh < 1:
+        raise UsageError("--refresh and --target-refresh must be >= 1")
     if config.feature_norm not in FEATURE_NORMS:
         raise UsageError(f"--feature-norm must be one of {', '.join(FEATURE_NORMS)}")
     if config.eta not in ETA_RULES:

@@ -301,25 +301,41 @@ def curvature_diagonal(state: CurvatureState, damping: float) -> Tensor:
     return mean + damping * (level if level > 0 else 1.0)
 
 
-FEATURE_NORMS = ("unit", "raw")
+FEATURE_NORMS = ("unit", "tokens", "raw")
 ETA_RULES = ("target", "row")  # how the batch score's step size is set (slapcli.replay.score_step)
 
 
-def normalize_features(features: Tensor, mode: str) -> Tensor:
-    """Per-row gradient features as the score sees them: "raw", or "unit" (each row scaled to norm 1).
+def normalize_features(features: Tensor, mode: str, response_tokens: Tensor | None = None,
+                       reference_tokens: float = 1.0) -> Tensor:
+    """Per-row gradient features as the score sees them: "raw", "unit" (each row scaled to norm 1), or
+    "tokens" (the unit direction scaled by sqrt(response_tokens / reference_tokens)).
 
     Why "unit": a row's loss is the MEAN over its response tokens, so a short response's gradient is
     dominated by a few tokens every row shares (the end-of-turn token) and has a much larger norm; with raw
     features the inner product with the target rewards that norm and the selection drifts to one-line
     answers. Scoring directions instead of magnitudes (cosine, as LESS does for the same reason) removes the
-    length bias. All-zero rows stay zero.
+    length bias.
+    Why "tokens": a unit direction throws away how much evidence stands behind it. A row's gradient is the
+    mean of its n response tokens' gradients, so its direction is measured with a signal-to-noise ratio that
+    grows like sqrt(n): a 200-token answer says sqrt(20) times more surely where training should go than a
+    10-token one. Weighting each direction by sqrt(n / n_ref) (n_ref: a fixed typical count, so the scale
+    does not drift between calls) lets the score count that evidence without the EOS-norm bias of "raw".
+    All-zero rows stay zero.
     """
     if mode == "raw":
         return features
-    if mode != "unit":
+    if mode not in FEATURE_NORMS:
         raise ValueError(f"feature normalisation must be one of {FEATURE_NORMS}, got {mode!r}")
     norms = features.norm(dim=1, keepdim=True)
-    return features / torch.where(norms > 0, norms, torch.ones_like(norms))
+    unit = features / torch.where(norms > 0, norms, torch.ones_like(norms))
+    if mode == "unit":
+        return unit
+    if response_tokens is None or response_tokens.shape != (features.shape[0],):
+        raise ValueError("feature normalisation 'tokens' needs one response-token count per row")
+    if reference_tokens <= 0:
+        raise ValueError(f"reference_tokens must be > 0, got {reference_tokens}")
+    weight = (response_tokens.to(unit.dtype).clamp_min(0) / reference_tokens).sqrt()
+    return unit * weight.to(unit.device).unsqueeze(1)
 
 
 # ------------------------------------------------------------------------------------------- diversity

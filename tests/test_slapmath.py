@@ -302,6 +302,24 @@ def test_normalize_features_unit_rows_vs_loop() -> None:
         normalize_features(x, "cosine")
 
 
+def test_normalize_features_tokens_weighs_directions_by_sqrt_length() -> None:
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 4, generator=gen, dtype=torch.float64) * torch.rand(6, 1, generator=gen, dtype=torch.float64)
+    x[2] = 0.0
+    n = torch.tensor([10, 40, 5, 160, 1, 90])
+    out = normalize_features(x, "tokens", n, reference_tokens=40.0)
+    for i in range(6):
+        norm = math.sqrt(sum(float(v) ** 2 for v in x[i]))
+        expected = x[i] / norm * math.sqrt(int(n[i]) / 40.0) if norm > 0 else x[i]
+        torch.testing.assert_close(out[i], expected)
+    # The gradient's own length still does not count, only the evidence (tokens) behind its direction.
+    torch.testing.assert_close(normalize_features(x * 5.0, "tokens", n, 40.0), out)
+    with pytest.raises(ValueError):
+        normalize_features(x, "tokens")  # the counts are required
+    with pytest.raises(ValueError):
+        normalize_features(x, "tokens", n, reference_tokens=0.0)
+
+
 # ------------------------------------------------------------------------------------------- diversity
 
 
