@@ -246,6 +246,9 @@ def select_cmd(
                                           "by sqrt(response tokens / mean); raw: inner products."),
     eta: str = typer.Option("target", "--eta",
                             help="Step of the batch score: target (Newton step along the target) or row."),
+    eta_scale: float = typer.Option(1.0, "--eta-scale",
+                                    help="Multiplier of that step: above 1 the curvature term weighs more "
+                                         "(batches of less redundant gradients)."),
     curvature: bool = typer.Option(True, "--curvature/--no-curvature",
                                    help="Keep the second-order (curvature) term of the batch score."),
     max_tokens: int | None = typer.Option(None, "--max-tokens", help="Proxy tokens per row (default: as embedded)."),
@@ -269,7 +272,7 @@ def select_cmd(
     config = SelectConfig(method=method, keep=keep, budget=budget, allocation=allocation, batch_size=batch_size,
                           pool_factor=pool_factor, diversity=diversity, proj_dim=proj_dim, refresh=refresh,
                           target_refresh=target_refresh, lr=lr,
-                          feature_norm=feature_norm, eta=eta, curvature=curvature,
+                          feature_norm=feature_norm, eta=eta, eta_scale=eta_scale, curvature=curvature,
                           max_tokens=max_tokens, target=target, proxy_model=proxy_model, embeddings=embeddings,
                           seed=seed, device=device, resume=resume, checkpoint_seconds=60.0 * checkpoint_minutes,
                           record_timings=timings)

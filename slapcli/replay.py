@@ -336,7 +336,7 @@ def run_replay(strata_meta: ArtifactMeta, strata_path: str, table: pa.Table, poo
                 h = curvature_diagonal(curvature, config.damping)
                 if not config.curvature:  # first-order + diversity only
                     h = torch.zeros_like(h)
-                eta = config.extra.get("score_lr") or score_step(config.eta, pool_feats, target, h)
+                eta = config.extra.get("score_lr") or config.eta_scale * score_step(config.eta, pool_feats, target, h)
                 singles = eta * (pool_feats @ target) - 0.5 * eta**2 * (pool_feats.pow(2) @ h)
                 spread = float(singles.std()) if len(singles) > 1 else 0.0
                 gamma = config.diversity * (spread if spread > 0 else 1.0)

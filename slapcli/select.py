@@ -77,6 +77,9 @@ class SelectConfig:
     damping: float = 0.1  # curvature damping, relative to the mean curvature
     feature_norm: str = "unit"  # "unit": score gradient directions (cosine), "raw": inner products
     eta: str = "target"  # step of the batch score: "target" (Newton step along g*) or "row" (median per row)
+    # Multiplies that step. Above 1 the curvature term weighs more: U(B) then peaks at a batch mean shorter than
+    # the target's, i.e. batches whose rows' gradients cancel more (less redundant), below 1 at more aligned ones.
+    eta_scale: float = 1.0
     curvature: bool = True  # False drops the second-order term of the batch score (an ablation)
     max_tokens: int | None = None  # None: the --max-tokens recorded by `embed`
     target: str | None = None  # dev file whose rows define the target direction
@@ -342,6 +345,8 @@ def select(strata_path: str, output_path: str, config: SelectConfig, reporter: R
         raise UsageError(f"--feature-norm must be one of {', '.join(FEATURE_NORMS)}")
     if config.eta not in ETA_RULES:
         raise UsageError(f"--eta must be one of {', '.join(ETA_RULES)}")
+    if not config.eta_scale > 0:
+        raise UsageError("--eta-scale must be > 0")
     strata_meta = read_meta(strata_path, "strata")
     table = read_table(strata_path)
     n = table.num_rows
