@@ -216,3 +216,37 @@ def test_target_newton_eta_makes_the_target_itself_the_best_batch_mean():
     assert target_newton_eta(torch.zeros(6, dtype=torch.float64), h) == 1.0
     with pytest.raises(ValueError):
         score_step("batch", feats, target, h)
+
+
+def test_tokens_features_are_unit_features_weighted_by_sqrt_response_tokens(tiny_proxy_dir):
+    _, model, split, cache, encoded = _setup(tiny_proxy_dir)
+    keys = list(encoded)
+    n = torch.tensor([int(np.sum(encoded[k].response_mask)) for k in keys], dtype=torch.float64)
+    with GradientProjector(model, split.linears, 64, seed=3) as projector:
+        unit, _ = row_features(split, cache, projector, keys, "unit")
+        tokens, _ = row_features(split, cache, projector, keys, "tokens", reference_tokens=7.0)
+    torch.testing.assert_close(tokens, unit * (n / 7.0).sqrt().unsqueeze(1).to(unit.dtype))
+
+
+def test_eta_scale_changes_the_choice_and_is_validated(tmp_path, tiny_encoder_dir, tiny_proxy_dir):
+    import pyarrow.parquet as pq
+
+    from slapcli.errors import UsageError
+    from slapcli.progress import Reporter
+    from slapcli.select import SelectConfig, select
+
+    _tiny_strata(tmp_path, tiny_encoder_dir, tiny_proxy_dir, rows=24)
+    quiet = Reporter(quiet=True)
+    curv = {}
+    for scale in (1.0, 3.0):
+        out = tmp_path / f"sel_{scale}.parquet"
+        select(str(tmp_path / "s.parquet"), str(out), SelectConfig(proxy_model=str(tiny_proxy_dir), proj_dim=32,
+                                                                   batch_size=4, eta_scale=scale), quiet)
+        table = pq.read_table(out)
+        kept = table["kept"].to_numpy(zero_copy_only=False)
+        curv[scale] = table["curvature"].to_numpy(zero_copy_only=False)[kept].astype(float)
+    # Three times the step: the first pick of each batch pays nine times the curvature (eta^2), the same row or not.
+    assert np.abs(curv[3.0]).sum() > np.abs(curv[1.0]).sum()
+    with pytest.raises(UsageError):
+        select(str(tmp_path / "s.parquet"), str(tmp_path / "bad.parquet"),
+               SelectConfig(proxy_model=str(tiny_proxy_dir), eta_scale=0.0), quiet)
