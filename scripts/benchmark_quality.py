@@ -132,13 +132,21 @@ def build_data(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return info
 
 
-def parse_variant(text: str) -> tuple[str, str, list[str]]:
-    """'LABEL=METHOD --opt value ...' -> (LABEL, METHOD, ['--opt', 'value', ...])."""
-    label, sep, rest = text.partition("=")
+def parse_variant(text: str) -> tuple[str, str, list[str], list[float] | None]:
+    """'LABEL[@KEEPS]=METHOD --opt value ...' -> (LABEL, METHOD, ['--opt', 'value', ...], KEEPS or None).
+
+    KEEPS (comma list) overrides --variant-keeps for this variant alone."""
+    head, sep, rest = text.partition("=")
+    label, at, keeps_text = head.partition("@")
     words = shlex.split(rest)
     if not sep or not label.strip() or not words or not re.fullmatch(r"[A-Za-z0-9.+-]+", label.strip()):
-        raise SystemExit(f"--variant {text!r}: expected LABEL=METHOD [OPTIONS], LABEL of letters, digits, . + -")
-    return label.strip(), words[0], words[1:]
+        raise SystemExit(f"--variant {text!r}: expected LABEL[@KEEPS]=METHOD [OPTIONS], LABEL of letters, digits, "
+                         ". + -")
+    try:
+        keeps = floats(keeps_text) if at else None
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        raise SystemExit(f"--variant {text!r}: KEEPS must be a comma list of ratios ({e})") from e
+    return label.strip(), words[0], words[1:], keeps
 
 
 def read_rows(path: Path) -> tuple[list[Any], list[str]]:
@@ -399,7 +407,7 @@ def gradient_alignment(trainer: TopTrainer, train: HiddenCache, heldout: HiddenC
         g = grad(train, [i])
         cos[i] = float(g @ target) / max(1e-30, float(g.norm() * target.norm()))
     model.zero_grad(set_to_none=True)
-    resp = np.array([int(train.mask[train.offsets[i]:train.offsets[i + 1]].sum()) for i in range(len(train))])
+    resp = response_token_counts(train)
     seconds = round(time.perf_counter() - t0, 1)
     np.savez(path, key=key, cos=cos, response_tokens=resp, seconds=seconds)
     log(f"gradient alignment of {len(train)} rows: {seconds:.0f} s")
@@ -413,8 +421,20 @@ PROBES = {
 }
 
 
+def probe_list(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [x for x in names if x not in PROBES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown probe(s) {', '.join(unknown)}; known: {', '.join(PROBES)}")
+    return names
+
+
+def response_token_counts(cache: HiddenCache) -> np.ndarray:
+    return np.array([int(cache.mask[cache.offsets[i]:cache.offsets[i + 1]].sum()) for i in range(len(cache))])
+
+
 def probe_subsets(strata: Path, selections: dict[str, dict[str, Any]], align: dict[str, np.ndarray],
-                  seed: int) -> list[dict[str, Any]]:
+                  seed: int, wanted: list[str]) -> list[dict[str, Any]]:
     """Subsets that keep, in every stratum, as many rows as `stratified` does, ranked by one per-row score.
 
     Not methods of the tool (probe-align reads the held-out set): they ask which per-row signal is worth
@@ -424,8 +444,10 @@ def probe_subsets(strata: Path, selections: dict[str, dict[str, Any]], align: di
     rows = table["row"].to_numpy()
     stratum = table["stratum"].to_numpy()
     loss = table["loss"].to_numpy(zero_copy_only=False).astype(np.float64)
-    scores = {"probe-align": align["cos"][rows], "probe-hard": np.nan_to_num(loss, nan=-np.inf),
+    scores = {"probe-align": align["cos"][rows] if "cos" in align else None,
+              "probe-hard": np.nan_to_num(loss, nan=-np.inf),
               "probe-long": align["response_tokens"][rows].astype(np.float64)}
+    scores = {name: score for name, score in scores.items() if name in wanted}
     out = []
     for sel in selections.values():
         if sel["method"] != "stratified":
@@ -756,9 +778,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keeps", type=floats, default=[0.5, 0.6, 0.7, 0.8])
     p.add_argument("--methods", default="all",
                    help="comma-separated `slap select` methods besides random (default: every one it offers)")
-    p.add_argument("--variant", action="append", default=[], metavar="LABEL=METHOD [OPTIONS]",
-                   help="also run METHOD with extra `slap select` OPTIONS, reported as LABEL (an ablation row), "
-                        "e.g. --variant 'slap-raw=slap --feature-norm raw'; repeatable")
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL[@KEEPS]=METHOD [OPTIONS]",
+                   help="also run METHOD with extra `slap select` OPTIONS, reported as LABEL (an ablation row), at "
+                        "KEEPS (default --variant-keeps), e.g. --variant 'slap-raw@0.6,0.7=slap --feature-norm raw'; "
+                        "repeatable")
     p.add_argument("--variant-keeps", type=floats, default=None, help="keep ratios of the variants (default: --keeps)")
     p.add_argument("--random-seeds", type=int, default=3, help="random subsets per keep (seeds 0..N-1)")
     p.add_argument("--seed", type=int, default=0, help="seed of stratify and of the non-random selections")
@@ -772,12 +795,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="training runs per subset (shuffle seeds train-seed, train-seed+1, ...); a subset's loss is "
                         "their mean")
     p.add_argument("--bf16", action="store_true",
-                   help="train under bf16 autocast (~1.5x faster on CPUs with avx512_bf16; evaluation stays float32)")
+                   help="train under bf16 autocast (~1.5x faster on CPUs with avx512_bf16, ~20x SLOWER on CPUs "
+                        "without it, e.g. the AMD EPYC of docs/RESULTS.md; evaluation stays float32)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for caching, training and evaluation")
     p.add_argument("--no-full", action="store_true", help="skip the full-data run")
-    p.add_argument("--probes", action="store_true",
+    p.add_argument("--probes", nargs="?", const=",".join(PROBES), default="", type=probe_list,
                    help="also train on per-row-score probes (stratified's per-stratum counts, top rows by held-out "
-                        "gradient alignment, proxy loss or response length): which signal is worth anything")
+                        "gradient alignment, proxy loss or response length): which signal is worth anything; "
+                        f"alone: all of them, or a comma list of {', '.join(PROBES)} (probe-align alone needs the "
+                        "alignment pass)")
     p.add_argument("--no-diagnose", action="store_true",
                    help="skip the diagnostic (per-row gradient alignment with the held-out gradient; one backward "
                         "pass per training row)")
@@ -853,9 +879,9 @@ def main(argv: list[str] | None = None) -> int:
         ("random", "random", k, s, []) for k in args.keeps for s in range(args.random_seeds)]
     plan += [(m, m, k, args.seed, []) for k in args.keeps for m in methods]
     variants = [parse_variant(v) for v in args.variant]
-    plan += [(label, m, k, args.seed, extra)
-             for k in (args.variant_keeps or args.keeps) for label, m, extra in variants]
-    results["variants"] = {label: {"method": m, "options": extra} for label, m, extra in variants}
+    plan += [(label, m, k, args.seed, extra) for label, m, extra, own_keeps in variants
+             for k in (own_keeps or args.variant_keeps or args.keeps)]
+    results["variants"] = {label: {"method": m, "options": extra} for label, m, extra, _ in variants}
     selections: dict[str, dict[str, Any]] = {}
     for label, method, keep, seed, extra in plan:
         name = f"{label}_k{keep:.2f}_s{seed}"
@@ -907,8 +933,9 @@ def main(argv: list[str] | None = None) -> int:
         jobs.append((sel["method"], sel["keep"], sel["seed"], kept_rows(Path(sel["path"])), sel))
     align_key = results["prefix_cache"]["train"]["key"] + results["prefix_cache"]["heldout"]["key"]
     if args.probes:
-        align = gradient_alignment(trainer, caches["train"], caches["heldout"], workdir / "alignment.npz", align_key)
-        probes = probe_subsets(strata, selections, align, args.seed)
+        align = gradient_alignment(trainer, caches["train"], caches["heldout"], workdir / "alignment.npz", align_key) \
+            if "probe-align" in args.probes else {"response_tokens": response_token_counts(caches["train"])}
+        probes = probe_subsets(strata, selections, align, args.seed, args.probes)
         results["probes"] = {name: PROBES[name] for name in sorted({p["method"] for p in probes})}
         jobs += [(p["method"], p["keep"], p["seed"], p.pop("rows"), p) for p in probes]
     train_seeds = list(range(args.train_seed, args.train_seed + args.train_seeds))
