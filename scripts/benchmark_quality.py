@@ -712,14 +712,15 @@ def write_markdown(results: dict[str, Any], summary: dict[str, Any], path: Path,
     if analysis is not None and analysis.exists():
         lines += [f"## Reading of these results (hand-written, kept in `{rel(str(analysis))}`)", "",
                   analysis.read_text().strip(), ""]
-    lines += ["### Per domain", "", "| method | keep | seed | kept rows | " + " | ".join(domains)
-              + " | mean | select wall s | train wall s |", "| --- | ---: | ---: | ---: | "
+    lines += ["### Per domain", "", "| method | keep | seed | kept rows | kept response tokens | "
+              + " | ".join(domains) + " | mean | select wall s | train wall s |", "| --- | ---: | ---: | ---: | ---: | "
               + " | ".join("---:" for _ in domains) + " | ---: | ---: | ---: |"]
     for r in results["runs"]:
         if r.get("mean") is None:
             continue
         keep = "" if r["keep"] is None else f"{r['keep']:.2f}"
         lines.append(f"| {r['method']} | {keep} | {'' if r['seed'] is None else r['seed']} | {r['kept_rows']} | "
+                     f"{r.get('kept_response_tokens', '')} | "
                      + " | ".join(fmt(r["heldout"].get(dm)) for dm in domains)
                      + f" | {fmt(r['mean'])} | {fmt(r.get('select_wall_s'), 1)} | {fmt(r.get('train_wall_s'), 1)} |")
     lines += ["", "## Wall times", "",
@@ -925,6 +926,7 @@ def main(argv: list[str] | None = None) -> int:
                                              results["prefix_cache"]["heldout"]["key"]]).encode(),
                                  digest_size=6).hexdigest()
     n_train = len(caches["train"])
+    train_tokens = response_token_counts(caches["train"])
     jobs: list[tuple[str, float | None, int | None, np.ndarray | None, dict[str, Any] | None]] = [
         ("pretrained", None, None, None, None)]
     if not args.no_full:
@@ -965,6 +967,8 @@ def main(argv: list[str] | None = None) -> int:
         # One subset's result is the mean over training seeds: the shuffle order alone moves it by ~0.005-0.01.
         domains = sorted(per_seed[0]["heldout"])
         run = {"method": method, "keep": keep, "seed": seed, "kept_rows": 0 if rows is None else len(rows),
+               # Response tokens trained on: a subset of long rows trains on more tokens in the same steps.
+               "kept_response_tokens": 0 if rows is None else int(train_tokens[rows].sum()),
                "select_wall_s": sel["wall_s"] if sel else None, "select_cpu_s": sel["cpu_s"] if sel else None,
                "heldout": {d: round(float(np.mean([r["heldout"][d] for r in per_seed])), 5) for d in domains},
                "mean": round(float(np.mean([r["mean"] for r in per_seed])), 5),
