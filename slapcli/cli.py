@@ -249,6 +249,9 @@ def select_cmd(
     eta_scale: float = typer.Option(1.0, "--eta-scale",
                                     help="Multiplier of that step: above 1 the curvature term weighs more "
                                          "(batches of less redundant gradients)."),
+    length_prior: float = typer.Option(0.0, "--length-prior",
+                                       help="Weight of log(response tokens / mean) in the batch score, in units of "
+                                            "the pool's score spread (longer rows of a stratum teach more)."),
     curvature: bool = typer.Option(True, "--curvature/--no-curvature",
                                    help="Keep the second-order (curvature) term of the batch score."),
     max_tokens: int | None = typer.Option(None, "--max-tokens", help="Proxy tokens per row (default: as embedded)."),
@@ -272,7 +275,8 @@ def select_cmd(
     config = SelectConfig(method=method, keep=keep, budget=budget, allocation=allocation, batch_size=batch_size,
                           pool_factor=pool_factor, diversity=diversity, proj_dim=proj_dim, refresh=refresh,
                           target_refresh=target_refresh, lr=lr,
-                          feature_norm=feature_norm, eta=eta, eta_scale=eta_scale, curvature=curvature,
+                          feature_norm=feature_norm, eta=eta, eta_scale=eta_scale, length_prior=length_prior,
+                          curvature=curvature,
                           max_tokens=max_tokens, target=target, proxy_model=proxy_model, embeddings=embeddings,
                           seed=seed, device=device, resume=resume, checkpoint_seconds=60.0 * checkpoint_minutes,
                           record_timings=timings)

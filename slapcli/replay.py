@@ -342,9 +342,14 @@ def run_replay(strata_meta: ArtifactMeta, strata_path: str, table: pa.Table, poo
                 gamma = config.diversity * (spread if spread > 0 else 1.0)
                 b = min(config.batch_size, pool.left)
                 groups, caps = pool.caps(candidates)
+                content = None
+                if config.length_prior:
+                    content = config.length_prior * (spread if spread > 0 else 1.0) * torch.from_numpy(
+                        response_content(encoded, candidates, reference_tokens))
                 result = greedy_batch(pool_feats, target, h, eta, gamma, torch.from_numpy(embeddings[candidates]),
                                       torch.from_numpy(scales[candidates]), b, config.diversity_clip,
-                                      groups=torch.from_numpy(groups), group_caps=torch.from_numpy(caps))
+                                      groups=torch.from_numpy(groups), group_caps=torch.from_numpy(caps),
+                                      content=content)
                 t3 = time.perf_counter()
                 chosen_positions = [int(candidates[j]) for j in result.chosen]
                 for k, pos in enumerate(chosen_positions):
@@ -389,6 +394,20 @@ def run_replay(strata_meta: ArtifactMeta, strata_path: str, table: pa.Table, poo
     if config.record_timings:  # wall times differ run to run: only on request, so equal runs give equal bytes
         stats["seconds"] = {k: round(v, 3) for k, v in timings.items()}
     return choices, stats
+
+
+def response_content(encoded: dict[Any, EncodedExample], positions: np.ndarray, reference_tokens: float) -> np.ndarray:
+    """log(response tokens / reference_tokens) per row: the content term of `--length-prior`, before its weight.
+
+    Why: the batch score is a one-step quantity on per-row MEAN losses, so it is blind to how much a row has to
+    teach over the whole run, and inside one stratum (same topic, same loss level) that grows with the number of
+    response tokens. On the quality benchmark, the longest rows of each stratum trained better than random while
+    the longest rows overall (coverage lost) trained worse (docs/RESULTS.md); Zhao et al. 2024 ("Long Is More for
+    Alignment") report the same for instruction tuning. The log keeps a 2x longer row worth one fixed step.
+    """
+    counts = np.array([max(1, int(np.sum(encoded[int(p)].response_mask))) for p in positions.tolist()],
+                      dtype=np.float64)
+    return np.log(counts / reference_tokens)
 
 
 def checkpoint_path(output_path: str) -> str:

@@ -80,6 +80,9 @@ class SelectConfig:
     # Multiplies that step. Above 1 the curvature term weighs more: U(B) then peaks at a batch mean shorter than
     # the target's, i.e. batches whose rows' gradients cancel more (less redundant), below 1 at more aligned ones.
     eta_scale: float = 1.0
+    # Weight of each row's log(response tokens / mean) in the batch score, in units of the pool's score spread:
+    # inside a stratum, a longer response has more to teach than the one-step score sees (replay.response_content).
+    length_prior: float = 0.0
     curvature: bool = True  # False drops the second-order term of the batch score (an ablation)
     max_tokens: int | None = None  # None: the --max-tokens recorded by `embed`
     target: str | None = None  # dev file whose rows define the target direction
@@ -347,6 +350,8 @@ def select(strata_path: str, output_path: str, config: SelectConfig, reporter: R
         raise UsageError(f"--eta must be one of {', '.join(ETA_RULES)}")
     if not config.eta_scale > 0:
         raise UsageError("--eta-scale must be > 0")
+    if not config.length_prior >= 0:
+        raise UsageError("--length-prior must be >= 0")
     strata_meta = read_meta(strata_path, "strata")
     table = read_table(strata_path)
     n = table.num_rows

@@ -473,24 +473,27 @@ def relative_diversity(member_emb: Tensor, member_scale: Tensor, clip: float = 2
 
 
 def batch_utility(features_B: Tensor, target: Tensor, h: Tensor, eta: float, gamma: float, emb_B: Tensor,
-                  scale_B: Tensor, clip: float = 2.0) -> dict[str, float]:
-    """U(B) from scratch, split into its terms; `curvature` is the positive eta^2/2 m^T H m that is subtracted.
+                  scale_B: Tensor, clip: float = 2.0, content_B: Tensor | None = None) -> dict[str, float]:
+    """U(B) from scratch, split into its terms; `curvature` is the positive eta^2/2 m^T H m that is subtracted,
+    `content` the mean of the members' (already weighted) per-row content values, when given.
 
     The reference for `greedy_batch`; U of the empty batch is 0.
     """
     if features_B.shape[0] == 0:
-        return {"first_order": 0.0, "curvature": 0.0, "diversity": 0.0, "total": 0.0}
+        return {"first_order": 0.0, "curvature": 0.0, "diversity": 0.0, "content": 0.0, "total": 0.0}
     m = features_B.mean(0)
     first = eta * float(target @ m)
     curv = 0.5 * eta**2 * float((h * m * m).sum())
     div = gamma * relative_diversity(emb_B, scale_B, clip)
-    return {"first_order": first, "curvature": curv, "diversity": div, "total": first - curv + div}
+    content = float(content_B.mean()) if content_B is not None else 0.0
+    return {"first_order": first, "curvature": curv, "diversity": div, "content": content,
+            "total": first - curv + div + content}
 
 
 @dataclass
 class GreedyResult:
     """Chosen pool indices in the order added; per pick its marginal gain = first_order - curvature +
-    diversity (each the change of that term of U), and the final batch's terms in `totals`.
+    diversity + content (each the change of that term of U), and the final batch's terms in `totals`.
     `candidate_gains` (only if asked for) holds each step's gains over the whole pool, -inf where taken."""
 
     chosen: list[int] = field(default_factory=list)
@@ -498,6 +501,7 @@ class GreedyResult:
     first_order: list[float] = field(default_factory=list)
     curvature: list[float] = field(default_factory=list)
     diversity: list[float] = field(default_factory=list)
+    content: list[float] = field(default_factory=list)
     totals: dict[str, float] = field(default_factory=dict)
     candidate_gains: list[Tensor] = field(default_factory=list)
 
@@ -505,13 +509,14 @@ class GreedyResult:
 def greedy_batch(pool_features: Tensor, target: Tensor, h: Tensor, eta: float, gamma: float,
                  pool_emb: Tensor, pool_scale: Tensor, batch_size: int, clip: float = 2.0,
                  keep_candidate_gains: bool = False, groups: Tensor | None = None,
-                 group_caps: Tensor | None = None) -> GreedyResult:
+                 group_caps: Tensor | None = None, content: Tensor | None = None) -> GreedyResult:
     """Grow a batch one candidate at a time by the largest marginal gain of U (ties: lowest index).
 
     With `groups` (a group id per candidate, e.g. its stratum) and `group_caps` (indexed by group id), at
     most group_caps[g] candidates of group g are taken: the pool may offer a stratum more candidates than
     its remaining budget, so that the scores, not the draw, decide which of them are kept. The batch stops
-    early when every remaining candidate's group is full.
+    early when every remaining candidate's group is full. With `content` (a value per candidate), U also counts
+    the mean content of the members (`content` in the result).
 
     Each step scores the whole pool in closed form, O(n (D + |B|)): with S the members' feature sum,
     m' = (S + g_j) / (s + 1), so <g*, m'> needs <g*, g_j>, and m'^T H m' needs S^T H S, g_j^T H S and the
@@ -523,7 +528,11 @@ def greedy_batch(pool_features: Tensor, target: Tensor, h: Tensor, eta: float, g
         raise ValueError("pool_features [n, D], target [D], h [D], pool_emb [n, d], pool_scale [n] mismatch")
     if batch_size < 0:
         raise ValueError(f"batch_size must be >= 0, got {batch_size}")
+    if content is not None and content.shape != (n,):
+        raise ValueError("content must hold one value per candidate")
     g, dt = pool_features, pool_features.dtype
+    c_val = content.to(dt) if content is not None else torch.zeros(n, dtype=dt, device=g.device)
+    c_sum = 0.0
     emb = pool_emb.to(dt)
     scale = pool_scale.to(dt).clamp_min(MIN_SCALE)
     hg = g * h.to(dt)
@@ -535,7 +544,7 @@ def greedy_batch(pool_features: Tensor, target: Tensor, h: Tensor, eta: float, g
     s_sum = torch.zeros(dim, dtype=dt, device=g.device)
     taken = torch.zeros(n, dtype=torch.bool, device=g.device)
     room = group_caps.clone().to(torch.long) if group_caps is not None else None
-    prev_first = prev_curv = prev_div = 0.0
+    prev_first = prev_curv = prev_div = prev_content = 0.0
     result = GreedyResult()
     for step in range(k):
         s1 = step + 1
@@ -549,11 +558,13 @@ def greedy_batch(pool_features: Tensor, target: Tensor, h: Tensor, eta: float, g
             own = (d.min(1).values / scale).clamp(max=clip)
             others = (torch.minimum(d, member_nn) / scale[members]).clamp(max=clip).sum(1)
             div = (own + others) / s1
+        mean_content = (c_sum + c_val) / s1
         d_first, d_curv, d_div = first - prev_first, curv - prev_curv, gamma * (div - prev_div)
+        d_content = mean_content - prev_content
         blocked = taken if room is None or groups is None else taken | (room[groups] <= 0)
         if bool(blocked.all()):
             break
-        gain = (d_first - d_curv + d_div).masked_fill(blocked, float("-inf"))
+        gain = (d_first - d_curv + d_div + d_content).masked_fill(blocked, float("-inf"))
         j = int(torch.argmax(gain))  # first maximum -> lowest index on ties
         if keep_candidate_gains:
             result.candidate_gains.append(gain.clone())
@@ -562,7 +573,10 @@ def greedy_batch(pool_features: Tensor, target: Tensor, h: Tensor, eta: float, g
         result.first_order.append(float(d_first[j]))
         result.curvature.append(float(d_curv[j]))
         result.diversity.append(float(d_div[j]))
+        result.content.append(float(d_content[j]))
         prev_first, prev_curv, prev_div = float(first[j]), float(curv[j]), float(div[j])
+        prev_content = float(mean_content[j])
+        c_sum += float(c_val[j])
         taken[j] = True
         if room is not None and groups is not None:
             room[groups[j]] -= 1
@@ -571,5 +585,5 @@ def greedy_batch(pool_features: Tensor, target: Tensor, h: Tensor, eta: float, g
         new_nn = dist[j, :step].min() if step else torch.tensor(float("inf"), dtype=dt, device=g.device)
         member_nn = torch.cat([torch.minimum(member_nn, dist[j, :step]), new_nn.reshape(1)])
     result.totals = {"first_order": prev_first, "curvature": prev_curv, "diversity": gamma * prev_div,
-                     "total": prev_first - prev_curv + gamma * prev_div}
+                     "content": prev_content, "total": prev_first - prev_curv + gamma * prev_div + prev_content}
     return result

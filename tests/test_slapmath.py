@@ -391,35 +391,40 @@ def random_pool(n: int = 40, dim: int = 16, d: int = 8, seed: int = 0) -> dict[s
 
 
 def utility(pool: dict[str, torch.Tensor], members: list[int], eta: float, gamma: float,
-            clip: float) -> dict[str, float]:
+            clip: float, content: torch.Tensor | None = None) -> dict[str, float]:
     return batch_utility(pool["pool_features"][members], pool["target"], pool["h"], eta, gamma,
-                         pool["pool_emb"][members], pool["pool_scale"][members], clip)
+                         pool["pool_emb"][members], pool["pool_scale"][members], clip,
+                         None if content is None else content[members])
 
 
-@pytest.mark.parametrize(("eta", "gamma", "seed"), [(0.5, 0.3, 0), (1.0, 2.0, 1), (0.1, 0.0, 2), (2.0, 1.0, 3)])
-def test_greedy_gains_match_recomputation(eta: float, gamma: float, seed: int) -> None:
+@pytest.mark.parametrize(("eta", "gamma", "seed", "with_content"),
+                         [(0.5, 0.3, 0, False), (1.0, 2.0, 1, True), (0.1, 0.0, 2, False), (2.0, 1.0, 3, True)])
+def test_greedy_gains_match_recomputation(eta: float, gamma: float, seed: int, with_content: bool) -> None:
     pool = random_pool(seed=seed)
+    content = torch.randn(40, generator=torch.Generator().manual_seed(seed + 50), dtype=torch.float64) \
+        if with_content else None
     clip = 1.7
-    res = greedy_batch(**pool, eta=eta, gamma=gamma, batch_size=12, clip=clip, keep_candidate_gains=True)
+    res = greedy_batch(**pool, eta=eta, gamma=gamma, batch_size=12, clip=clip, keep_candidate_gains=True,
+                       content=content)
     naive: list[int] = []
     for step, j in enumerate(res.chosen):
-        before = utility(pool, naive, eta, gamma, clip)
+        before = utility(pool, naive, eta, gamma, clip, content)
         gains = []
         for c in range(40):
-            after = utility(pool, [*naive, c], eta, gamma, clip) if c not in naive else None
+            after = utility(pool, [*naive, c], eta, gamma, clip, content) if c not in naive else None
             gains.append(-math.inf if after is None else after["total"] - before["total"])
         # Every candidate's vectorised gain, not only the winner's, equals the recomputed one.
         torch.testing.assert_close(res.candidate_gains[step], torch.tensor(gains, dtype=torch.float64),
                                    atol=1e-9, rtol=0)
         best = max(range(40), key=lambda c, g=gains: (g[c], -c))
         assert j == best
-        after = utility(pool, [*naive, j], eta, gamma, clip)
+        after = utility(pool, [*naive, j], eta, gamma, clip, content)
         assert res.gains[step] == pytest.approx(gains[j], abs=1e-9)
         for key, attr in [("first_order", res.first_order), ("curvature", res.curvature),
-                          ("diversity", res.diversity)]:
+                          ("diversity", res.diversity), ("content", res.content)]:
             assert attr[step] == pytest.approx(after[key] - before[key], abs=1e-9)
         naive.append(j)
-    final = utility(pool, naive, eta, gamma, clip)
+    final = utility(pool, naive, eta, gamma, clip, content)
     for key, value in final.items():
         assert res.totals[key] == pytest.approx(value, abs=1e-9)
 
