@@ -238,7 +238,7 @@ def select_cmd(
     diversity: float = typer.Option(0.1, "--diversity", help="Weight (gamma) of the relative-distance diversity."),
     proj_dim: int = typer.Option(1024, "--proj-dim", help="Dimension of the projected gradient features."),
     refresh: int = typer.Option(4, "--refresh", help="Replay steps a candidate's gradient feature is reused."),
-    target_refresh: int = typer.Option(25, "--target-refresh",
+    target_refresh: int = typer.Option(4, "--target-refresh",
                                        help="Replay steps between recomputations of the target direction."),
     lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate of the proxy replay."),
     feature_norm: str = typer.Option("unit", "--feature-norm",

@@ -71,7 +71,11 @@ class SelectConfig:
     proxy_model: str = DEFAULT_PROXY_MODEL
     proj_dim: int = 1024
     refresh: int = 4  # replay steps a candidate's gradient feature is reused before it is recomputed
-    target_refresh: int = 25  # replay steps between recomputations of the target direction (it moves slowly)
+    # Replay steps between recomputations of the target direction under the current proxy. Every 4 steps, as the
+    # candidates' features: at 25, the 26-step replay of the quality benchmark computed it at steps 0 and 25 only,
+    # so the scores aimed at what the untrained proxy lacked, not at what the trained one still lacks, and slap
+    # lost to every random subset (docs/RESULTS.md). Costs ~30% more selection CPU.
+    target_refresh: int = 4
     lr: float = 1e-4  # proxy learning rate (AdamW); the score's eta is set by `eta`, in feature units
     trainable_blocks: int = 2  # the last decoder blocks get trained and give the gradient features
     damping: float = 0.1  # curvature damping, relative to the mean curvature
