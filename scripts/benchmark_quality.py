@@ -936,7 +936,7 @@ def main(argv: list[str] | None = None) -> int:
     align_key = results["prefix_cache"]["train"]["key"] + results["prefix_cache"]["heldout"]["key"]
     if args.probes:
         align = gradient_alignment(trainer, caches["train"], caches["heldout"], workdir / "alignment.npz", align_key) \
-            if "probe-align" in args.probes else {"response_tokens": response_token_counts(caches["train"])}
+            if "probe-align" in args.probes else {"response_tokens": train_tokens}
         probes = probe_subsets(strata, selections, align, args.seed, args.probes)
         results["probes"] = {name: PROBES[name] for name in sorted({p["method"] for p in probes})}
         jobs += [(p["method"], p["keep"], p["seed"], p.pop("rows"), p) for p in probes]

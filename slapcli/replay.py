@@ -271,7 +271,7 @@ def run_replay(strata_meta: ArtifactMeta, strata_path: str, table: pa.Table, poo
 
     # Norm "tokens" weighs a row's direction by sqrt(n / n_ref): n_ref is the data's mean response length, fixed
     # for the whole replay so that features of different steps stay on one scale.
-    reference_tokens = float(np.mean([int(np.sum(e.response_mask)) for e in encoded.values()])) if encoded else 1.0
+    reference_tokens = float(np.mean([e.n_response_tokens for e in encoded.values()])) if encoded else 1.0
     if config.target:
         target_rows = _encode_target_file(config.target, tokenizer, max_tokens, config.target_rows)
         target_keys: list[Any] = [("target", i) for i in range(len(target_rows))]
@@ -406,8 +406,7 @@ def response_content(encoded: dict[Any, EncodedExample], positions: np.ndarray, 
     ("Long Is More for Alignment") report long responses helping instruction tuning. The log keeps a 2x longer
     row worth one fixed step.
     """
-    counts = np.array([max(1, int(np.sum(encoded[int(p)].response_mask))) for p in positions.tolist()],
-                      dtype=np.float64)
+    counts = np.array([max(1, encoded[int(p)].n_response_tokens) for p in positions.tolist()], dtype=np.float64)
     return np.log(counts / reference_tokens)
 
 

@@ -79,7 +79,7 @@ class SelectConfig:
     lr: float = 1e-4  # proxy learning rate (AdamW); the score's eta is set by `eta`, in feature units
     trainable_blocks: int = 2  # the last decoder blocks get trained and give the gradient features
     damping: float = 0.1  # curvature damping, relative to the mean curvature
-    feature_norm: str = "unit"  # "unit": score gradient directions (cosine), "raw": inner products
+    feature_norm: str = "unit"  # "unit": directions (cosine), "tokens": sqrt(n)-weighted directions, "raw"
     eta: str = "target"  # step of the batch score: "target" (Newton step along g*) or "row" (median per row)
     # Multiplies that step. Above 1 the curvature term weighs more: U(B) then peaks at a batch mean shorter than
     # the target's, i.e. batches whose rows' gradients cancel more (less redundant), below 1 at more aligned ones.
