@@ -612,6 +612,10 @@ def write_plot(results: dict[str, Any], summary: dict[str, Any], path: Path) -> 
     plt.close(fig)
 
 
+def at_keeps(keeps: list[str]) -> str:
+    return f"keep {', '.join(keeps)}" if keeps else "no keep ratio"
+
+
 def fmt(x: float | None, digits: int = 4) -> str:
     return "" if x is None else f"{x:.{digits}f}"
 
@@ -730,9 +734,8 @@ def write_markdown(results: dict[str, Any], summary: dict[str, Any], path: Path,
         worse = [k for k in keeps if k in cells[method] and k in cells.get("random", {})
                  and cells[method][k]["mean"] > cells["random"][k]["max"]]
         le_full = [k for k in keeps if k in cells[method] and full is not None and cells[method][k]["mean"] <= full]
-        lines.append(f"- `{method}`: below random's spread at keep {', '.join(beats) or 'none'}; above it "
-                     f"(worse than every random seed) at {', '.join(worse) or 'none'}; no worse than full data at "
-                     f"{', '.join(le_full) or 'none'}.")
+        lines.append(f"- `{method}`: below random's spread at {at_keeps(beats)}; above it (worse than every random "
+                     f"seed) at {at_keeps(worse)}; no worse than full data at {at_keeps(le_full)}.")
     if "slap" in cells and "random" in cells:
         target = [k for k in ("0.60", "0.70") if k in cells["slap"]]
         ok = [k for k in target if cells["slap"][k].get("beats_random_spread")
@@ -741,7 +744,7 @@ def write_markdown(results: dict[str, Any], summary: dict[str, Any], path: Path,
                       f"{'met at keep ' + ', '.join(ok) if ok else 'not met'} in this run."]
     if "random" in cells and full is not None:
         rb = [k for k in keeps if k in cells["random"] and cells["random"][k]["mean"] <= full]
-        lines.append(f"Random subsets reach full data's loss on average at keep {', '.join(rb) or 'none'}.")
+        lines.append(f"Random subsets reach full data's loss on average at {at_keeps(rb)}.")
     lines.append("")
 
     diag = results.get("diagnostics")
