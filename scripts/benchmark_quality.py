@@ -603,8 +603,9 @@ def write_plot(results: dict[str, Any], summary: dict[str, Any], path: Path) -> 
         ax.plot([1.0], [summary["full"]], "k*", ms=10)
     ax.set_xlabel("keep ratio")
     ax.set_ylabel("held-out response loss, mean over domains")
-    ax.set_title("Top-2-block fine-tune of SmolLM2-135M on each subset (lower is better)"
-                 if results["config"]["train_blocks"] == 2 else "Fine-tune on each subset (lower is better)")
+    c = results["config"]
+    ax.set_title(f"Top-{c['train_blocks']}-block fine-tune of SmolLM2-135M on each subset, {c['epochs']} "
+                 f"epoch{'s' if c['epochs'] != 1 else ''} (lower is better)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
