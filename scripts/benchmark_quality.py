@@ -56,7 +56,7 @@ import torch
 
 from slapcli.io.readers import SourceReader, iter_examples
 from slapcli.io.writers import atomic_path
-from slapcli.models import DEFAULT_PROXY_MODEL, ensure_gguf_converted, load_causal_lm, resolve_model
+from slapcli.models import DEFAULT_PROXY_MODEL, ModelRef, ensure_gguf_converted, load_causal_lm, resolve_model
 from slapcli.proxy import EncodedExample, collate, encode_examples, length_sorted_batches, response_losses
 from slapcli.replay import SplitProxy
 
@@ -392,11 +392,18 @@ def write_run(path: Path, one: dict[str, Any]) -> None:
         Path(tmp).write_text(json.dumps(one, indent=2) + "\n")
 
 
+def load_split_proxy(train_blocks: int) -> tuple[ModelRef, Any, SplitProxy, int]:
+    """The default proxy in float32 on the CPU, split above its top `train_blocks` blocks: (ref, tokenizer,
+    split, pad id)."""
+    ref = resolve_model(DEFAULT_PROXY_MODEL)
+    tokenizer, model = load_causal_lm(ref, torch.device("cpu"), torch.float32)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    return ref, tokenizer, SplitProxy(model, train_blocks), pad_id
+
+
 def load_trainer(args: argparse.Namespace, workdir: Path) -> tuple[TopTrainer, dict[str, HiddenCache]]:
     """The proxy split for training and the (already built) prefix caches of `workdir`."""
-    tokenizer, model = load_causal_lm(resolve_model(DEFAULT_PROXY_MODEL), torch.device("cpu"), torch.float32)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    split = SplitProxy(model, args.train_blocks)
+    _, _, split, pad_id = load_split_proxy(args.train_blocks)
     caches = {key: HiddenCache(workdir / f"prefix_{key}") for key in ("train", "heldout")}
     return TopTrainer(split, pad_id, args), caches
 
@@ -970,10 +977,7 @@ def main(argv: list[str] | None = None) -> int:
     results["selections"] = selections
 
     # 3. prefix caches, then one training run per subset
-    ref = resolve_model(DEFAULT_PROXY_MODEL)
-    tokenizer, model = load_causal_lm(ref, torch.device("cpu"), torch.float32)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    split = SplitProxy(model, args.train_blocks)
+    ref, tokenizer, split, pad_id = load_split_proxy(args.train_blocks)
     results["model"] = {"identity": ref.identity, "blocks": len(split.blocks), "frozen_blocks": split.split,
                         "trainable_parameters": sum(p.numel() for p in split.parameters)}
     caches, results["prefix_cache"] = {}, {}

@@ -339,12 +339,13 @@ def run_replay(strata_meta: ArtifactMeta, strata_path: str, table: pa.Table, poo
                 eta = config.extra.get("score_lr") or config.eta_scale * score_step(config.eta, pool_feats, target, h)
                 singles = eta * (pool_feats @ target) - 0.5 * eta**2 * (pool_feats.pow(2) @ h)
                 spread = float(singles.std()) if len(singles) > 1 else 0.0
-                gamma = config.diversity * (spread if spread > 0 else 1.0)
+                score_unit = spread if spread > 0 else 1.0  # diversity and length prior are in these units
+                gamma = config.diversity * score_unit
                 b = min(config.batch_size, pool.left)
                 groups, caps = pool.caps(candidates)
                 content = None
                 if config.length_prior:
-                    content = config.length_prior * (spread if spread > 0 else 1.0) * torch.from_numpy(
+                    content = config.length_prior * score_unit * torch.from_numpy(
                         response_content(encoded, candidates, reference_tokens))
                 result = greedy_batch(pool_feats, target, h, eta, gamma, torch.from_numpy(embeddings[candidates]),
                                       torch.from_numpy(scales[candidates]), b, config.diversity_clip,
