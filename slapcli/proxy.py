@@ -216,6 +216,29 @@ def response_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch
     return response_losses(model, batch).sum()
 
 
+def token_budget_batches(lengths: Sequence[int], max_rows: int, max_tokens: int) -> list[list[int]]:
+    """Indices grouped longest first into batches of at most `max_rows` rows whose padded size (rows x the
+    batch's longest row) stays within `max_tokens`; a row longer than `max_tokens` gets a batch of its own.
+
+    Why: a batch costs its padded size. Sixteen random rows of Alpaca-like data tokenised for SmolLM2 hold
+    2.3 padded tokens per real one (its rows: median 76 tokens, max 256); rows of similar length in batches
+    sized by tokens hold ~1.1. Every pass that uses this treats rows independently, so only the cost changes.
+    """
+    if max_rows < 1 or max_tokens < 1:
+        raise ValueError(f"max_rows and max_tokens must be >= 1, got {max_rows}, {max_tokens}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep the callers' order
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:  # longest first, so current[0] is the batch's longest row
+        if current and (len(current) == max_rows or (len(current) + 1) * lengths[current[0]] > max_tokens):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar length (longest first, so memory trouble shows at once)."""
     if batch_size < 1:

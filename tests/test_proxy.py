@@ -237,3 +237,21 @@ def test_length_sorted_batches_cover_all_rows_once() -> None:
     batches = proxy.length_sorted_batches(lengths, 3)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     assert [lengths[i] for b in batches for i in b] == sorted(lengths, reverse=True)
+
+
+def test_token_budget_batches_respect_both_limits_and_cut_only_when_needed() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        lengths = rng.integers(1, 300, size=int(rng.integers(0, 60))).tolist()
+        max_rows, max_tokens = int(rng.integers(1, 20)), int(rng.integers(1, 2000))
+        batches = proxy.token_budget_batches(lengths, max_rows, max_tokens)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        flat = [lengths[i] for b in batches for i in b]
+        assert flat == sorted(lengths, reverse=True)
+        for k, b in enumerate(batches):
+            padded = len(b) * max(lengths[i] for i in b)
+            assert len(b) <= max_rows and (padded <= max_tokens or len(b) == 1)
+            if k + 1 < len(batches):  # a cut only where one more row would break a limit
+                assert len(b) == max_rows or (len(b) + 1) * lengths[b[0]] > max_tokens
+    with pytest.raises(ValueError):
+        proxy.token_budget_batches([3], 0, 10)

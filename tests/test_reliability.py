@@ -268,11 +268,14 @@ def test_a_signal_while_a_part_is_written_leaves_no_temporary_file(tmp_path, dat
     out = tmp_path / "run" / "e.parquet"
     # Slow Parquet writes, so that the signal lands while a part's temporary file exists.
     proc = start_slap(tmp_path, embed_args(data_file, out, models), [("pyarrow.parquet", "write_table", 0.5)])
-    wait_for(lambda: bool(temp_files(tmp_path)), proc)
+    manifest = parts_of(out) / "manifest.json"
+    # The manifest goes in first, through a temporary file of its own: wait past it, or under load the signal
+    # can land while the manifest itself is being written and there is no resume state to check.
+    wait_for(lambda: manifest.exists() and bool(temp_files(tmp_path)), proc)
     proc.send_signal(signum)
     assert_clean_interrupt(proc, signum)
     assert not out.exists() and not temp_files(tmp_path)
-    assert (parts_of(out) / "manifest.json").exists()  # resume state is kept
+    assert manifest.exists()  # resume state is kept
 
 
 @STOP_SIGNALS

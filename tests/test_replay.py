@@ -66,6 +66,35 @@ def test_row_features_match_full_model_gradients(tiny_proxy_dir):
             torch.testing.assert_close(losses[i], loss.detach()[0], atol=2e-3, rtol=1e-3)
 
 
+def test_length_grouping_changes_neither_features_nor_the_training_step(tiny_proxy_dir, monkeypatch):
+    from slapcli import replay
+
+    _, model, split, cache, _ = _setup(tiny_proxy_dir)
+    keys = [2, 0, 1, 2]  # lengths out of order, and a repeated row
+    with GradientProjector(model, split.linears, 64, seed=3) as projector:
+        together, together_loss = row_features(split, cache, projector, keys, "unit")
+        monkeypatch.setattr(replay, "FEATURE_TOKENS", 1)  # every row in a batch of its own
+        alone, alone_loss = row_features(split, cache, projector, keys, "unit")
+    torch.testing.assert_close(alone, together, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(alone_loss, together_loss, atol=1e-6, rtol=1e-5)
+
+    # One training step accumulated over per-row parts equals one step on the batch mean.
+    start = [p.detach().clone() for p in split.parameters]
+    replay._train_step(split, cache, torch.optim.SGD(split.parameters, lr=0.5), keys)
+    accumulated = [p.detach().clone() for p in split.parameters]
+    with torch.no_grad():
+        for p, s in zip(split.parameters, start, strict=True):
+            p.copy_(s)
+    optimizer = torch.optim.SGD(split.parameters, lr=0.5)
+    batch, hidden = cache.batch(keys)
+    with split.top_only(hidden):
+        response_losses(model, batch).mean().backward()
+    optimizer.step()
+    assert any(not torch.equal(a, s) for a, s in zip(accumulated, start, strict=True))  # the step did move
+    for a, p in zip(accumulated, split.parameters, strict=True):
+        torch.testing.assert_close(a, p.detach(), atol=1e-6, rtol=1e-5)
+
+
 def test_stratified_sample_is_proportional_and_fixed():
     stratum = np.array([0] * 50 + [1] * 30 + [2] * 20)
     eligible = np.ones(100, dtype=bool)
