@@ -281,9 +281,12 @@ def profile_replay(data: Path, seed: int, proj_dim: int, trainable_blocks: int) 
 
     The replay's own timers put the one-off prefix pass (the frozen bottom blocks, once per row) inside
     `features` and `target`; timing the parts apart on the same rows, in the replay's feature batches (rows
-    in data order, not length-sorted, as the replay takes them), shows what a feature and a prefix cost.
+    grouped by length under its token budget, as the replay groups each pass), shows what a feature and a
+    prefix cost. Here every row goes in one pass, so the grouping pads less than the replay's passes of ~16-64
+    rows do.
     """
-    from slapcli.replay import FEATURE_BATCH, PrefixCache, SplitProxy, row_features
+    from slapcli.proxy import token_budget_batches
+    from slapcli.replay import FEATURE_BATCH, FEATURE_TOKENS, PrefixCache, SplitProxy, row_features
     from slapcli.slapmath import GradientProjector
 
     torch.manual_seed(seed)
@@ -313,9 +316,11 @@ def profile_replay(data: Path, seed: int, proj_dim: int, trainable_blocks: int) 
         projector.close()
 
     # The same top-only forward and backward with no projector hooks: what the sketches add on top.
+    groups = [[keys[i] for i in idx] for idx in
+              token_budget_batches([len(encoded[k].input_ids) for k in keys], FEATURE_BATCH, FEATURE_TOKENS)]
     t0 = time.perf_counter()
-    for start in range(0, len(keys), FEATURE_BATCH):
-        batch, hidden = cache.batch(keys[start:start + FEATURE_BATCH])
+    for chunk in groups:
+        batch, hidden = cache.batch(chunk)
         with split.top_only(hidden):
             response_losses(model, batch).sum().backward()
         model.zero_grad(set_to_none=True)
@@ -325,8 +330,7 @@ def profile_replay(data: Path, seed: int, proj_dim: int, trainable_blocks: int) 
     for p in model.parameters():
         p.requires_grad_(True)
     t0 = time.perf_counter()
-    for start in range(0, len(keys), FEATURE_BATCH):
-        chunk = keys[start:start + FEATURE_BATCH]
+    for chunk in groups:
         batch = collate([encoded[k] for k in chunk], pad_id)
         response_losses(model, batch).sum().backward()
         model.zero_grad(set_to_none=True)
@@ -336,6 +340,7 @@ def profile_replay(data: Path, seed: int, proj_dim: int, trainable_blocks: int) 
     return {
         "rows": n,
         "feature_batch": FEATURE_BATCH,
+        "feature_tokens": FEATURE_TOKENS,
         "trainable_blocks": trainable_blocks,
         "decoder_blocks": len(split.blocks),
         "proj_dim_used": projector.dim,
@@ -435,7 +440,8 @@ def print_table(results: dict[str, Any]) -> None:
     prof = results.get("replay_profile")
     if prof:
         out.write(f"\nreplay parts, once over all {prof['rows']} rows "
-                  f"(batches of {prof['feature_batch']}, data order):\n")
+                  f"(up to {prof['feature_batch']} rows of up to {prof.get('feature_tokens', '?')} padded tokens, "
+                  f"grouped by length):\n")
         for key in ("prefix_all_rows_s", "features_all_rows_s", "top_fwd_bwd_all_rows_s", "full_fwd_bwd_all_rows_s"):
             out.write(f"  {key:<42} {prof[key]:>9.1f}\n")
     out.flush()
