@@ -285,8 +285,7 @@ def profile_replay(data: Path, seed: int, proj_dim: int, trainable_blocks: int) 
     prefix cost. Here every row goes in one pass, so the grouping pads less than the replay's passes of ~16-64
     rows do.
     """
-    from slapcli.proxy import token_budget_batches
-    from slapcli.replay import FEATURE_BATCH, FEATURE_TOKENS, PrefixCache, SplitProxy, row_features
+    from slapcli.replay import FEATURE_BATCH, PrefixCache, SplitProxy, row_features
     from slapcli.slapmath import GradientProjector
 
     torch.manual_seed(seed)
@@ -316,8 +315,7 @@ def profile_replay(data: Path, seed: int, proj_dim: int, trainable_blocks: int) 
         projector.close()
 
     # The same top-only forward and backward with no projector hooks: what the sketches add on top.
-    groups = [[keys[i] for i in idx] for idx in
-              token_budget_batches([len(encoded[k].input_ids) for k in keys], FEATURE_BATCH, FEATURE_TOKENS)]
+    groups = [[keys[i] for i in idx] for idx in cache.groups(keys)]
     t0 = time.perf_counter()
     for chunk in groups:
         batch, hidden = cache.batch(chunk)
@@ -340,7 +338,7 @@ def profile_replay(data: Path, seed: int, proj_dim: int, trainable_blocks: int) 
     return {
         "rows": n,
         "feature_batch": FEATURE_BATCH,
-        "feature_tokens": FEATURE_TOKENS,
+        "feature_tokens": cache.token_budget,
         "trainable_blocks": trainable_blocks,
         "decoder_blocks": len(split.blocks),
         "proj_dim_used": projector.dim,

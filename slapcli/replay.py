@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import time
 from collections import deque
@@ -45,9 +46,16 @@ from slapcli.slapmath import (
 from slapcli.source import iter_source_rows, source_path
 
 FEATURE_BATCH = 16  # rows per forward/backward when computing gradient features (bigger GEMMs)
-# Padded tokens per such batch: rows are grouped by length under this budget (proxy.token_budget_batches), so a
-# replay pass computes ~1.1 tokens per real one instead of ~2.3 for 16 rows in the pool's random order.
-FEATURE_TOKENS = 2048
+# Padded tokens per such batch on a CPU: each pass groups its rows by length under this budget
+# (proxy.token_budget_batches). A pass of 16 candidates in the pool's random order padded 2.3 tokens per real
+# one on the quality benchmark's data; grouped under 512 tokens, 1.17 (under 2048, 1.68), and the frozen-prefix
+# and feature passes ran 28% and 22% faster than under 2048 (work in docs/PERFORMANCE.md). Accelerators keep
+# batches of FEATURE_BATCH rows (only sorted by length): small batches would leave them idle.
+CPU_FEATURE_TOKENS = 512
+
+
+def feature_token_budget(device: torch.device) -> int:
+    return CPU_FEATURE_TOKENS if device.type == "cpu" else sys.maxsize
 
 
 class _PassThrough(nn.Module):
@@ -168,11 +176,16 @@ class PrefixCache:
                  device: torch.device, spill_dir: str | None = None) -> None:
         self.split, self.encoded, self.pad_id, self.device = split, encoded, pad_id, device
         self.hidden = HiddenStore(spill_dir)
+        self.token_budget = feature_token_budget(device)  # padded tokens per batch of every pass on these rows
+
+    def groups(self, keys: list[Any]) -> list[list[int]]:
+        """Indices into `keys` in batches of similar length under the token budget, longest first."""
+        return token_budget_batches([len(self.encoded[k].input_ids) for k in keys], FEATURE_BATCH,
+                                    self.token_budget)
 
     def ensure(self, keys: list[Any]) -> None:
         missing = [k for k in keys if k not in self.hidden]
-        for idx in token_budget_batches([len(self.encoded[k].input_ids) for k in missing], FEATURE_BATCH,
-                                        FEATURE_TOKENS):
+        for idx in self.groups(missing):
             chunk = [missing[i] for i in idx]
             batch = {k: v.to(self.device) for k, v in collate([self.encoded[k] for k in chunk], self.pad_id).items()}
             hidden = self.split.prefix(batch)
@@ -202,7 +215,7 @@ def row_features(split: SplitProxy, cache: PrefixCache, projector: GradientProje
     feats: list[torch.Tensor] = []
     losses: list[torch.Tensor] = []
     order: list[int] = []
-    for idx in token_budget_batches([len(cache.encoded[k].input_ids) for k in keys], FEATURE_BATCH, FEATURE_TOKENS):
+    for idx in cache.groups(keys):
         order.extend(idx)
         batch, hidden = cache.batch([keys[i] for i in idx])
         split.model.zero_grad(set_to_none=True)
@@ -485,7 +498,7 @@ def _train_step(split: SplitProxy, cache: PrefixCache, optimizer: torch.optim.Op
     The gradient is accumulated over length-grouped parts of the batch (each part's loss sum / batch size):
     the same mean, with less padding."""
     optimizer.zero_grad(set_to_none=True)
-    for idx in token_budget_batches([len(cache.encoded[k].input_ids) for k in keys], FEATURE_BATCH, FEATURE_TOKENS):
+    for idx in cache.groups(keys):
         batch, hidden = cache.batch([keys[i] for i in idx])
         with split.top_only(hidden):
             (response_losses(split.model, batch).sum() / len(keys)).backward()

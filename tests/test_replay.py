@@ -66,14 +66,14 @@ def test_row_features_match_full_model_gradients(tiny_proxy_dir):
             torch.testing.assert_close(losses[i], loss.detach()[0], atol=2e-3, rtol=1e-3)
 
 
-def test_length_grouping_changes_neither_features_nor_the_training_step(tiny_proxy_dir, monkeypatch):
+def test_length_grouping_changes_neither_features_nor_the_training_step(tiny_proxy_dir):
     from slapcli import replay
 
     _, model, split, cache, _ = _setup(tiny_proxy_dir)
     keys = [2, 0, 1, 2]  # lengths out of order, and a repeated row
     with GradientProjector(model, split.linears, 64, seed=3) as projector:
         together, together_loss = row_features(split, cache, projector, keys, "unit")
-        monkeypatch.setattr(replay, "FEATURE_TOKENS", 1)  # every row in a batch of its own
+        cache.token_budget = 1  # every row in a batch of its own
         alone, alone_loss = row_features(split, cache, projector, keys, "unit")
     torch.testing.assert_close(alone, together, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(alone_loss, together_loss, atol=1e-6, rtol=1e-5)
