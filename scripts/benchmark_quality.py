@@ -657,9 +657,11 @@ def write_markdown(results: dict[str, Any], summary: dict[str, Any], path: Path,
              "them; embeddings, final norm and LM head stay frozen.",
              f"- **Recipe** (identical for every subset): AdamW lr {c['lr']:g}, no weight decay, constant rate, "
              f"batch {c['batch_size']}, {c['epochs']} epoch(s) (so a smaller subset takes fewer steps), rows "
-             f"shuffled; every subset trained {c['train_seeds']} times (shuffle seeds {c['train_seed']}-"
-             f"{c['train_seed'] + c['train_seeds'] - 1}) and its loss is the mean of those runs; response-token "
-             f"loss, max {c['max_tokens']} tokens per row "
+             + (f"shuffled; every subset trained once (shuffle seed {c['train_seed']}); response-token "
+                if c['train_seeds'] == 1 else
+                f"shuffled; every subset trained {c['train_seeds']} times (shuffle seeds {c['train_seed']}-"
+                f"{c['train_seed'] + c['train_seeds'] - 1}) and its loss is the mean of those runs; response-token ")
+             + f"loss, max {c['max_tokens']} tokens per row "
              "(ChatML, as the tool formats rows); "
              + ("training under bf16 autocast, evaluation in float32." if c.get("bf16") else "float32 throughout."),
              "- **Metric**: held-out response loss (per row the mean cross-entropy over its response tokens, then "
@@ -671,7 +673,10 @@ def write_markdown(results: dict[str, Any], summary: dict[str, Any], path: Path,
              "the most favourable case for proxy-based selection; a larger target model is untested here.",
              f"- Small scale: {d['train_rows']} training rows, {c['epochs']} epoch(s), "
              f"{2 * d['heldout_per_domain']} held-out rows. The shuffle order alone moves one subset's loss by up "
-             "to ~0.01 (hence several training seeds per subset); random's spread over subsets is the yardstick.",
+             + ("to ~0.01 (hence several training seeds per subset); random's spread over subsets is the yardstick."
+                if c['train_seeds'] > 1 else
+                "to ~0.01 and each subset trained once here, so random's spread holds both the subsets' and the "
+                "shuffles' noise, and a method's single run carries its own shuffle noise too."),
              "- Same epochs for every subset means fewer optimizer steps for smaller subsets, as in practice; "
              "keep-ratio curves mix the value of the rows with the number of steps.",
              "- The held-out domains are the training domains (no unseen data set).", "",
