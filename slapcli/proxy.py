@@ -19,6 +19,7 @@ budget. A row is never left without response tokens by truncation.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -221,8 +222,8 @@ def token_budget_batches(lengths: Sequence[int], max_rows: int, max_tokens: int)
     batch's longest row) stays within `max_tokens`; a row longer than `max_tokens` gets a batch of its own.
 
     Why: a batch costs its padded size. Sixteen random rows of Alpaca-like data tokenised for SmolLM2 hold
-    2.3 padded tokens per real one (its rows: median 76 tokens, max 256); rows of similar length in batches
-    sized by tokens hold ~1.1. Every pass that uses this treats rows independently, so only the cost changes.
+    2.3 padded tokens per real one (its rows: median 76 tokens, max 256); grouped by length under 512 tokens,
+    1.17 (docs/PERFORMANCE.md, change 6). Every pass that uses this treats rows independently, so only the cost changes.
     """
     if max_rows < 1 or max_tokens < 1:
         raise ValueError(f"max_rows and max_tokens must be >= 1, got {max_rows}, {max_tokens}")
@@ -243,8 +244,7 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
     """Indices grouped into batches of similar length (longest first, so memory trouble shows at once)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    return token_budget_batches(lengths, batch_size, sys.maxsize)  # no token limit: fixed-size batches
 
 
 def compute_losses(model: nn.Module, tokenizer: Any, examples: Sequence[Example], max_tokens: int,

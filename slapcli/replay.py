@@ -228,10 +228,9 @@ def row_features(split: SplitProxy, cache: PrefixCache, projector: GradientProje
                                         reference_tokens).cpu())
         losses.append(loss.detach().float().cpu())
     split.model.zero_grad(set_to_none=True)
-    if not order:
-        return torch.cat(feats), torch.cat(losses)
     back = torch.empty(len(order), dtype=torch.long)
-    back[torch.tensor(order)] = torch.arange(len(order))  # batches ran longest first: back to the keys' order
+    # Batches ran longest first: back to the keys' order.
+    back[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
     return torch.cat(feats)[back], torch.cat(losses)[back]
 
 
