@@ -54,7 +54,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from slapcli.io.readers import SourceReader, iter_examples
+from slapcli.errors import SlapError
+from slapcli.io.readers import ReadStats, SourceReader, iter_examples, record_value
 from slapcli.io.writers import atomic_path
 from slapcli.models import DEFAULT_PROXY_MODEL, ModelRef, ensure_gguf_converted, load_causal_lm, resolve_model
 from slapcli.proxy import EncodedExample, collate, encode_examples, length_sorted_batches, response_losses
@@ -102,28 +103,16 @@ def _usable_rows(path: Path) -> list[dict[str, str]]:
 
 
 def build_data(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    """train.jsonl (natural domain mix unless --code-share) and heldout.jsonl (equal rows per domain), disjoint."""
-    train_path, heldout_path, info_path = workdir / "train.jsonl", workdir / "heldout.jsonl", workdir / "data.json"
-    pools = {d: _usable_rows(SHARED_DATA / f) for d, f in DOMAIN_FILES.items()}
-    total = sum(len(p) for p in pools.values())
-    share = args.code_share if args.code_share is not None else len(pools["code"]) / total
-    n_train = {"code": round(args.train_rows * share)}
-    n_train["general"] = args.train_rows - n_train["code"]
-    rng = random.Random(args.data_seed)
-    train, heldout = [], []
-    for domain, pool in pools.items():
-        need = n_train[domain] + args.heldout_per_domain
-        if need > len(pool):
-            raise SystemExit(f"{domain}: {need} rows wanted, {len(pool)} usable in {DOMAIN_FILES[domain]}")
-        picked = rng.sample(pool, need)
-        heldout += [{**r, "domain": domain} for r in picked[:args.heldout_per_domain]]
-        train += [{**r, "domain": domain} for r in picked[args.heldout_per_domain:]]
-    rng.shuffle(train)
+    """train.jsonl and heldout.jsonl in `workdir`, disjoint: from the user's `--train` (and `--heldout`) files,
+    else from ../shared/data (natural domain mix unless --code-share, equal held-out rows per domain)."""
+    if args.train is not None:
+        train, heldout, info = user_data(args)
+    else:
+        train, heldout, info = shared_data(args)
+    train_path, heldout_path = workdir / "train.jsonl", workdir / "heldout.jsonl"
     info = {"train": str(train_path), "heldout": str(heldout_path), "train_rows": len(train),
-            "train_per_domain": n_train, "heldout_per_domain": args.heldout_per_domain, "code_share": share,
-            "seed": args.data_seed, "sources": [str(SHARED_DATA / f) for f in DOMAIN_FILES.values()],
-            "usable_rows": {d: len(p) for d, p in pools.items()}}
-    new = {p: b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in rows)
+            "heldout_rows": len(heldout), **info}
+    new = {p: b"".join(json.dumps(r, ensure_ascii=False, default=str).encode() + b"\n" for r in rows)
            for p, rows in ((train_path, train), (heldout_path, heldout))}
     if any(p.exists() and p.read_bytes() != b for p, b in new.items()):
         # Other data than the cached artifacts were made from: start the whole workdir over.
@@ -131,8 +120,119 @@ def build_data(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     for p, b in new.items():
         if not p.exists():
             p.write_bytes(b)
-    info_path.write_text(json.dumps(info, indent=2) + "\n")
+    (workdir / "data.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def shared_data(args: argparse.Namespace) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    pools = {d: _usable_rows(SHARED_DATA / f) for d, f in DOMAIN_FILES.items()}
+    total = sum(len(p) for p in pools.values())
+    share = args.code_share if args.code_share is not None else len(pools["code"]) / total
+    train_rows = 300 if args.train_rows is None else args.train_rows
+    per_domain = 60 if args.heldout_per_domain is None else args.heldout_per_domain
+    n_train = {"code": round(train_rows * share)}
+    n_train["general"] = train_rows - n_train["code"]
+    rng = random.Random(args.data_seed)
+    train, heldout = [], []
+    for domain, pool in pools.items():
+        need = n_train[domain] + per_domain
+        if need > len(pool):
+            raise SystemExit(f"{domain}: {need} rows wanted, {len(pool)} usable in {DOMAIN_FILES[domain]}")
+        picked = rng.sample(pool, need)
+        heldout += [{**r, "domain": domain} for r in picked[:per_domain]]
+        train += [{**r, "domain": domain} for r in picked[per_domain:]]
+    rng.shuffle(train)
+    return train, heldout, {
+        "kind": "shared", "train_per_domain": n_train, "heldout_per_domain": per_domain, "code_share": share,
+        "seed": args.data_seed, "sources": [str(SHARED_DATA / f) for f in DOMAIN_FILES.values()],
+        "usable_rows": {d: len(p) for d, p in pools.items()}}
+
+
+def read_user_rows(path: Path, domain_field: str, on_bad_line: str) -> tuple[list[dict[str, Any]], list[tuple],
+                                                                            dict[str, int]]:
+    """Records of a data file in any container and layout `slap` reads, each with a `domain` (the value of
+    `domain_field`, "all" where it is missing), and the rows' contents (to tell duplicates and leaks apart).
+
+    A row `slap` cannot use (malformed, or with no response) stops the benchmark with slap's own error, naming
+    the file, line and field, unless `on_bad_line` is "skip". Exact repeats of an earlier row are dropped:
+    stratify would drop them anyway, and a random subset should not spend its budget on them."""
+    rows: list[dict[str, Any]] = []
+    contents: list[tuple] = []
+    seen: set[tuple] = set()
+    stats = ReadStats()
+    duplicates = 0
+    try:
+        with SourceReader(str(path)) as reader:
+            for parsed in iter_examples(reader, on_bad_line=on_bad_line, stats=stats):
+                content = tuple((t.role, t.text) for t in parsed.example.turns)
+                if content in seen:
+                    duplicates += 1
+                    continue
+                seen.add(content)
+                value = dict(record_value(parsed.record))
+                domain = value.get(domain_field)
+                rows.append({**value, "domain": "all" if domain is None else str(domain)})
+                contents.append(content)
+    except SlapError as e:
+        hint = "" if on_bad_line == "skip" else " (--on-bad-line skip drops such rows and counts them)"
+        raise SystemExit(f"error: {e}{hint}") from None
+    for example in stats.bad_examples:
+        log(f"skipped: {example}")
+    return rows, contents, {"bad_row": stats.bad_skipped, "duplicate": duplicates}
+
+
+def by_domain(rows: list[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["domain"]] = counts.get(r["domain"], 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def user_data(args: argparse.Namespace) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """--train FILE [--heldout FILE]: without a held-out file, `--heldout-per-domain` rows (60) of each domain
+    are split off the training file. `--train-rows`, when given, samples that many training rows (seeded)."""
+    rng = random.Random(args.data_seed)
+    rows, contents, dropped = read_user_rows(args.train, args.domain_field, args.on_bad_line)
+    info: dict[str, Any] = {"kind": "user", "seed": args.data_seed, "domain_field": args.domain_field,
+                            "sources": [str(args.train)], "dropped": {"train": dropped}}
+    if args.heldout is not None:
+        heldout, held_contents, info["dropped"]["heldout"] = read_user_rows(args.heldout, args.domain_field,
+                                                                            args.on_bad_line)
+        info["sources"].append(str(args.heldout))
+        if args.heldout_per_domain is not None:
+            heldout = [r for d in by_domain(heldout) for r in
+                       capped(rng, [r for r in heldout if r["domain"] == d], args.heldout_per_domain)]
+        # A held-out row that is also a training row would reward the methods that keep it.
+        leaked = set(held_contents)
+        keep = [c not in leaked for c in contents]
+        info["dropped"]["train"]["in_heldout"] = keep.count(False)
+        pool = [r for r, k in zip(rows, keep, strict=True) if k]
+    else:
+        per_domain = 60 if args.heldout_per_domain is None else args.heldout_per_domain
+        heldout, pool = [], []
+        for d in by_domain(rows):
+            mine = [r for r in rows if r["domain"] == d]
+            if len(mine) <= per_domain:
+                raise SystemExit(f"{args.train}: domain {d!r} has {len(mine)} usable rows, not more than the "
+                                 f"{per_domain} held-out rows asked for (--heldout-per-domain)")
+            rng.shuffle(mine)
+            heldout += mine[:per_domain]
+            pool += mine[per_domain:]
+        rng.shuffle(pool)
+        info["heldout_per_domain"] = per_domain
+    if args.train_rows is not None:
+        if args.train_rows > len(pool):
+            raise SystemExit(f"{args.train}: --train-rows {args.train_rows} but only {len(pool)} usable training rows")
+        pool = rng.sample(pool, args.train_rows)
+    if not pool or not heldout:
+        raise SystemExit(f"{args.train}: no training rows left" if not pool else
+                         f"{args.heldout}: no usable held-out rows")
+    info.update({"train_per_domain": by_domain(pool), "heldout_by_domain": by_domain(heldout)})
+    return pool, heldout, info
+
+
+def capped(rng: random.Random, rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    return rows if len(rows) <= n else rng.sample(rows, n)
 
 
 def parse_variant(text: str) -> tuple[str, str, list[str], list[float] | None]:
@@ -628,6 +728,27 @@ def fmt(x: float | None, digits: int = 4) -> str:
     return "" if x is None else f"{x:.{digits}f}"
 
 
+def data_line(d: dict[str, Any]) -> str:
+    """The report's description of its data: the shared mix, or the user's files and what was dropped from them."""
+    train_mix = ", ".join(f"{v} {k}" for k, v in d["train_per_domain"].items())
+    if d.get("kind") != "user":
+        return (f"- **Data**: {d['train_rows']} training rows from `../shared/data` ({train_mix}: the natural mix), "
+                f"and a disjoint held-out set of {d['heldout_per_domain']} rows per domain; seed {d['seed']}, exact "
+                "duplicates and rows with an empty output dropped. Each row has a `domain` field.")
+    held = ", ".join(f"{v} {k}" for k, v in d["heldout_by_domain"].items())
+    if len(d["sources"]) > 1:
+        source = (f"{d['train_rows']} training rows from `{d['sources'][0]}` ({train_mix}) and {d['heldout_rows']} "
+                  f"held-out rows from `{d['sources'][1]}` ({held})")
+    else:
+        source = (f"{d['train_rows']} training rows from `{d['sources'][0]}` ({train_mix}) and a disjoint held-out "
+                  f"set split off the same file, {d['heldout_per_domain']} rows per domain ({held})")
+    dropped = "; ".join(f"{name}: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items())
+                        for name, counts in d["dropped"].items())
+    return (f"- **Data**: {source}; seed {d['seed']}; domains from the `{d['domain_field']}` field (`all` where "
+            f"missing). Dropped before anything ran: {dropped} (rows with an empty response, exact repeats, "
+            "training rows that are also held-out rows).")
+
+
 def write_markdown(results: dict[str, Any], summary: dict[str, Any], path: Path, plot: Path | None,
                    analysis: Path | None = None) -> None:
     c, m, d = results["config"], results["machine"], results["data"]
@@ -636,15 +757,15 @@ def write_markdown(results: dict[str, Any], summary: dict[str, Any], path: Path,
                            *results.get("probes", {})] if x in cells]
     domains = sorted({k for r in results["runs"] if r.get("heldout") for k in r["heldout"]})
     dirty = ", slapcli/ with uncommitted changes" if results["code"]["slapcli_changes"] else ""
+    unseen = sorted(set(d.get("heldout_by_domain", {})) - set(d["train_per_domain"]))
+    heldout_note = (f"- Held-out domains without training rows: {', '.join(unseen)}." if unseen else
+                    "- The held-out domains are the training domains (no unseen domain).")
     lines = ["# Held-out quality of coresets", "",
              f"Written by `scripts/benchmark_quality.py` on {results['finished']} (commit "
              f"`{results['code']['commit'][:10]}`{dirty}). Every number below comes from `{rel(results['out'])}` "
              "of that run (git-ignored); rerun the command to reproduce it.", "",
              "## Protocol", "",
-             f"- **Data**: {d['train_rows']} training rows from `../shared/data` "
-             f"({', '.join(f'{v} {k}' for k, v in d['train_per_domain'].items())}: the natural mix), and a disjoint "
-             f"held-out set of {d['heldout_per_domain']} rows per domain; seed {d['seed']}, exact duplicates and rows "
-             "with an empty output dropped. Each row has a `domain` field.",
+             data_line(d),
              f"- **Selections**: `slap embed --max-tokens {c['max_tokens']}` and `slap stratify` once on the training "
              "file; then one `slap select --method M --keep R --seed S` per subset (stratify's strata reused, `--keep` "
              "re-budgets; default knobs otherwise). Wall time = the whole `slap select` subprocess.",
@@ -672,14 +793,14 @@ def write_markdown(results: dict[str, Any], summary: dict[str, Any], path: Path,
              "- The model trained is the same one `slap` uses as its proxy (and whose losses shaped the strata), "
              "the most favourable case for proxy-based selection; a larger target model is untested here.",
              f"- Small scale: {d['train_rows']} training rows, {c['epochs']} epoch(s), "
-             f"{2 * d['heldout_per_domain']} held-out rows. The shuffle order alone moves one subset's loss by up "
+             f"{d['heldout_rows']} held-out rows. The shuffle order alone moves one subset's loss by up "
              + ("to ~0.01 (hence several training seeds per subset); random's spread over subsets is the yardstick."
                 if c['train_seeds'] > 1 else
                 "to ~0.01 and each subset trained once here, so random's spread holds both the subsets' and the "
                 "shuffles' noise, and a method's single run carries its own shuffle noise too."),
              "- Same epochs for every subset means fewer optimizer steps for smaller subsets, as in practice; "
              "keep-ratio curves mix the value of the rows with the number of steps.",
-             "- The held-out domains are the training domains (no unseen data set).", "",
+             heldout_note, "",
              "## Machine", "",
              f"{m['nproc']} cores ({m['cpu_model']}), {m['memory_gib']} GiB, no GPU; torch {m['torch']} with "
              f"{c['threads']} threads for training, transformers {m['transformers']}, Python {m['python']}. The "
@@ -848,8 +969,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", type=Path, default=Path("work/quality"), help="data, artifacts, caches, results")
-    p.add_argument("--train-rows", type=int, default=300)
-    p.add_argument("--heldout-per-domain", type=int, default=60)
+    p.add_argument("--train", type=Path, default=None, metavar="FILE",
+                   help="your training data (any container and layout slap reads); default: the shared mix")
+    p.add_argument("--heldout", type=Path, default=None, metavar="FILE",
+                   help="your held-out data; default: split off --train, --heldout-per-domain rows per domain")
+    p.add_argument("--domain-field", default="domain",
+                   help="field of --train/--heldout rows naming their domain (rows without it: domain 'all')")
+    p.add_argument("--on-bad-line", choices=["error", "skip"], default="error",
+                   help="a --train/--heldout row slap cannot use (malformed, no response): stop, or skip and count it")
+    p.add_argument("--train-rows", type=int, default=None,
+                   help="training rows (default: 300 of the shared mix, all rows of --train)")
+    p.add_argument("--heldout-per-domain", type=int, default=None,
+                   help="held-out rows per domain (default: 60; all rows of a --heldout file)")
     p.add_argument("--code-share", type=float, default=None,
                    help="share of code rows in the training file (default: as in the shared files, ~29%%)")
     p.add_argument("--data-seed", type=int, default=0)
@@ -890,11 +1021,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "pass per training row)")
     p.add_argument("--first-picks", type=int, default=40, help="rows counted as a method's first picks")
     p.add_argument("--out", type=Path, default=None, help="results JSON (default: <workdir>/results.json)")
-    p.add_argument("--no-docs", action="store_true", help="do not write docs/RESULTS.md and the plot")
-    p.add_argument("--docs", type=Path, default=ROOT / "docs" / "RESULTS.md")
-    p.add_argument("--analysis", type=Path, default=ROOT / "docs" / "results_analysis.md",
-                   help="hand-written reading of the results, copied into the report when the file exists")
-    return p.parse_args(argv)
+    p.add_argument("--no-docs", action="store_true", help="do not write the report and its plot")
+    p.add_argument("--docs", type=Path, default=None,
+                   help="the report (default: docs/RESULTS.md for the shared mix, <workdir>/RESULTS.md for --train)")
+    p.add_argument("--analysis", type=Path, default=None,
+                   help="hand-written reading of the results, copied into the report when the file exists "
+                        "(default: docs/results_analysis.md for the shared mix, none for --train)")
+    args = p.parse_args(argv)
+    if args.train is None and (args.heldout is not None or args.domain_field != "domain"
+                               or args.on_bad_line != "error"):
+        p.error("--heldout, --domain-field and --on-bad-line need --train")
+    if args.train is not None and args.code_share is not None:
+        p.error("--code-share applies to the shared mix only, not to --train")
+    # A report on other data must not overwrite the shared mix's report, nor borrow its hand-written reading.
+    if args.docs is None:
+        args.docs = ROOT / "docs" / "RESULTS.md" if args.train is None else args.workdir / "RESULTS.md"
+    if args.analysis is None and args.train is None:
+        args.analysis = ROOT / "docs" / "results_analysis.md"
+    return args
 
 
 def rel(path: str) -> str:
@@ -924,8 +1068,9 @@ def main(argv: list[str] | None = None) -> int:
     data = build_data(args, workdir)
     results["data"] = data
     train, heldout = workdir / "train.jsonl", workdir / "heldout.jsonl"
-    log(f"data: {data['train_rows']} training rows {data['train_per_domain']}, "
-        f"{data['heldout_per_domain']} held-out rows per domain")
+    held = data.get("heldout_by_domain") or f"({data['heldout_per_domain']} per domain)"
+    log(f"data: {data['train_rows']} training rows {data['train_per_domain']}, {data['heldout_rows']} held-out "
+        f"rows {held}")
 
     # 2. selections
     offered = available_methods()
