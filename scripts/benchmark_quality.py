@@ -742,11 +742,12 @@ def data_line(d: dict[str, Any]) -> str:
     else:
         source = (f"{d['train_rows']} training rows from `{d['sources'][0]}` ({train_mix}) and a disjoint held-out "
                   f"set split off the same file, {d['heldout_per_domain']} rows per domain ({held})")
-    dropped = "; ".join(f"{name}: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items())
-                        for name, counts in d["dropped"].items())
+    what = {"bad_row": "rows slap cannot use (skipped under `--on-bad-line skip`)", "duplicate": "exact repeats",
+            "in_heldout": "also held-out rows"}
+    dropped = "; ".join(f"from {name}, " + ", ".join(f"{v} {what.get(k, k)}" for k, v in counts.items() if v)
+                        for name, counts in d["dropped"].items() if any(counts.values()))
     return (f"- **Data**: {source}; seed {d['seed']}; domains from the `{d['domain_field']}` field (`all` where "
-            f"missing). Dropped before anything ran: {dropped} (rows with an empty response, exact repeats, "
-            "training rows that are also held-out rows).")
+            f"missing). Dropped before anything ran: {dropped or 'nothing'}.")
 
 
 def write_markdown(results: dict[str, Any], summary: dict[str, Any], path: Path, plot: Path | None,
