@@ -45,6 +45,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
@@ -182,10 +183,7 @@ def read_user_rows(path: Path, domain_field: str, on_bad_line: str) -> tuple[lis
 
 
 def by_domain(rows: list[dict[str, Any]]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[r["domain"]] = counts.get(r["domain"], 0) + 1
-    return dict(sorted(counts.items()))
+    return dict(sorted(Counter(r["domain"] for r in rows).items()))
 
 
 def user_data(args: argparse.Namespace) -> tuple[list[dict], list[dict], dict[str, Any]]:
@@ -225,8 +223,7 @@ def user_data(args: argparse.Namespace) -> tuple[list[dict], list[dict], dict[st
             raise SystemExit(f"{args.train}: --train-rows {args.train_rows} but only {len(pool)} usable training rows")
         pool = rng.sample(pool, args.train_rows)
     if not pool or not heldout:
-        raise SystemExit(f"{args.train}: no training rows left" if not pool else
-                         f"{args.heldout}: no usable held-out rows")
+        raise SystemExit(f"{args.train}: no training rows left" if not pool else "no held-out rows")
     info.update({"train_per_domain": by_domain(pool), "heldout_by_domain": by_domain(heldout)})
     return pool, heldout, info
 
@@ -743,7 +740,7 @@ def data_line(d: dict[str, Any]) -> str:
         source = (f"{d['train_rows']} training rows from `{d['sources'][0]}` ({train_mix}) and a disjoint held-out "
                   f"set split off the same file, {d['heldout_per_domain']} rows per domain ({held})")
     what = {"bad_row": "rows slap cannot use (skipped under `--on-bad-line skip`)", "duplicate": "exact repeats",
-            "in_heldout": "also held-out rows"}
+            "in_heldout": "rows also in the held-out file"}
     dropped = "; ".join(f"from {name}, " + ", ".join(f"{v} {what.get(k, k)}" for k, v in counts.items() if v)
                         for name, counts in d["dropped"].items() if any(counts.values()))
     return (f"- **Data**: {source}; seed {d['seed']}; domains from the `{d['domain_field']}` field (`all` where "
