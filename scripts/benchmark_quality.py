@@ -17,9 +17,9 @@ The protocol, cheap enough for a 2-core CPU (a full fine-tune of the 135M proxy 
   the top `--train-blocks` blocks are computed once per row (train and held-out) and cached on disk (float16
   memmap + index). Each subset then restarts the top blocks from the pretrained weights and trains only them
   (embeddings, final norm and LM head frozen; logits only at response positions) with one fixed recipe: AdamW
-  (no weight decay), constant learning rate, batch 8, the same number of epochs, rows shuffled; each subset
-  is trained with several shuffle seeds (`--train-seeds`, 3) and scored by their mean, because the order alone moves one
-  subset's held-out loss by up to ~0.01.
+  (no weight decay), constant learning rate (`--schedule cosine` decays it), batch 8, the same number of
+  epochs, rows shuffled; each subset is trained with several shuffle seeds (`--train-seeds`, 3) and scored by
+  their mean, because the order alone moves one subset's held-out loss by up to ~0.01.
 - Evaluation: mean response-token loss of each held-out row (the tool's row loss), averaged per domain; the
   headline is the mean over domains. The untrained model is evaluated too, for scale.
 
@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -46,6 +47,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
@@ -429,26 +431,43 @@ class TopTrainer:
             for p, p0 in zip(self.split.parameters, self.initial, strict=True):
                 p.copy_(p0)
 
-    def train(self, cache: HiddenCache, rows: np.ndarray, seed: int) -> dict[str, Any]:
+    def start(self, n_rows: int, seed: int) -> tuple[torch.optim.Optimizer, Any, np.random.Generator]:
+        """Pretrained top blocks, and the recipe's optimizer and learning-rate schedule for `n_rows` rows."""
         a = self.args
         self.reset()
         torch.manual_seed(seed)
-        rng = np.random.default_rng(seed)
         optimizer = torch.optim.AdamW(self.split.parameters, lr=a.lr, weight_decay=0.0)
+        total = math.ceil(n_rows / a.batch_size) * a.epochs
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, total, a.schedule, round(a.warmup * total)))
         self.model.train()
+        return optimizer, schedule, np.random.default_rng(seed)
+
+    def step(self, cache: HiddenCache, rows: list[int], optimizer: torch.optim.Optimizer, schedule: Any) -> float:
+        batch, hidden = cache.batch(rows, self.pad_id)
+        with self.split.top_only(hidden), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.args.bf16):
+            loss = response_losses(self.model, batch).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        return float(loss.detach())
+
+    def batches(self, rows: np.ndarray, rng: np.random.Generator) -> Iterator[list[int]]:
+        """The recipe's batches: every epoch a new shuffle of `rows`."""
+        for _ in range(self.args.epochs):
+            order = rng.permutation(rows).tolist()
+            for s in range(0, len(order), self.args.batch_size):
+                yield order[s:s + self.args.batch_size]
+
+    def train(self, cache: HiddenCache, rows: np.ndarray, seed: int) -> dict[str, Any]:
+        a = self.args
+        optimizer, schedule, rng = self.start(len(rows), seed)
         steps, losses = 0, []
         t0 = time.perf_counter()
-        for _ in range(a.epochs):
-            order = rng.permutation(rows).tolist()
-            for s in range(0, len(order), a.batch_size):
-                batch, hidden = cache.batch(order[s:s + a.batch_size], self.pad_id)
-                with self.split.top_only(hidden), torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16):
-                    loss = response_losses(self.model, batch).mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()))
-                steps += 1
+        for batch_rows in self.batches(rows, rng):
+            losses.append(self.step(cache, batch_rows, optimizer, schedule))
+            steps += 1
         return {"steps": steps, "train_s": round(time.perf_counter() - t0, 2),
                 "train_loss_first": round(losses[0], 4) if losses else None,
                 "train_loss_last_epoch": round(float(np.mean(losses[-max(1, steps // a.epochs):])), 4)
@@ -465,8 +484,45 @@ class TopTrainer:
                     out[rows] = response_losses(self.model, batch).numpy()
         domains = np.array(cache.domains)
         per_domain = {d: round(float(out[domains == d].mean()), 5) for d in sorted(set(cache.domains))}
+        # Per-row losses too: benchmark_bound.py scores halves of the held-out set apart.
         return {"heldout": per_domain, "mean": round(float(np.mean(list(per_domain.values()))), 5),
-                "eval_s": round(time.perf_counter() - t0, 2)}
+                "eval_s": round(time.perf_counter() - t0, 2), "heldout_rows": [round(float(x), 5) for x in out]}
+
+
+def lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
+    """Multiplier of the learning rate at optimizer step `step` of `total`: linear warmup over `warmup` steps,
+    then constant or a cosine decay to zero at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    raise ValueError(f"schedule must be constant or cosine, got {schedule!r}")
+
+
+def schedule_words(config: dict[str, Any]) -> str:
+    """The learning-rate schedule of a results file's config, in words (configs before --schedule: constant)."""
+    schedule, warmup = config.get("schedule", "constant"), config.get("warmup", 0.0)
+    words = "constant rate" if schedule == "constant" else "cosine decay to zero"
+    return words + (f" after a linear warmup over {warmup:.0%} of the steps" if warmup else "")
+
+
+def recipe_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The training recipe's settings; those left at the defaults of earlier reports are omitted, so run files
+    cached under an older recipe key stay valid."""
+    recipe = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "train_blocks", "max_tokens")}
+    if args.bf16:
+        recipe["bf16"] = True
+    if args.schedule != "constant" or args.warmup:
+        recipe.update(schedule=args.schedule, warmup=args.warmup)
+    return recipe
+
+
+def recipe_key(args: argparse.Namespace, prefix_cache: dict[str, dict[str, Any]]) -> str:
+    """Names the run files of one recipe on one pair of prefix caches (train, held-out)."""
+    blob = json.dumps([recipe_of(args), prefix_cache["train"]["key"], prefix_cache["heldout"]["key"]])
+    return hashlib.blake2b(blob.encode(), digest_size=6).hexdigest()
 
 
 def train_and_evaluate(trainer: TopTrainer, caches: dict[str, HiddenCache], rows: np.ndarray | None,
@@ -774,7 +830,7 @@ def write_markdown(results: dict[str, Any], summary: dict[str, Any], path: Path,
              f"and cached (float16 memmap); each subset restarts the top {c['train_blocks']} blocks "
              f"({results['model']['trainable_parameters']:,} parameters) from the pretrained weights and trains only "
              "them; embeddings, final norm and LM head stay frozen.",
-             f"- **Recipe** (identical for every subset): AdamW lr {c['lr']:g}, no weight decay, constant rate, "
+             f"- **Recipe** (identical for every subset): AdamW lr {c['lr']:g}, no weight decay, {schedule_words(c)}, "
              f"batch {c['batch_size']}, {c['epochs']} epoch(s) (so a smaller subset takes fewer steps), rows "
              + (f"shuffled; every subset trained once (shuffle seed {c['train_seed']}); response-token "
                 if c['train_seeds'] == 1 else
@@ -997,6 +1053,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+                   help="learning-rate schedule of the training runs (cosine decays to zero at the last step)")
+    p.add_argument("--warmup", type=float, default=0.0, help="share of the steps with a linear learning-rate warmup")
     p.add_argument("--train-seed", type=int, default=0, help="first shuffle seed of the training runs")
     p.add_argument("--train-seeds", type=int, default=3,
                    help="training runs per subset (shuffle seeds train-seed, train-seed+1, ...); a subset's loss is "
@@ -1139,12 +1198,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{' (cached)' if results['prefix_cache'][key]['cached'] else ''}")
 
     trainer = TopTrainer(split, pad_id, args)
-    recipe = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "train_blocks", "max_tokens")}
-    if args.bf16:
-        recipe["bf16"] = True
-    recipe_key = hashlib.blake2b(json.dumps([recipe, results["prefix_cache"]["train"]["key"],
-                                             results["prefix_cache"]["heldout"]["key"]]).encode(),
-                                 digest_size=6).hexdigest()
+    run_key = recipe_key(args, results["prefix_cache"])
     n_train = len(caches["train"])
     train_tokens = response_token_counts(caches["train"])
     jobs: list[tuple[str, float | None, int | None, np.ndarray | None, dict[str, Any] | None]] = [
@@ -1163,7 +1217,7 @@ def main(argv: list[str] | None = None) -> int:
     train_seeds = list(range(args.train_seed, args.train_seed + args.train_seeds))
 
     def run_path_of(tag: str, ts: int | None) -> Path:
-        return workdir / "runs" / f"{tag}{'' if ts is None else f'_t{ts}'}.{recipe_key}.json"
+        return workdir / "runs" / f"{tag}{'' if ts is None else f'_t{ts}'}.{run_key}.json"
 
     for _, _, _, rows, sel in jobs:
         if rows is not None and rows.size and int(rows.max()) >= n_train:
