@@ -332,7 +332,7 @@ def write_markdown(results: dict[str, Any], path: Path, plot: Path | None) -> No
                          f"{v.get('overlap', float('nan')):.0%}.")
         lines.append("")
     analysis = results.get("analysis")
-    if analysis and Path(analysis).exists():
+    if analysis and Path(analysis).is_file() and Path(analysis).read_text().strip():
         lines += ["## Reading (hand-written, kept in `" + bq.rel(analysis) + "`)", "",
                   Path(analysis).read_text().strip(), ""]
     lines += ["## Wall times", "", "| stage | seconds |", "| --- | ---: |"]
