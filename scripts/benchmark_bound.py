@@ -56,7 +56,7 @@ TARGETS = {
     "heldout-a": "held-out half A (the oracle: it sees rows it is scored on)",
     "train": "the training rows' own mean gradient (no dev set)",
 }
-HALF_SEED = 0  # which held-out rows form half A
+SUBSET_STREAM = 7  # seed stream of the learning curve's random subsets (fixed: run files are named by seed)
 
 
 # ---------------------------------------------------------------------------------------------- pure helpers
@@ -64,10 +64,10 @@ HALF_SEED = 0  # which held-out rows form half A
 
 def random_subset(n: int, keep: float, seed: int) -> np.ndarray:
     """Uniform random rows, sorted; its own seed stream so it never equals another script's draw by accident."""
-    return np.sort(np.random.default_rng([HALF_SEED + 7, seed]).choice(n, round(keep * n), replace=False))
+    return np.sort(np.random.default_rng([SUBSET_STREAM, seed]).choice(n, round(keep * n), replace=False))
 
 
-def halves(domains: list[str], seed: int = HALF_SEED) -> np.ndarray:
+def halves(domains: list[str], seed: int = 0) -> np.ndarray:
     """Boolean mask of half A: half of each domain's held-out rows (rounded down), drawn with `seed`."""
     rng = np.random.default_rng(seed)
     dom = np.array(domains)
@@ -295,7 +295,7 @@ def write_markdown(results: dict[str, Any], path: Path, plot: Path | None) -> No
              f"{c['lr']:g}, {bq.schedule_words(c)}, batch {c['batch_size']}, {c['epochs']} epoch(s), response-token "
              f"loss, max {c['max_tokens']} tokens; {c['train_seeds']} shuffle(s) per subset (their mean).",
              f"- **Held-out halves**: A = {half['a']} rows, B = {half['b']} rows, half of each domain each (seed "
-             f"{HALF_SEED}). Metric everywhere: mean over domains of the mean row loss.",
+             f"{c['half_seed']}). Metric everywhere: mean over domains of the mean row loss.",
              f"- **Learning curve**: uniform random subsets at keep {', '.join(f'{k:.2f}' for k in c['keeps'])}, "
              f"{c['random_seeds']} seeds each, and full data.",
              f"- **Oracles** at keep {', '.join(f'{k:.2f}' for k in c['oracle_keeps'])}: the rows of highest "
@@ -369,6 +369,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--oracle-keeps", type=bq.floats, default=[0.7])
     p.add_argument("--targets", default=",".join(TARGETS),
                    help=f"influence targets, comma list of {', '.join(TARGETS)}; empty: no oracle")
+    p.add_argument("--half-seed", type=int, default=0,
+                   help="which held-out rows form half A (the held-out oracle's target); other seeds, other files")
     p.add_argument("--checkpoints", type=int, default=4, help="points of the full-data run where influence is taken")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--jobs", type=int, default=1, help="training runs at once (processes of --threads threads)")
@@ -409,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     emb = workdir / "embeddings.parquet"
     stage = bq.cached_stage("embed", ["embed", str(train_file), "-o", str(emb), "--max-tokens",
                                       str(args.max_tokens), "--device", "cpu", "--quiet"], emb, workdir)
-    wall["slap embed (for redundancy)"] = stage["wall_s"]
+    wall[f"slap embed (for redundancy){' (cached)' if stage['cached'] else ''}"] = stage["wall_s"]
     vectors = np.stack(pq.read_table(emb, columns=["embedding"])["embedding"].to_numpy(zero_copy_only=False))
     nn_cos = nearest_neighbour_cosine(vectors.astype(np.float32))
     redundancy = {"quantiles": {f"p{int(q * 100)}": float(np.quantile(nn_cos, q)) for q in (0.1, 0.5, 0.9, 0.99)},
@@ -424,11 +426,13 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         prefix[key] = bq.HiddenCache.build(workdir / f"prefix_{key}", path, split, tokenizer, args.max_tokens, ckey)
         caches[key] = bq.HiddenCache(workdir / f"prefix_{key}")
-        wall[f"prefix cache, {key} rows"] = time.perf_counter() - t0
+        built = prefix[key]
+        wall[f"prefix cache, {key} rows{' (cached)' if built['cached'] else ''}"] = (
+            float(built.get("seconds", 0.0)) if built["cached"] else time.perf_counter() - t0)
     trainer = bq.TopTrainer(split, pad_id, args)
     run_key = bq.recipe_key(args, prefix)
     n = len(caches["train"])
-    half_a = halves(caches["heldout"].domains)
+    half_a = halves(caches["heldout"].domains, args.half_seed)
     held_domains = np.array(caches["heldout"].domains)
 
     # (kind, keep, rows, tag); the full-data run files are the quality benchmark's own (same tag and recipe key)
@@ -440,14 +444,19 @@ def main(argv: list[str] | None = None) -> int:
     influence_threads = max(args.threads, args.jobs * args.threads)  # nothing else runs during these passes
     torch.set_num_threads(influence_threads)
     for target in args.targets:
-        key = f"{run_key}:{target}:{args.checkpoints}:{HALF_SEED}"
+        # Only the held-out target depends on which rows form half A; other half seeds get their own files.
+        half_seed = args.half_seed if target == "heldout-a" else 0
+        key = f"{run_key}:{target}:{args.checkpoints}:{half_seed}"
+        suffix = f"_h{half_seed}" if half_seed else ""
         t0 = time.perf_counter()
         influence[target] = cached_influence(
-            workdir / f"influence_{target}.npz", key,
+            workdir / f"influence_{target}{suffix}.npz", key,
             lambda target=target: influence_scores(trainer, caches, target, half_a, args.checkpoints, 0))
-        wall[f"influence against {target}"] = time.perf_counter() - t0
-        subsets += [(f"oracle-{target}", k, top_rows(influence[target]["scores"], k), f"oracle-{target}_k{k:.2f}")
-                    for k in args.oracle_keeps]
+        # A cached pass reports the seconds it took when it was computed, not the 0 s of loading it.
+        wall[f"influence against {target}{' (cached)' if influence[target]['cached'] else ''}"] = (
+            influence[target]["seconds"] if influence[target]["cached"] else time.perf_counter() - t0)
+        subsets += [(f"oracle-{target}", k, top_rows(influence[target]["scores"], k),
+                     f"oracle-{target}_k{k:.2f}{suffix}") for k in args.oracle_keeps]
     if len(args.targets) == 2 and args.oracle_keeps:
         tops = [set(top_rows(influence[t]["scores"], args.oracle_keeps[0]).tolist()) for t in args.targets]
         for t in args.targets:
@@ -472,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, (path, rows, ts) in enumerate(pending):
             bq.write_run(path, bq.train_and_evaluate(trainer, caches, rows, ts))
             bq.log(f"  run {i + 1}/{len(pending)} {path.name}")
-    wall["training and evaluation"] = time.perf_counter() - t0
+    wall[f"training and evaluation of {len(pending)} pending run(s), wall clock"] = time.perf_counter() - t0
 
     runs = []
     for kind, keep, rows, tag in subsets:
@@ -484,6 +493,9 @@ def main(argv: list[str] | None = None) -> int:
                          "all": domain_mean(losses, held_domains, np.ones(len(losses), dtype=bool)),
                          "a": domain_mean(losses, held_domains, half_a),
                          "b": domain_mean(losses, held_domains, ~half_a)})
+    wall[f"training and evaluation of all {len(runs)} runs, summed over run files"] = sum(
+        float(json.loads(run_path(r["tag"], r["train_seed"]).read_text()).get("train_wall_s", 0.0))
+        + float(json.loads(run_path(r["tag"], r["train_seed"]).read_text()).get("eval_s", 0.0)) for r in runs)
     # One subset = the mean over its shuffles, before random's spread over subsets is taken.
     merged: dict[str, dict[str, Any]] = {}
     for r in runs:
@@ -507,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs, "summary": summarize(subset_runs), "out": str(out_path),
         "analysis": str(args.analysis) if args.analysis else None,
     }
-    wall["everything"] = time.perf_counter() - t_start
+    wall["this invocation, wall clock"] = time.perf_counter() - t_start
     results["wall"] = wall
     out_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
     for line in findings(results["summary"], args.keeps, args.oracle_keeps, args.targets):
