@@ -227,7 +227,7 @@ def findings(summary: dict[str, Any], keeps: list[float], oracle_keeps: list[flo
     lines = []
     reach = [k for k in keeps if f"random@{k:.2f}" in summary
              and summary[f"random@{k:.2f}"]["all"]["mean"] <= full["all"]["max"]]
-    lines.append("- Random subsets at or below full data's loss (its worst shuffle) at "
+    lines.append("- Random's mean at or below full data's loss (its worst shuffle) at "
                  + (f"keep {', '.join(f'{k:.2f}' for k in reach)}." if reach else "no keep ratio measured."))
     steps = [(k, summary[f"random@{k:.2f}"]["all"]["mean"] - full["all"]["mean"]) for k in keeps
              if f"random@{k:.2f}" in summary]
