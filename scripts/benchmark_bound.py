@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import shlex
 import sys
@@ -40,6 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 import pyarrow.parquet as pq
 import torch
@@ -97,13 +97,13 @@ def checkpoint_steps(total: int, count: int) -> list[int]:
 
 
 def nearest_neighbour_cosine(embeddings: np.ndarray) -> np.ndarray:
-    """Per row, the cosine of its nearest other row (unit-norm inputs), in blocks to bound memory."""
-    out = np.empty(len(embeddings), dtype=np.float32)
-    for s in range(0, len(embeddings), 4096):
-        sims = embeddings[s:s + 4096] @ embeddings.T
-        sims[np.arange(sims.shape[0]), np.arange(s, s + sims.shape[0])] = -np.inf
-        out[s:s + 4096] = sims.max(1)
-    return out
+    """Per row, the cosine of its nearest other row (unit-norm inputs): faiss's exact inner-product search for
+    the two nearest, of which the one that is not the row itself (with an exact copy both score the same)."""
+    x = np.ascontiguousarray(embeddings, dtype=np.float32)
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    sims, ids = index.search(x, 2)
+    return np.where(ids[:, 0] == np.arange(len(x)), sims[:, 1], sims[:, 0]).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------- influence
@@ -157,7 +157,7 @@ def influence_scores(trainer: bq.TopTrainer, caches: dict[str, bq.HiddenCache], 
     n = len(train)
     rows = np.arange(n)
     optimizer, schedule, rng = trainer.start(n, seed)
-    total = math.ceil(n / trainer.args.batch_size) * trainer.args.epochs
+    total = trainer.total_steps(n)
     at = checkpoint_steps(total, checkpoints)
     train_domains, held_domains = np.array(train.domains), np.array(heldout.domains)
     scores = np.zeros(n)
@@ -195,12 +195,6 @@ def cached_influence(path: Path, key: str, compute: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- report
 
 
-def cell(values: list[float]) -> dict[str, float]:
-    v = np.array(values, dtype=np.float64)
-    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "min": float(v.min()),
-            "max": float(v.max()), "n": len(v)}
-
-
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per subset kind and keep: its losses on all held-out rows and on halves A and B (random: over seeds)."""
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
@@ -209,7 +203,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out = {}
     for (kind, keep), members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         out[f"{kind}@{keep:.2f}"] = {"kind": kind, "keep": keep, "rows": members[0]["rows"],
-                                     **{part: cell([m[part] for m in members]) for part in ("all", "a", "b")}}
+                                     **{part: bq.spread([m[part] for m in members]) for part in ("all", "a", "b")}}
     return out
 
 
@@ -484,18 +478,18 @@ def main(argv: list[str] | None = None) -> int:
     wall[f"training and evaluation of {len(pending)} pending run(s), wall clock"] = time.perf_counter() - t0
 
     runs = []
+    run_seconds = 0.0
     for kind, keep, rows, tag in subsets:
         for ts in (train_seeds if rows is not None else [None]):
             one = json.loads(run_path(tag, ts).read_text())
+            run_seconds += float(one.get("train_wall_s", 0.0)) + float(one.get("eval_s", 0.0))
             losses = np.array(one["heldout_rows"])
             runs.append({"kind": kind, "keep": keep, "tag": tag, "train_seed": ts,
                          "rows": 0 if rows is None else len(rows),
                          "all": domain_mean(losses, held_domains, np.ones(len(losses), dtype=bool)),
                          "a": domain_mean(losses, held_domains, half_a),
                          "b": domain_mean(losses, held_domains, ~half_a)})
-    wall[f"training and evaluation of all {len(runs)} runs, summed over run files"] = sum(
-        float(json.loads(run_path(r["tag"], r["train_seed"]).read_text()).get("train_wall_s", 0.0))
-        + float(json.loads(run_path(r["tag"], r["train_seed"]).read_text()).get("eval_s", 0.0)) for r in runs)
+    wall[f"training and evaluation of all {len(runs)} runs, summed over run files"] = run_seconds
     # One subset = the mean over its shuffles, before random's spread over subsets is taken.
     merged: dict[str, dict[str, Any]] = {}
     for r in runs:

@@ -437,11 +437,15 @@ class TopTrainer:
         self.reset()
         torch.manual_seed(seed)
         optimizer = torch.optim.AdamW(self.split.parameters, lr=a.lr, weight_decay=0.0)
-        total = math.ceil(n_rows / a.batch_size) * a.epochs
+        total = self.total_steps(n_rows)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, total, a.schedule, round(a.warmup * total)))
         self.model.train()
         return optimizer, schedule, np.random.default_rng(seed)
+
+    def total_steps(self, n_rows: int) -> int:
+        """Optimizer steps of the recipe on `n_rows` rows (the last batch of an epoch may be short)."""
+        return math.ceil(n_rows / self.args.batch_size) * self.args.epochs
 
     def step(self, cache: HiddenCache, rows: list[int], optimizer: torch.optim.Optimizer, schedule: Any) -> float:
         batch, hidden = cache.batch(rows, self.pad_id)
@@ -709,6 +713,13 @@ def selection_diagnostics(align: dict[str, np.ndarray], selections: dict[str, di
 # ---------------------------------------------------------------------------------------------- report
 
 
+def spread(values: list[float]) -> dict[str, float]:
+    """Mean, sample sd (0 for one value), min, max and count of a list of losses."""
+    v = np.array(values, dtype=np.float64)
+    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "min": float(v.min()),
+            "max": float(v.max()), "n": len(v)}
+
+
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
     """Per method x keep: mean loss (random: mean, sd, min, max over seeds) and comparisons with random/full."""
     runs = [r for r in results["runs"] if r.get("mean") is not None]
@@ -722,10 +733,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
                                                             None), "cells": {}}
     for method, by_keep in table.items():
         for keep, values in by_keep.items():
-            v = np.array(values)
-            out["cells"].setdefault(method, {})[keep] = {
-                "mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-                "min": float(v.min()), "max": float(v.max()), "n": len(v)}
+            out["cells"].setdefault(method, {})[keep] = spread(values)
     rnd = out["cells"].get("random", {})
     for method, by_keep in out["cells"].items():
         for keep, cell in by_keep.items():
