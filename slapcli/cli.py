@@ -77,6 +77,7 @@ with _on_stop_signals(_exit_while_starting):
     from slapcli.models import DEFAULT_EMBED_MODEL, DEFAULT_PROXY_MODEL
     from slapcli.pipeline import reuse_or_run
     from slapcli.progress import Reporter, stderr_console
+    from slapcli.report.build import ReportConfig, build_report
     from slapcli.select import LOSS_METHODS, METHODS, SelectConfig, select
     from slapcli.stratify import StratifyConfig, stratify
     from slapcli.summary import describe_artifact, selection_summary
@@ -307,6 +308,36 @@ def export_cmd(
 def inspect_cmd(artifact: str = typer.Argument(..., help="Any slapcli artifact.")) -> None:
     """Print an artifact's metadata (config, source fingerprint, stats) and a summary, on stdout."""
     describe_artifact(artifact, Console(soft_wrap=True, highlight=False))
+
+
+@app.command("report", epilog="Example: slap report demo_out/work -o demo_out/report.html --png demo_out/figures")
+@_handle_errors
+def report_cmd(
+    artifacts: list[str] = typer.Argument(..., help="A work folder (`slap run --workdir`) or artifact files; "
+                                                    "upstream artifacts are found from the selection's record."),
+    output: str = typer.Option(..., "--output", "-o", help="HTML page to write (self-contained: opens from disk)."),
+    png: str | None = typer.Option(None, "--png", help="Also write each figure as a PNG into this folder."),
+    near_duplicate: float = typer.Option(ReportConfig.near_duplicate, "--near-duplicate",
+                                         help="Embedding cosine at or above which rows are near duplicates."),
+    examples: int = typer.Option(ReportConfig.examples, "--examples", min=0,
+                                 help="Rows shown per pruning reason and as most / least valuable kept rows."),
+    map_method: str = typer.Option(ReportConfig.map_method, "--map",
+                                   help="auto (UMAP when umap-learn is installed, else PCA), pca or umap."),
+    input: str | None = typer.Option(None, "--input", help="Data file, if not at the path recorded by embed."),
+    seed: int = SEED,
+    force: bool = FORCE,
+    quiet: bool = QUIET,
+) -> None:
+    """One HTML page of what a run kept and why: kept share per stratum, a map, distributions, the replay's
+    loss, duplicate groups and example rows (needs the `report` extra: matplotlib)."""
+    check_output_path(output, list(artifacts), force)
+    config = ReportConfig(near_duplicate=near_duplicate, examples=examples, map_method=map_method, input=input,
+                          seed=seed)
+    reporter = _reporter(quiet)
+    result = build_report(list(artifacts), output, config, reporter, png_dir=png)
+    if result.png_paths:
+        reporter.log(f"wrote {len(result.png_paths)} figures to {png}")
+    reporter.log(f"wrote {output}")
 
 
 @app.command("run", epilog="Example: slap run data.jsonl -o pruned.jsonl --keep 0.7 --workdir work")
