@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from slapcli.io.layouts import LAYOUTS, Example, FieldError, Turn, detect_layout, parse_example
+from slapcli.io.layouts import LAYOUTS, ROLES, Example, FieldError, Turn, detect_layout, parse_example
 
 LAYOUT_DIR = Path(__file__).resolve().parent.parent / "sample_data" / "layouts"
 
@@ -201,13 +201,14 @@ def test_every_sample_row_parses(layout: str) -> None:
         ({"messages": [{"role": "user", "content": "q"}, {"role": 1, "content": "a"}]}, "openai",
          "messages[1].role", "missing or not a string"),
         ({"messages": [{"role": "user", "content": ["q"]}, {"role": "assistant", "content": "a"}]}, "openai",
-         "messages[0].content", "missing or not a string"),
+         "messages[0].content[0]", "expected a content part object, got str"),
         ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None}]}, "openai",
          "messages[1].content", "missing or not a string"),
         ({"prompt": "p"}, "prompt_completion", "completion", "missing"),
         ({"completion": "c"}, "prompt_completion", "prompt", "missing"),
         ({"prompt": "p", "response": ""}, "prompt_response", "response", "no response"),
-        ({"prompt": "p", "response": {"a": 1}}, "prompt_response", "response", "expected a string, got dict"),
+        ({"prompt": "p", "response": {"a": 1}}, "prompt_response", "response",
+         "expected a string or a list of messages, got dict"),
         ({"text": ""}, "text", "text", "no response"),
         ({"body": "x"}, "text", "text", "missing"),
         ([1, 2], "alpaca", "(row)", "expected a JSON object, got list"),
@@ -277,7 +278,7 @@ def test_parse_example_only_raises_field_error(row: object) -> None:
             assert isinstance(e.message, str) and e.message
         else:
             assert isinstance(ex, Example)
-            assert all(t.role in ("system", "user", "assistant") and isinstance(t.text, str) for t in ex.turns)
+            assert all(t.role in ROLES and isinstance(t.text, str) for t in ex.turns)
             assert ex.response_text.strip()
 
 

@@ -2,18 +2,36 @@
 
 Every layout is turned into the same `Example`: a list of turns, where every assistant turn counts as
 response (multi-turn rows are trained on every assistant turn, as chat trainers do).
+
+What is prompt and what is response, in every layout:
+- a row's `system` field and its `tools` / `functions` schemas open the prompt (as system turns);
+- `user` turns and tool results (`tool`, `function`, ShareGPT `observation`) are prompt;
+- assistant turns are response, their text followed by their tool calls (OpenAI `tool_calls`, the legacy
+  `function_call`, ShareGPT `function_call` turns): calling a tool is model output, trained on like text;
+- an assistant turn with `weight` / `loss_weight` 0 is not trained on: it stays in the conversation with the
+  role `assistant_context` (prompt, not response).
+Message `content` may be a string or a list of typed parts: text parts (`text` or `value` key) are joined in
+order; other parts (images, audio, files) carry no text to score and are counted in `Example.non_text_parts`.
 """
 
 from __future__ import annotations
 
+import json
+import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-LAYOUTS = ("alpaca", "sharegpt", "openai", "prompt_completion", "prompt_response", "text")
+LAYOUTS = ("alpaca", "sharegpt", "openai", "preference", "prompt_completion", "prompt_response", "text")
+
+# The role of an assistant turn that is not trained on (weight 0): part of the prompt, with its own header.
+CONTEXT_ROLE = "assistant_context"
+ROLES = ("system", "user", "tool", "assistant", CONTEXT_ROLE)
 
 ROLE_ALIASES = {
     "system": "system",
+    "developer": "system",  # OpenAI's newer name for the system role
     "user": "user",
     "human": "user",
     "prompter": "user",
@@ -22,7 +40,28 @@ ROLE_ALIASES = {
     "bot": "assistant",
     "model": "assistant",
     "chatgpt": "assistant",
+    "function_call": "assistant",  # ShareGPT tool calling: the model's call is model output
+    "tool": "tool",
+    "function": "tool",  # OpenAI's legacy name for a tool result
+    "observation": "tool",  # ShareGPT tool calling: the tool's answer, input like a user turn
+    "ipython": "tool",  # Llama 3's tool-result role
 }
+
+TEXT_PART_TYPES = ("text", "input_text", "output_text")  # chat completions, and the Responses API's names
+TOOLS_FIELDS = ("tools", "functions")  # a row's tool schemas, in the prompt
+SYSTEM_FIELD = "system"
+WEIGHT_KEYS = ("weight", "loss_weight")  # per message: 0 = not trained on
+
+# A turn longer than this is cut to its first and last CLIP_CHARS // 2 characters before anyone tokenizes it:
+# the proxy reads at most --max-tokens (1,024 by default) and the encoder 256, so one 20 MB row would otherwise
+# take gigabytes for nothing. The head is what the encoder and a long answer's scoring read, the tail what a
+# prompt too long for the window keeps (the proxy keeps a prompt's end). Exported rows are never cut.
+CLIP_CHARS = 1 << 16
+_CLIP_MARK = "\n…\n"
+
+# Field mapping (`--fields`): the canonical names a user maps their columns to, as in LLaMA-Factory's
+# dataset_info.json `columns`.
+FIELD_ROLES = ("prompt", "query", "response", "system", "tools", "history", "messages", "chosen", "rejected")
 
 
 class FieldError(ValueError):
@@ -36,13 +75,14 @@ class FieldError(ValueError):
 
 @dataclass(frozen=True)
 class Turn:
-    role: str  # "system", "user" or "assistant"
+    role: str  # one of ROLES
     text: str
 
 
 @dataclass(frozen=True)
 class Example:
     turns: tuple[Turn, ...]
+    non_text_parts: int = 0  # content parts that hold no text (images, audio, files): not scored, counted
 
     @property
     def prompt_text(self) -> str:
@@ -62,6 +102,8 @@ def detect_layout(row: Any) -> str | None:
     """The layout a row's fields suggest, or None. Order matters: the most specific shapes first."""
     if not isinstance(row, Mapping):
         return None
+    if "chosen" in row and "rejected" in row:
+        return "preference"  # before messages: preference sets often carry the chosen chat as `messages` too
     if isinstance(row.get("conversations"), list):
         return "sharegpt"
     if isinstance(row.get("messages"), list):
@@ -77,6 +119,25 @@ def detect_layout(row: Any) -> str | None:
     return None
 
 
+def has_text(text: str) -> bool:
+    """Whether `text` holds anything visible: whitespace and zero-width or format characters do not count."""
+    return any(not c.isspace() and unicodedata.category(c) not in ("Cf", "Cc", "Zs") for c in text)
+
+
+def _clip(text: str) -> str:
+    if len(text) <= CLIP_CHARS:
+        return text
+    half = CLIP_CHARS // 2
+    return text[:half] + _CLIP_MARK + text[-half:]
+
+
+class _Parts:
+    """Counts the non-text content parts met while parsing one row."""
+
+    def __init__(self) -> None:
+        self.non_text = 0
+
+
 def _string_field(row: Mapping, field: str, *, required: bool = True) -> str:
     if field not in row or row[field] is None:
         if required:
@@ -88,15 +149,83 @@ def _string_field(row: Mapping, field: str, *, required: bool = True) -> str:
     return value
 
 
-def _require_response(turns: list[Turn], field: str) -> Example:
-    if not any(t.role == "assistant" and t.text.strip() for t in turns):
-        raise FieldError(field, "no response: the row has no non-empty assistant/output text")
-    return Example(tuple(turns))
+def _content_text(value: Any, where: str, parts: _Parts) -> str:
+    """A message's text: a string, or the text parts of a list of typed parts joined in order."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise FieldError(where, "missing or not a string")
+    texts: list[str] = []
+    for j, part in enumerate(value):
+        if not isinstance(part, Mapping):
+            raise FieldError(f"{where}[{j}]", f"expected a content part object, got {type(part).__name__}")
+        kind = part.get("type")
+        key = "text" if "text" in part else "value" if "value" in part else None
+        if kind is not None and kind not in TEXT_PART_TYPES:
+            parts.non_text += 1  # an image, audio clip or file: no text to score
+            continue
+        if key is None:
+            if kind is None:
+                raise FieldError(f"{where}[{j}]", "a content part with no type and no text or value")
+            raise FieldError(f"{where}[{j}].text", "missing")
+        text = part[key]
+        if isinstance(text, Mapping) and isinstance(text.get("value"), str):
+            text = text["value"]  # the Assistants API nests it: {"text": {"value": ..., "annotations": []}}
+        if not isinstance(text, str):
+            raise FieldError(f"{where}[{j}].{key}", f"expected a string, got {type(text).__name__}")
+        texts.append(text)
+    return "".join(texts)
 
 
-def _conversation(row: Mapping, field: str, role_key: str, text_key: str) -> Example:
+def _json_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _tool_calls_text(item: Mapping, where: str) -> str:
+    """An assistant message's tool calls as text, one JSON object per call (name and arguments)."""
+    pieces: list[str] = []
+    calls = item.get("tool_calls")
+    if calls is not None:
+        if not isinstance(calls, list):
+            raise FieldError(f"{where}.tool_calls", f"expected a list, got {type(calls).__name__}")
+        for j, call in enumerate(calls):
+            if not isinstance(call, Mapping):
+                raise FieldError(f"{where}.tool_calls[{j}]", f"expected an object, got {type(call).__name__}")
+            function = call.get("function", call)
+            pieces.append(_json_text(function))
+    legacy = item.get("function_call")
+    if legacy is not None:
+        pieces.append(_json_text(legacy))
+    return "\n".join(pieces)
+
+
+def _is_untrained(item: Mapping, where: str) -> bool:
+    for key in WEIGHT_KEYS:
+        weight = item.get(key)
+        if weight is None:
+            continue
+        if not isinstance(weight, (int, float)):
+            raise FieldError(f"{where}.{key}", f"expected a number, got {type(weight).__name__}")
+        return weight == 0
+    return False
+
+
+def _message_keys(items: list, default: tuple[str, str]) -> tuple[str, str]:
+    """(role key, text key) of a message list: ShareGPT's from/value or OpenAI's role/content, whichever it uses."""
+    first = next((item for item in items if isinstance(item, Mapping)), None)
+    if first is None:
+        return default
+    if "from" in first and "role" not in first:
+        return "from", "value"
+    if "role" in first and "from" not in first:
+        return "role", "content"
+    return default
+
+
+def _messages(items: list, field: str, parts: _Parts, default_keys: tuple[str, str]) -> list[Turn]:
+    role_key, text_key = _message_keys(items, default_keys)
     turns: list[Turn] = []
-    for i, item in enumerate(row[field]):
+    for i, item in enumerate(items):
         where = f"{field}[{i}]"
         if not isinstance(item, Mapping):
             raise FieldError(where, f"expected an object, got {type(item).__name__}")
@@ -106,19 +235,112 @@ def _conversation(row: Mapping, field: str, role_key: str, text_key: str) -> Exa
         role = ROLE_ALIASES.get(role_raw.lower())
         if role is None:
             raise FieldError(f"{where}.{role_key}", f"unknown role {role_raw!r}")
-        text = item.get(text_key)
-        if not isinstance(text, str):
-            # OpenAI content may be a list of parts; only the text parts carry training text.
-            parts = text if isinstance(text, list) else None
-            if parts is not None and all(isinstance(p, Mapping) and isinstance(p.get("text", ""), str)
-                                         for p in parts):
-                text = "".join(p.get("text", "") for p in parts if p.get("type", "text") == "text")
-            else:
-                raise FieldError(f"{where}.{text_key}", "missing or not a string")
+        calls = _tool_calls_text(item, where) if role == "assistant" else ""
+        content = item.get(text_key)
+        if role == "tool" and isinstance(content, Mapping):
+            content = _json_text(content)  # a tool result given as a JSON object
+        if content is None and calls:
+            text = calls  # OpenAI: a message that only calls tools has content null
+        else:
+            text = _content_text(content, f"{where}.{text_key}", parts)
+            text = "\n".join(t for t in (text, calls) if t)
+        if role == "assistant" and _is_untrained(item, where):
+            role = CONTEXT_ROLE
         turns.append(Turn(role, text))
+    return turns
+
+
+def _context_turns(row: Mapping, system_field: str | None = SYSTEM_FIELD,
+                   tools_fields: tuple[str, ...] = TOOLS_FIELDS) -> list[Turn]:
+    """The row-level system prompt and tool schemas, which open the prompt."""
+    turns: list[Turn] = []
+    if system_field is not None and row.get(system_field) is not None:
+        system = row[system_field]
+        if not isinstance(system, str):
+            raise FieldError(system_field, f"expected a string, got {type(system).__name__}")
+        if system.strip():
+            turns.append(Turn("system", system))
+    for name in tools_fields:
+        tools = row.get(name)
+        if tools in (None, "", [], {}):
+            continue
+        if not isinstance(tools, (str, list, Mapping)):
+            raise FieldError(name, f"expected a list of tool schemas or a JSON string, got {type(tools).__name__}")
+        turns.append(Turn("system", _json_text(tools)))
+    return turns
+
+
+def _side(value: Any, field: str, role: str, parts: _Parts) -> list[Turn]:
+    """One side of a pair (prompt, completion, chosen): a string, one message, or a list of messages."""
+    if isinstance(value, str):
+        return [Turn(role, value)]
+    if isinstance(value, list):
+        if not value:
+            raise FieldError(field, "empty list of messages")
+        return _messages(value, field, parts, ("role", "content"))
+    if value is None:
+        raise FieldError(field, "missing")
+    raise FieldError(field, f"expected a string or a list of messages, got {type(value).__name__}")
+
+
+def _history(row: Mapping, field: str) -> list[Turn]:
+    """LLaMA-Factory's `history`: earlier [prompt, response] pairs, before the row's own prompt."""
+    history = row.get(field)
+    if history is None:
+        return []
+    if not isinstance(history, list):
+        raise FieldError(field, f"expected a list of [prompt, response] pairs, got {type(history).__name__}")
+    turns: list[Turn] = []
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
+            raise FieldError(f"{field}[{i}]", "expected a [prompt, response] pair of strings")
+        turns += [Turn("user", pair[0]), Turn("assistant", pair[1])]
+    return turns
+
+
+_TRANSCRIPT = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def _transcript(text: str) -> list[Turn]:
+    """Anthropic HH-style text ("\\n\\nHuman: ...\\n\\nAssistant: ..."), or the whole text as response."""
+    pieces = _TRANSCRIPT.split(text)
+    if len(pieces) < 3 or pieces[0].strip():
+        return [Turn("assistant", text)]
+    return [Turn("user" if who == "Human" else "assistant", said) for who, said in zip(pieces[1::2], pieces[2::2],
+                                                                                        strict=True)]
+
+
+def _preference(row: Mapping, parts: _Parts, prompt: str | None = "prompt", chosen: str = "chosen",
+                rejected: str = "rejected") -> list[Turn]:
+    """Pruned by the chosen answer; the rejected one is only checked to be there (export keeps it as it is)."""
+    if row.get(rejected) is None:
+        raise FieldError(rejected, "missing")
+    if not isinstance(row[rejected], (str, list, Mapping)):
+        raise FieldError(rejected, f"expected a string or a list of messages, got {type(row[rejected]).__name__}")
+    prompt_turns = [] if prompt is None or row.get(prompt) is None else _side(row[prompt], prompt, "user", parts)
+    value = row.get(chosen)
+    if isinstance(value, str) and not prompt_turns:
+        return _transcript(value)
+    answer = _side(value, chosen, "assistant", parts)
+    if any(t.role not in ("assistant", CONTEXT_ROLE) for t in answer):
+        return answer  # the chosen conversation carries its own prompt (and repeats the `prompt` field)
+    return prompt_turns + answer
+
+
+def _require_response(turns: list[Turn], field: str, parts: _Parts | None = None) -> Example:
+    if not any(t.role == "assistant" and has_text(t.text) for t in turns):
+        raise FieldError(field, "no response: the row has no non-empty assistant/output text")
+    return Example(tuple(Turn(t.role, _clip(t.text)) for t in turns), parts.non_text if parts else 0)
+
+
+def _conversation(row: Mapping, field: str, keys: tuple[str, str]) -> Example:
+    if not isinstance(row.get(field), list):
+        raise FieldError(field, "missing or not a list")
+    parts = _Parts()
+    turns = _messages(row[field], field, parts, keys)
     if not turns:
         raise FieldError(field, "empty conversation")
-    return _require_response(turns, field)
+    return _require_response(_context_turns(row) + turns, field, parts)
 
 
 def parse_example(row: Any, layout: str) -> Example:
@@ -129,21 +351,113 @@ def parse_example(row: Any, layout: str) -> Example:
         instruction = _string_field(row, "instruction")
         extra = _string_field(row, "input", required=False)
         prompt = instruction if not extra.strip() else f"{instruction}\n\n{extra}"
-        return _require_response([Turn("user", prompt), Turn("assistant", _string_field(row, "output"))],
-                                 "output")
+        turns = [*_context_turns(row), *_history(row, "history"), Turn("user", prompt),
+                 Turn("assistant", _string_field(row, "output"))]
+        return _require_response(turns, "output")
     if layout == "sharegpt":
-        if not isinstance(row.get("conversations"), list):
-            raise FieldError("conversations", "missing or not a list")
-        return _conversation(row, "conversations", "from", "value")
+        return _conversation(row, "conversations", ("from", "value"))
     if layout == "openai":
-        if not isinstance(row.get("messages"), list):
-            raise FieldError("messages", "missing or not a list")
-        return _conversation(row, "messages", "role", "content")
+        return _conversation(row, "messages", ("role", "content"))
+    if layout == "preference":
+        parts = _Parts()
+        return _require_response(_context_turns(row) + _preference(row, parts), "chosen", parts)
     if layout in ("prompt_completion", "prompt_response"):
         answer = "completion" if layout == "prompt_completion" else "response"
-        return _require_response([Turn("user", _string_field(row, "prompt")),
-                                  Turn("assistant", _string_field(row, answer))], answer)
+        parts = _Parts()
+        turns = [*_context_turns(row), *_side(row.get("prompt"), "prompt", "user", parts),
+                 *_side(row.get(answer), answer, "assistant", parts)]
+        return _require_response(turns, answer, parts)
     if layout == "text":
         # Plain text has no prompt: all of it is trained on, so all of it is "response".
         return _require_response([Turn("assistant", _string_field(row, "text"))], "text")
     raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+
+
+# --- field mapping (--fields) ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FieldMap:
+    """Which of a row's fields plays which part: {canonical name: the row's field name}."""
+
+    names: tuple[tuple[str, str], ...]
+
+    def get(self, role: str) -> str | None:
+        return dict(self.names).get(role)
+
+    def describe(self) -> str:
+        return ",".join(f"{role}={name}" for role, name in self.names)
+
+
+def parse_field_map(spec: str) -> FieldMap:
+    """`prompt=question,response=answer[,system=sys]` -> FieldMap; ValueError with a one-line reason."""
+    names: dict[str, str] = {}
+    for item in spec.split(","):
+        role, sep, name = (s.strip() for s in item.partition("="))
+        if not sep or not role or not name:
+            raise ValueError(f"expected ROLE=FIELD, got {item.strip()!r}")
+        if role not in FIELD_ROLES:
+            raise ValueError(f"unknown role {role!r}; expected one of {', '.join(FIELD_ROLES)}")
+        if role in names:
+            raise ValueError(f"{role!r} is given twice")
+        names[role] = name
+    shapes = ("messages" in names, "chosen" in names or "rejected" in names, "response" in names)
+    if sum(shapes) != 1:
+        raise ValueError("map exactly one of: response (with prompt), messages, or chosen and rejected")
+    if shapes[1] and not ("chosen" in names and "rejected" in names):
+        raise ValueError("a preference mapping needs both chosen and rejected")
+    if shapes[2] and "prompt" not in names:
+        raise ValueError("response needs a prompt field too")
+    allowed = {"messages": {"messages", "system", "tools"},
+               "pair": {"prompt", "query", "response", "system", "tools", "history"},
+               "preference": {"prompt", "chosen", "rejected", "system", "tools"}}
+    shape = "messages" if shapes[0] else "preference" if shapes[1] else "pair"
+    extra = sorted(set(names) - allowed[shape])
+    if extra:
+        raise ValueError(f"{', '.join(extra)} cannot be combined with {shape}")
+    return FieldMap(tuple(names.items()))
+
+
+def parse_mapped(row: Any, fields: FieldMap) -> Example:
+    """Like parse_example, with the row's fields named by `fields`; errors name the row's field and its role."""
+    if not isinstance(row, Mapping):
+        raise FieldError("(row)", f"expected a JSON object, got {type(row).__name__}")
+    roles = {name: role for role, name in fields.names}
+    try:
+        return _parse_mapped(row, fields)
+    except FieldError as e:
+        root = re.split(r"[.\[]", e.field, maxsplit=1)[0]
+        if root in roles:
+            raise FieldError(e.field, f"{e.message} (mapped as {roles[root]} by --fields)") from None
+        raise
+
+
+def _parse_mapped(row: Mapping, fields: FieldMap) -> Example:
+    tools = fields.get("tools")
+    context = _context_turns(row, fields.get("system"), (tools,) if tools else ())
+    parts = _Parts()
+    messages = fields.get("messages")
+    if messages is not None:
+        if not isinstance(row.get(messages), list):
+            raise FieldError(messages, "missing" if row.get(messages) is None else "not a list of messages")
+        turns = _messages(row[messages], messages, parts, ("role", "content"))
+        if not turns:
+            raise FieldError(messages, "empty conversation")
+        return _require_response(context + turns, messages, parts)
+    chosen = fields.get("chosen")
+    if chosen is not None:
+        rejected = fields.get("rejected")
+        assert rejected is not None
+        turns = _preference(row, parts, fields.get("prompt"), chosen, rejected)
+        return _require_response(context + turns, chosen, parts)
+    prompt, response = fields.get("prompt"), fields.get("response")
+    assert prompt is not None and response is not None
+    prompt_turns = _side(row.get(prompt), prompt, "user", parts)
+    query = fields.get("query")
+    if query is not None and _string_field(row, query, required=False).strip():
+        if len(prompt_turns) != 1:
+            raise FieldError(prompt, "a query field needs the prompt as one string")
+        prompt_turns = [Turn("user", f"{prompt_turns[0].text}\n\n{row[query]}")]
+    history = _history(row, fields.get("history")) if fields.get("history") else []
+    turns = [*context, *history, *prompt_turns, *_side(row.get(response), response, "assistant", parts)]
+    return _require_response(turns, response, parts)
