@@ -93,10 +93,24 @@ class SplitProxy:
         for p in model.parameters():
             p.requires_grad_(False)
         top = list(self.blocks)[self.split:]
+        # The model's own dtype (bf16 on CUDA) is what the frozen part computes in. The trainable blocks are kept
+        # in float32: AdamW on bf16 weights rounds most updates of a 1e-4 step away (a weight above ~0.03 in
+        # magnitude has a bf16 spacing larger than the step), so the proxy would barely train. `compute()` then
+        # runs the passes under bf16 autocast, so matmuls stay fast and mixed dtypes meet safely.
+        self.compute_dtype = next(model.parameters()).dtype
+        for b in top:
+            b.to(torch.float32)
         self.parameters = [p for b in top for p in b.parameters()]
         for p in self.parameters:
             p.requires_grad_(True)
         self.linears = [m for b in top for m in b.modules() if isinstance(m, nn.Linear)]
+
+    def compute(self) -> contextlib.AbstractContextManager:
+        """Autocast to the model's dtype for passes through the float32 top blocks (a no-op in float32)."""
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        device_type = next(self.model.parameters()).device.type
+        return torch.autocast(device_type=device_type, dtype=self.compute_dtype)
 
     @torch.no_grad()
     def prefix(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -220,9 +234,9 @@ def row_features(split: SplitProxy, cache: PrefixCache, projector: GradientProje
         batch, hidden = cache.batch([keys[i] for i in idx])
         split.model.zero_grad(set_to_none=True)
         projector.reset()  # drop captures of passes whose gradients were not for features (training steps)
-        with split.top_only(hidden):
+        with split.top_only(hidden), split.compute():
             loss = response_losses(split.model, batch)
-            loss.sum().backward()  # the sum keeps each row's gradient its own
+        loss.sum().backward()  # the sum keeps each row's gradient its own
         n_response = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1)  # the tokens response_losses averages
         feats.append(normalize_features(projector.features(batch["attention_mask"]), norm, n_response,
                                         reference_tokens).cpu())
@@ -499,8 +513,9 @@ def _train_step(split: SplitProxy, cache: PrefixCache, optimizer: torch.optim.Op
     optimizer.zero_grad(set_to_none=True)
     for idx in cache.groups(keys):
         batch, hidden = cache.batch([keys[i] for i in idx])
-        with split.top_only(hidden):
-            (response_losses(split.model, batch).sum() / len(keys)).backward()
+        with split.top_only(hidden), split.compute():
+            part = response_losses(split.model, batch).sum() / len(keys)
+        part.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 

@@ -127,8 +127,10 @@ def make_layer_projection(out_features: int, in_features: int, k_out: int, k_in:
 
 def _project_tokens(x: Tensor, m: Tensor) -> Tensor:
     # The sketch follows the activations (a no-op when already there), so a model moved after the
-    # projector was built still works.
-    return x.to(m.dtype) @ m.to(x.device).T
+    # projector was built still works. In the sketch's dtype even under autocast (a bf16 proxy): the forward
+    # hook runs inside it, the gradient hook outside, and both halves of a feature must agree.
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return x.to(m.dtype) @ m.to(x.device).T
 
 
 def _kron_features(a: Tensor, b: Tensor, token_mask: Tensor | None) -> Tensor:

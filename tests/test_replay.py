@@ -279,3 +279,31 @@ def test_eta_scale_changes_the_choice_and_is_validated(tmp_path, tiny_encoder_di
     with pytest.raises(UsageError):
         select(str(tmp_path / "s.parquet"), str(tmp_path / "bad.parquet"),
                SelectConfig(proxy_model=str(tiny_proxy_dir), eta_scale=0.0), quiet)
+
+
+def test_bf16_proxy_trains_float32_top_blocks(tiny_proxy_dir):
+    """On CUDA the proxy loads in bf16: the trainable blocks must still move at the replay's lr (issue 17).
+
+    AdamW on bf16 weights rounds a 1e-4 step away for every weight above ~0.03 in magnitude; the split proxy keeps
+    its top blocks in float32 and runs the passes under bf16 autocast (exercised here on the CPU)."""
+    from slapcli.replay import _train_step
+
+    ref = resolve_model(str(tiny_proxy_dir))
+    tokenizer, model = load_causal_lm(ref, torch.device("cpu"), torch.bfloat16)
+    examples = [Example((Turn("user", p), Turn("assistant", r))) for p, r in TEXTS]
+    encoded = dict(enumerate(encode_examples(tokenizer, examples, 64)))
+    split = SplitProxy(model, 1)
+    assert all(p.dtype == torch.float32 for p in split.parameters)
+    assert split.blocks[0].self_attn.q_proj.weight.dtype == torch.bfloat16  # the frozen part stays as loaded
+    cache = PrefixCache(split, encoded, tokenizer.pad_token_id, torch.device("cpu"))
+    before = [p.detach().clone() for p in split.parameters]
+    optimizer = torch.optim.AdamW(split.parameters, lr=1e-4, weight_decay=0.0)
+    _train_step(split, cache, optimizer, list(encoded))
+    big = [(b.abs() > 0.03) for b in before]
+    moved = [(p.detach() != b) & m for p, b, m in zip(split.parameters, before, big, strict=True)]
+    share = sum(int(x.sum()) for x in moved) / max(1, sum(int(m.sum()) for m in big))
+    assert share > 0.9  # Adam's first step moves every weight with a gradient by ~lr
+    with GradientProjector(model, split.linears, 64, seed=3) as projector:
+        feats, losses = row_features(split, cache, projector, list(encoded))
+    assert feats.dtype == torch.float32 and torch.isfinite(feats).all() and torch.isfinite(losses).all()
+    cache.close()
