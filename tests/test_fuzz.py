@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from slapcli.errors import EXIT_USAGE, DataError, SlapError, UsageError
-from slapcli.io.layouts import LAYOUTS, FieldError, detect_layout, parse_example
+from slapcli.io.layouts import LAYOUTS, FieldError, detect_layout, has_text, parse_example
 from slapcli.io.readers import ReadStats, SourceReader, iter_examples, record_value
 
 # derandomize: CI must not fail on an example no one has seen locally; explore with --hypothesis-seed=N.
@@ -27,7 +27,8 @@ FAST = settings(max_examples=60, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 LAYOUT_KEYS = ["instruction", "input", "output", "conversations", "messages", "prompt", "completion", "response",
-               "text", "from", "value", "role", "content", "id"]
+               "text", "from", "value", "role", "content", "id", "chosen", "rejected", "system", "tools", "functions",
+               "history"]
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False),
                     st.text(max_size=12))
@@ -111,7 +112,7 @@ def flushed_per_line(lines: list[bytes], kind: str) -> bytes:
 # --- valid rows round-trip -------------------------------------------------------------------------------------------
 
 texts = st.text(max_size=30)
-answers = st.text(min_size=1, max_size=30).filter(str.strip)  # a response needs some non-blank text
+answers = st.text(min_size=1, max_size=30).filter(has_text)  # a response needs some visible text
 extras = st.dictionaries(st.text(max_size=6).filter(lambda k: k not in LAYOUT_KEYS), scalars, max_size=3)
 
 
@@ -131,6 +132,9 @@ def valid_row(draw: st.DrawFn, layout: str) -> tuple[dict[str, Any], str, str]:
         row = {field: [{role_key: names.get(role, role), text_key: text} for role, text in turns]}
         prompt = "\n\n".join(t for r, t in turns if r != "assistant")
         return row, prompt, "\n\n".join(t for r, t in turns if r == "assistant")
+    if layout == "preference":
+        prompt, answer = draw(texts.filter(str.strip)), draw(answers)
+        return {"prompt": prompt, "chosen": answer, "rejected": draw(texts)}, prompt, answer
     if layout in ("prompt_completion", "prompt_response"):
         prompt, answer = draw(texts), draw(answers)
         return {"prompt": prompt, layout.split("_")[1]: answer}, prompt, answer

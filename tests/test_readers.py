@@ -74,8 +74,9 @@ ALPACA_LINE = b'{"instruction": "Name a fruit.", "input": "", "output": "Apple."
 
 @pytest.mark.parametrize("name", sorted(p.name for p in LAYOUT_DIR.iterdir()))
 def test_every_layout_sample_reads(name: str) -> None:
-    reader, rows = read_all(LAYOUT_DIR / name)
-    assert 5 <= len(rows) <= 8
+    fields = "prompt=question,response=answer,system=persona" if name == "mapped.jsonl" else None
+    reader, rows = read_all(LAYOUT_DIR / name, fields=fields)
+    assert 5 <= len(rows) <= (10 if (LAYOUT_DIR / name).is_dir() else 8)
     assert reader.fingerprint == file_fingerprint(str(LAYOUT_DIR / name))
     assert all(r.example.response_text.strip() for r in rows)
 
@@ -301,12 +302,14 @@ def test_unnamed_file_is_sniffed(tmp_path: Path) -> None:
     ("args", "message"),
     [
         (("{tmp}/missing.jsonl",), "no such file"),
-        (("{tmp}",), "is a directory"),
+        (("{tmp}/folder",), "a folder with no data files"),
         (("{tmp}/a.jsonl", "yaml"), "unknown input format 'yaml'"),
     ],
 )
 def test_usage_errors(tmp_path: Path, args: tuple, message: str) -> None:
     write(tmp_path, "a.jsonl", ALPACA_LINE + b"\n")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "README.md").write_text("not data")
     with pytest.raises(UsageError, match=message) as info:
         SourceReader(args[0].format(tmp=tmp_path), *args[1:])
     assert info.value.exit_code == EXIT_USAGE
