@@ -30,7 +30,7 @@ from slapcli import __version__
 from slapcli.artifacts import ArtifactMeta, ArtifactWriter, embeddings_schema
 from slapcli.errors import DataError, SlapError
 from slapcli.io.layouts import Example
-from slapcli.io.readers import STDIN, ParsedRow, ReadStats, SourceReader, file_fingerprint, iter_examples
+from slapcli.io.readers import ParsedRow, ReadStats, SourceReader, field_map, file_fingerprint, iter_examples
 from slapcli.io.writers import atomic_path
 from slapcli.models import (
     DEFAULT_EMBED_MODEL,
@@ -57,6 +57,7 @@ class EmbedConfig:
     chunk_rows: int = 2048  # rows per streamed chunk, Parquet row group and resumable part
     device: str = "auto"
     resume: bool = True  # reuse the chunks a killed run finished, when made from the same data and settings
+    fields: str | None = None  # --fields: which of the row's fields are prompt, response, ... (sets the layout)
 
 
 def content_hash(example: Example) -> str:
@@ -177,6 +178,7 @@ def _read_json(path: str) -> Any:
 def embed(input_path: str, output_path: str, config: EmbedConfig, reporter: Reporter,
           command: str = "embed") -> ArtifactMeta:
     """Read `input_path`, write the embeddings artifact to `output_path`, return its metadata."""
+    field_map(config.fields, config.layout)  # a bad --fields fails before any model loads
     device = pick_device(config.device)
     embed_ref = resolve_model(config.embed_model)
     proxy_ref = resolve_model(config.proxy_model)
@@ -189,13 +191,23 @@ def embed(input_path: str, output_path: str, config: EmbedConfig, reporter: Repo
                    "proxy_model_identity": proxy_ref.identity}
     def embed_chunk(chunk: list[ParsedRow]) -> pa.Table:
         examples = [row.example for row in chunk]
-        vectors = encode_texts(enc_tokenizer, encoder, [e.full_text for e in examples], config.batch_size,
-                               config.encoder_max_tokens, device)
-        tokens = encode_examples(proxy_tokenizer, examples, config.max_tokens)
+        hashes = [content_hash(e) for e in examples]
+        # Exact duplicates get the same vector and counts: the models run once per distinct content.
+        first: dict[str, int] = {}
+        for i, h in enumerate(hashes):
+            first.setdefault(h, i)
+        distinct = sorted(first.values())
+        slot = {i: k for k, i in enumerate(distinct)}
+        copy_of = [slot[first[h]] for h in hashes]
+        unique = [examples[i] for i in distinct]
+        vectors = encode_texts(enc_tokenizer, encoder, [e.full_text for e in unique], config.batch_size,
+                               config.encoder_max_tokens, device)[copy_of]
+        unique_tokens = encode_examples(proxy_tokenizer, unique, config.max_tokens)
+        tokens = [unique_tokens[k] for k in copy_of]
         return pa.table({
             "row": pa.array([r.record.index for r in chunk], pa.int64()),
             "line": pa.array([r.record.line for r in chunk], pa.int64()),
-            "content_hash": pa.array([content_hash(e) for e in examples], pa.string()),
+            "content_hash": pa.array(hashes, pa.string()),
             "n_prompt_tokens": pa.array([t.n_prompt_tokens for t in tokens], pa.int32()),
             "n_response_tokens": pa.array([t.n_response_tokens for t in tokens], pa.int32()),
             "truncated": pa.array([t.truncated for t in tokens], pa.bool_()),
@@ -207,16 +219,16 @@ def embed(input_path: str, output_path: str, config: EmbedConfig, reporter: Repo
     with SourceReader(input_path, config.input_format) as reader, \
             reporter.progress(f"embed {reader.name}", reader.total_bytes, unit="bytes") as bar:
         # Parts are reusable only for the same bytes: fingerprint a file up front (one extra read, cheap next to
-        # the models). Stdin cannot be read twice, so its parts are never reused.
-        source_fp = None if input_path == STDIN else file_fingerprint(input_path)
+        # the models). Stdin or a pipe cannot be read twice, so its parts are never reused.
+        source_fp = None if reader.stream else file_fingerprint(input_path)
         parts = ChunkParts.open(parts_folder(output_path), {
             "format": ChunkParts.FORMAT, "tool_version": __version__,
             "source": source_fp.to_dict() if source_fp is not None else None,
             "config": {k: v for k, v in meta_config.items() if k != "resume"},
         }, config.resume, reporter)
         try:
-            for index, chunk in enumerate(_chunks(iter_examples(reader, config.layout, config.on_bad_line, stats),
-                                                  config.chunk_rows)):
+            rows = iter_examples(reader, config.layout, config.on_bad_line, stats, config.fields)
+            for index, chunk in enumerate(_chunks(rows, config.chunk_rows)):
                 table = parts.load(index, [r.record.index for r in chunk])
                 if table is None:
                     table = embed_chunk(chunk)
@@ -240,9 +252,12 @@ def embed(input_path: str, output_path: str, config: EmbedConfig, reporter: Repo
             command=command,
             config=meta_config,
             source={"path": reader.path, "fingerprint": reader.fingerprint.to_dict(), "container": reader.container,
-                    "compression": reader.compression, "layout": config.layout},
+                    "compression": reader.compression, "layout": config.layout, "fields": config.fields,
+                    "stream": reader.stream, "shards": reader.shard_fingerprints},
             stats={"records": stats.records, "rows": rows_out, "bad_skipped": stats.bad_skipped,
-                   "bad_examples": stats.bad_examples, "truncated": truncated, "dim": dim},
+                   "bad_examples": stats.bad_examples, "truncated": truncated, "dim": dim,
+                   "non_text_parts": stats.non_text_parts,
+                   "rows_with_non_text_parts": stats.rows_with_non_text_parts},
         )
     _assemble(parts, n_parts, schema, meta, output_path)
     parts.remove()

@@ -6,20 +6,29 @@ from collections.abc import Iterator
 
 from slapcli.artifacts import ArtifactMeta, check_source
 from slapcli.errors import UsageError
-from slapcli.io.readers import STDIN, ParsedRow, ReadStats, SourceReader, file_fingerprint, iter_examples
+from slapcli.io.readers import (
+    STDIN,
+    ParsedRow,
+    ReadStats,
+    SourceReader,
+    file_fingerprint,
+    is_stream,
+    iter_examples,
+)
 
 
 def source_path(meta: ArtifactMeta, override: str | None, artifact_name: str) -> str:
     """The data file to read: `--input` if given, else the path recorded in the artifact."""
     path = override or meta.source["path"]
-    if path == STDIN and override is None:
-        raise UsageError(f"{artifact_name} was made from stdin; pass --input FILE (the same data) to read it again")
+    if override is None and (path == STDIN or meta.source.get("stream")):
+        raise UsageError(f"{artifact_name} was made from stdin or a pipe ({path}); pass --input FILE (the same "
+                         "data) to read it again")
     return path
 
 
 def verify_source(meta: ArtifactMeta, path: str, artifact_name: str) -> None:
-    """Fail fast, before any model work, when a file on disk is not the recorded data (stdin is checked at EOF)."""
-    if path != STDIN:
+    """Fail fast, before any model work, when a file on disk is not the recorded data (a pipe is checked at EOF)."""
+    if not is_stream(path):
         check_source(meta, file_fingerprint(path), path, artifact_name)
 
 
@@ -30,9 +39,9 @@ def iter_source_rows(meta: ArtifactMeta, path: str, artifact_name: str,
     config = meta.config
     with SourceReader(path, meta.source.get("container")) as reader:
         for row in iter_examples(reader, config.get("layout", "auto"), config.get("on_bad_line", "error"),
-                                 ReadStats()):
+                                 ReadStats(), config.get("fields")):
             if wanted is None or row.record.index in wanted:
                 yield row
-        if path == STDIN:
+        if reader.stream:
             assert reader.fingerprint is not None
-            check_source(meta, reader.fingerprint, "<stdin>", artifact_name)
+            check_source(meta, reader.fingerprint, reader.name, artifact_name)
