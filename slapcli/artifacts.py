@@ -18,11 +18,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from slapcli import __version__
-from slapcli.errors import DataError, StaleArtifactError, UsageError
-from slapcli.io.readers import Fingerprint, file_fingerprint
-from slapcli.io.writers import discard, temp_path_beside
+from slapcli.errors import DataError, SlapError, StaleArtifactError, UsageError
+from slapcli.io.readers import STDIN, Fingerprint, file_fingerprint
+from slapcli.io.writers import discard, replace_into, temp_path_beside
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: strata gained the damage screen's columns (end_loss, tail_loss, direct_loss, screen_score)
 META_KEY = b"slapcli"
 # Rows per Parquet row group when a whole table is written at once: readers stream one group at a time, and a
 # single million-row group of embeddings took 7x longer to decode than the same rows in small groups.
@@ -57,7 +57,12 @@ STRATA_SCHEMA = pa.schema([
     pa.field("loss_bin", pa.int16(), nullable=False),  # loss quantile inside the cluster (0 = easiest)
     pa.field("stratum", pa.int32(), nullable=False),  # cluster * loss_bins + loss_bin
     pa.field("pruned", pa.string()),  # null, "duplicate" or "hardest": dropped before allocation
-    pa.field("duplicate_of", pa.int64()),  # the row this one duplicates (first occurrence)
+    pa.field("duplicate_of", pa.int64()),  # the row this one duplicates (first occurrence) or nearly duplicates
+    # The damage screen's signals (slapcli.screen), null where not computed (duplicates, --no-screen, no proxy):
+    pa.field("end_loss", pa.float32()),  # loss of the answer's end-of-turn token
+    pa.field("tail_loss", pa.float32()),  # mean loss of the answer's second half
+    pa.field("direct_loss", pa.float32()),  # response loss without the prompt
+    pa.field("screen_score", pa.float32()),  # largest outlier score over the screen's reasons (> 3.5: flagged)
 ])
 
 SELECTION_SCHEMA = pa.schema([
@@ -90,6 +95,15 @@ class ArtifactMeta:
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True, ensure_ascii=False).encode()
+
+    def with_absolute_source(self) -> ArtifactMeta:
+        """The source path made absolute, so a later stage finds it from any folder; the path as given is kept
+        under `given` for display. (Artifacts written before this recorded the given path only.)"""
+        path = self.source.get("path")
+        if not path or path == STDIN or os.path.isabs(path):
+            return self
+        self.source = {**self.source, "path": os.path.abspath(path), "given": path}
+        return self
 
     @property
     def source_fingerprint(self) -> Fingerprint:
@@ -129,7 +143,7 @@ class ArtifactWriter:
 
     def finish(self, meta: ArtifactMeta) -> None:
         assert self._writer is not None
-        self._writer.add_key_value_metadata({META_KEY: meta.to_json()})
+        self._writer.add_key_value_metadata({META_KEY: meta.with_absolute_source().to_json()})
         self._writer.close()
         self._finished = True
 
@@ -137,7 +151,7 @@ class ArtifactWriter:
         if self._writer is not None and not self._finished:
             self._writer.close()
         if exc is None and self._finished:
-            os.replace(self._tmp, self.path)
+            replace_into(self._tmp, self.path)
         else:
             discard(self._tmp)
         if exc is None and not self._finished:
@@ -145,28 +159,87 @@ class ArtifactWriter:
 
 
 def read_meta(path: str, expect_kind: str | None = None) -> ArtifactMeta:
-    """The metadata of a slapcli artifact, with errors that say what the file is instead."""
+    """The metadata of a slapcli artifact, with errors that say what the file is instead.
+
+    Everything a stage relies on is checked here, once: the metadata is a JSON document of the known fields, the
+    kind is one slapcli writes, and the columns of that kind are there with their types.
+    """
     if not os.path.exists(path):
         raise UsageError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise UsageError(f"{path}: is a directory, expected a slapcli artifact")
     try:
-        kv = pq.read_metadata(path).metadata or {}
+        file_meta = pq.read_metadata(path)
+        kv = file_meta.metadata or {}
+        schema = file_meta.schema.to_arrow_schema()
     except Exception:
         raise DataError("not a Parquet file (expected a slapcli artifact)", path) from None
     if META_KEY not in kv:
         raise DataError("a Parquet file without slapcli metadata: not made by slapcli", path)
-    data = json.loads(kv[META_KEY])
-    if data.get("schema_version", 0) > SCHEMA_VERSION:
+    try:
+        data = json.loads(kv[META_KEY])
+    except ValueError:
+        raise DataError("damaged artifact: its slapcli metadata is not JSON", path) from None
+    if not isinstance(data, dict):
+        raise DataError("damaged artifact: its slapcli metadata is not a JSON object", path)
+    version = data.get("schema_version", 0)
+    if isinstance(version, int) and version > SCHEMA_VERSION:
         raise DataError(f"artifact schema version {data['schema_version']} is newer than this slapcli "
                         f"understands ({SCHEMA_VERSION}); upgrade slapcli", path)
-    meta = ArtifactMeta(**data)
+    try:
+        meta = ArtifactMeta(**data)
+    except TypeError as e:  # a field missing or unknown
+        raise DataError(f"damaged artifact: its slapcli metadata does not fit ({e})", path) from None
+    _check_meta(meta, schema, path)
     if expect_kind is not None and meta.kind != expect_kind:
         raise DataError(f"expected a {expect_kind} artifact, got a {meta.kind} artifact "
                         f"(made by `slap {meta.command}`)", path)
     return meta
 
 
+def _check_meta(meta: ArtifactMeta, schema: pa.Schema, path: str) -> None:
+    """The metadata's fields have the shapes stages read, and the file has its kind's columns and types."""
+    if meta.kind not in KINDS:
+        raise DataError(f"damaged artifact: unknown kind {meta.kind!r} (expected one of {', '.join(KINDS)})", path)
+    for name in ("config", "source", "stats", "extra"):
+        if not isinstance(getattr(meta, name), dict):
+            raise DataError(f"damaged artifact: metadata field '{name}' is not an object", path)
+    if meta.upstream is not None and not isinstance(meta.upstream, dict):
+        raise DataError("damaged artifact: metadata field 'upstream' is not an object", path)
+    try:
+        Fingerprint.from_dict(meta.source["fingerprint"])
+        if meta.upstream is not None:
+            Fingerprint.from_dict(meta.upstream["fingerprint"])
+    except (KeyError, TypeError, ValueError):
+        raise DataError("damaged artifact: a fingerprint in its metadata is missing or malformed", path) from None
+    if not isinstance(meta.stats.get("rows"), int):
+        raise DataError("damaged artifact: its metadata has no row count (stats.rows)", path)
+    expected = {"embeddings": embeddings_schema(schema.field("embedding").type.list_size)
+                if "embedding" in schema.names and pa.types.is_fixed_size_list(schema.field("embedding").type)
+                else embeddings_schema(0),
+                "strata": STRATA_SCHEMA, "selection": SELECTION_SCHEMA}[meta.kind]
+    for want in expected:
+        if want.name not in schema.names:
+            raise DataError(f"damaged {meta.kind} artifact: no column '{want.name}'", path)
+        if schema.field(want.name).type != want.type:
+            raise DataError(f"damaged {meta.kind} artifact: column '{want.name}' is "
+                            f"{schema.field(want.name).type}, expected {want.type}", path)
+
+
+# Columns no artifact may leave empty in any row (a null there was not written by slapcli).
+_REQUIRED = frozenset(f.name for schema in (embeddings_schema(1), STRATA_SCHEMA, SELECTION_SCHEMA)
+                      for f in schema if not f.nullable)
+
+
 def read_table(path: str, columns: list[str] | None = None) -> pa.Table:
-    return pq.read_table(path, columns=columns)
+    try:
+        table = pq.read_table(path, columns=columns)
+    except (OSError, pa.ArrowException) as e:  # a damaged page, a truncated file
+        raise DataError(f"damaged artifact: cannot read its rows ({e})", path) from None
+    for name in table.column_names:
+        if name in _REQUIRED and table[name].null_count:
+            raise DataError(f"damaged artifact: column '{name}' has missing values", path)
+    return table
 
 
 def read_embeddings(path: str) -> np.ndarray:
@@ -176,14 +249,17 @@ def read_embeddings(path: str) -> np.ndarray:
     instead of 1.5 GB for a million 384-dim rows. pre_buffer=False: with it, pyarrow fetched every row
     group's bytes up front and held them to the end (3.1 GB peak for 1M rows; 1.7 GB without).
     """
-    file = pq.ParquetFile(path, pre_buffer=False)
-    field = file.schema_arrow.field("embedding")
-    out = np.empty((file.metadata.num_rows, field.type.list_size), dtype=np.float32)
-    start = 0
-    for batch in file.iter_batches(columns=["embedding"], batch_size=ROW_GROUP_ROWS):
-        column = batch.column(0)
-        out[start:start + len(column)] = column.flatten().to_numpy().reshape(len(column), -1)
-        start += len(column)
+    try:
+        file = pq.ParquetFile(path, pre_buffer=False)
+        field = file.schema_arrow.field("embedding")
+        out = np.empty((file.metadata.num_rows, field.type.list_size), dtype=np.float32)
+        start = 0
+        for batch in file.iter_batches(columns=["embedding"], batch_size=ROW_GROUP_ROWS):
+            column = batch.column(0)
+            out[start:start + len(column)] = column.flatten().to_numpy().reshape(len(column), -1)
+            start += len(column)
+    except (OSError, KeyError, ValueError, pa.ArrowException) as e:
+        raise DataError(f"damaged artifact: cannot read its embeddings ({e})", path) from None
     return out
 
 
@@ -195,6 +271,9 @@ def upstream_record(path: str, meta: ArtifactMeta) -> dict[str, Any]:
 def check_upstream(meta: ArtifactMeta, upstream_path: str, name: str) -> None:
     """Refuse an upstream artifact that is not the one `meta` was computed from."""
     assert meta.upstream is not None
+    if not os.path.isfile(upstream_path):
+        raise UsageError(f"{name}: its {meta.upstream['kind']} artifact {upstream_path} is missing (moved or "
+                         f"deleted?); pass --{meta.upstream['kind']} FILE")
     expected = Fingerprint.from_dict(meta.upstream["fingerprint"])
     actual = file_fingerprint(upstream_path)
     if actual != expected:
@@ -214,3 +293,23 @@ def check_source(meta: ArtifactMeta, actual: Fingerprint, source_name: str, arti
             f"blake2b {expected.blake2b[:12]}…; found {actual.size} bytes, blake2b {actual.blake2b[:12]}…)",
             artifact_name,
         )
+
+
+def recorded_inputs(path: str) -> list[str]:
+    """Every file an artifact was made from, as far as its records reach: its source data and its upstream
+    artifacts, theirs, and so on. An output must never be one of them."""
+    found: list[str] = []
+    while path and path not in found:
+        try:
+            meta = read_meta(path)
+        except SlapError:
+            break
+        source = meta.source.get("path")
+        if isinstance(source, str) and source != STDIN:
+            found.append(source)
+        upstream = meta.upstream.get("path") if meta.upstream else None
+        if not isinstance(upstream, str):
+            break
+        found.append(upstream)
+        path = upstream
+    return found

@@ -31,7 +31,7 @@ from slapcli.artifacts import ArtifactMeta, ArtifactWriter, embeddings_schema
 from slapcli.errors import DataError, SlapError
 from slapcli.io.layouts import Example
 from slapcli.io.readers import ParsedRow, ReadStats, SourceReader, field_map, file_fingerprint, iter_examples
-from slapcli.io.writers import atomic_path
+from slapcli.io.writers import atomic_path, companion_path, replace_into
 from slapcli.models import (
     DEFAULT_EMBED_MODEL,
     DEFAULT_PROXY_MODEL,
@@ -109,9 +109,12 @@ def _chunks(rows: Iterator[ParsedRow], size: int) -> Iterator[list[ParsedRow]]:
 
 
 def parts_folder(output_path: str) -> str:
-    """Where finished chunks wait for the artifact to be complete: hidden, beside the output (same file system)."""
-    folder, name = os.path.split(os.path.abspath(output_path))
-    return os.path.join(folder, f".{name}.parts")
+    """Where finished chunks wait for the artifact to be complete: hidden, beside the output (same file system).
+
+    One folder per output, not per input: the output's lock (slapcli.io.writers.output_lock, taken by the
+    command) keeps two runs out of it at once, and its manifest keeps parts of other data or settings out.
+    """
+    return companion_path(output_path, ".parts")
 
 
 class ChunkParts:
@@ -275,4 +278,4 @@ def _assemble(parts: ChunkParts, n_parts: int, schema: pa.Schema, meta: Artifact
         for index in range(n_parts):
             writer.write(pq.read_table(parts.part_path(index)))
         writer.finish(meta)
-    os.replace(assembled, output_path)
+    replace_into(assembled, output_path)

@@ -1,8 +1,12 @@
 """Stage 4, export: write the kept rows exactly as they were in the input.
 
-JSON Lines input gives the same bytes, line for line. Other inputs give one compact JSON object per line
-(or Parquet when the output name ends in .parquet). `order="selection"` writes rows in the order `select`
-chose them.
+The output's name decides its container, as it does for inputs, so a file slap writes is a file slap reads:
+`.parquet` Parquet, `.json` a JSON array, anything else (`.jsonl`, `.ndjson`, stdout) JSON Lines; `.gz` / `.zst`
+compress it. JSON Lines input gives the same bytes, line for line (as array elements in a `.json`); other
+inputs give each row's compact JSON. `order="selection"` writes rows in the order `select` chose them.
+
+The selection is checked against its own metadata first (rows unique and in range, the kept count), and every
+kept row must be found in the source: a damaged selection is refused, never exported short.
 
 Memory stays flat in the input size: rows stream through in chunks, Parquet is written row group by row group,
 and selection order spools kept rows to a temporary file and reads them back (JSON Lines by offset, Parquet by
@@ -17,9 +21,9 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -28,8 +32,8 @@ import pyarrow.parquet as pq
 
 from slapcli.artifacts import check_source, read_meta, read_table
 from slapcli.errors import DataError, UsageError
-from slapcli.io.readers import STDIN, SourceReader, record_value
-from slapcli.io.writers import atomic_path, open_output
+from slapcli.io.readers import SourceReader, container_from_name, record_value
+from slapcli.io.writers import STDOUT, atomic_path, compressed, compression_from_name, open_output
 from slapcli.progress import ProgressTask, Reporter
 from slapcli.source import source_path, verify_source
 
@@ -38,6 +42,10 @@ ROW_GROUP_ROWS = 4096  # kept rows per Parquet row group, and at most per chunk 
 CHUNK_BYTES = 32 << 20  # a chunk of long JSON rows closes early, at this many input bytes
 SPOOL_BATCH_ROWS = 256  # selection order reads each spooled run back this many rows at a time
 _TO_JSONL = "export to .jsonl to keep every row as it is"
+# A kept row's index must be below this (plus 64 per selection row): a tampered index of 10**15 would otherwise
+# ask for an array of that size before the source is read. Real sources stay far below it unless they hold over
+# 64 skipped bad rows per good one.
+_ROW_SLACK = 10_000_000
 
 # Kept rows in source order as one Arrow table, and each row's position in selection order.
 Chunk = tuple[pa.Table, np.ndarray]
@@ -58,40 +66,91 @@ class ExportResult:
 def export(selection_path: str, output: str, config: ExportConfig, reporter: Reporter) -> ExportResult:
     if config.order not in ORDERS:
         raise UsageError(f"--order must be one of {', '.join(ORDERS)}")
+    container_out, compression = output_format(output)
     meta = read_meta(selection_path, "selection")
+    table = read_table(selection_path, ["row", "kept", "order"])
+    ranks = selection_ranks(table, meta.stats, selection_path)
+    n_kept = int((ranks >= 0).sum())
     src = source_path(meta, config.input, selection_path)
     verify_source(meta, src, selection_path)
-    table = read_table(selection_path, ["row", "kept", "order"])
-    ranks = selection_ranks(table)
-    n_kept = int((ranks >= 0).sum())
-    as_parquet = output != "-" and output.lower().endswith(".parquet")
     container = meta.source.get("container")
+
+    def all_found(found: int) -> None:
+        if found != n_kept:
+            raise DataError(f"the selection keeps {n_kept:,} rows but only {found:,} of them are in the source "
+                            f"{src}: the selection is damaged or was not made from this data", selection_path)
+
     with SourceReader(src, container) as reader, \
             reporter.progress(f"export {reader.name}", reader.total_bytes, unit="bytes") as bar:
-        if as_parquet:
-            chunks = _parquet_chunks(reader, ranks, bar) if container == "parquet" and src != STDIN \
+        if container_out == "parquet":
+            chunks = _parquet_chunks(reader, ranks, bar) if container == "parquet" and not reader.stream \
                 else _json_chunks(reader, ranks, bar)
-            written = _export_parquet(chunks, n_kept, output, config.order, reader.name)
+            written = _export_parquet(chunks, n_kept, output, config.order, reader.name, all_found)
         else:
-            with open_output(output) as sink:
-                written = _export_jsonl(reader, ranks, n_kept, sink, config.order, bar)
-        if src == STDIN:
+            with open_output(output) as sink, compressed(sink, compression) as stream:
+                rows = _JsonRows(stream, array=container_out == "json")
+                written = _export_jsonl(reader, ranks, n_kept, rows, config.order, bar, all_found)
+                rows.close()
+        if reader.stream:  # stdin or a pipe: only known once read
             assert reader.fingerprint is not None
-            check_source(meta, reader.fingerprint, "<stdin>", selection_path)
+            check_source(meta, reader.fingerprint, reader.name, selection_path)
         bar.update(completed=reader.total_bytes or reader.bytes_read, rows_done=written)  # all read by now
     return ExportResult(written, int(meta.stats.get("rows", len(table))))
 
 
-def selection_ranks(table: pa.Table) -> np.ndarray:
+def output_format(output: str) -> tuple[str, str | None]:
+    """The container (jsonl, json, parquet) and compression an output name asks for; stdout is JSON Lines."""
+    if output == STDOUT:
+        return "jsonl", None
+    container, compression = container_from_name(output) or "jsonl", compression_from_name(output)
+    if container == "parquet" and compression is not None:
+        raise UsageError(f"{output}: Parquet compresses its own columns; drop the compression suffix")
+    return container, compression
+
+
+class _JsonRows:
+    """Writes rows (each one JSON value's bytes) as JSON Lines, or as the elements of one JSON array."""
+
+    def __init__(self, stream: BinaryIO, array: bool) -> None:
+        self.stream, self.array, self.count = stream, array, 0
+
+    def write(self, raw: bytes) -> None:
+        if self.array:
+            self.stream.write((b"[\n" if self.count == 0 else b",\n") + raw)
+        else:
+            self.stream.write(raw + b"\n")
+        self.count += 1
+
+    def close(self) -> None:
+        if self.array:
+            self.stream.write(b"\n]\n" if self.count else b"[]\n")
+
+
+def selection_ranks(table: pa.Table, stats: dict[str, Any], name: str) -> np.ndarray:
     """ranks[row] = the position of kept source row `row` in selection order; -1 for a row not kept.
 
     An array indexed by source row rather than a dict: 8 bytes a row, so a large selection stays cheap to hold.
+    The selection must agree with its own metadata: one entry per row (unique, non-negative indices), as many
+    rows and kept rows as its stats say, and a distinct selection order for every kept row.
     """
     kept = table["kept"].to_numpy().astype(bool)
     rows = table["row"].to_numpy()
-    ranks = np.full(int(rows.max()) + 1 if len(rows) else 0, -1, dtype=np.int64)
-    order = table["order"].to_numpy()[kept]
-    ranks[rows[kept]] = np.argsort(np.argsort(order, kind="stable"), kind="stable")
+    if len(rows) != stats.get("rows"):
+        raise DataError(f"damaged selection: {len(rows):,} rows, but its metadata says {stats.get('rows')}", name)
+    if not isinstance(stats.get("kept"), int) or int(kept.sum()) != stats["kept"]:
+        raise DataError(f"damaged selection: {int(kept.sum()):,} rows are marked kept, but its metadata says "
+                        f"{stats.get('kept')}", name)
+    if len(rows) and (rows.min() < 0 or rows.max() >= 64 * len(rows) + _ROW_SLACK):
+        bad = int(rows.min()) if rows.min() < 0 else int(rows.max())
+        raise DataError(f"damaged selection: row index {bad} is out of range", name)
+    if len(np.unique(rows)) != len(rows):
+        raise DataError("damaged selection: a source row appears more than once", name)
+    order = table["order"]
+    kept_order = order.filter(pa.array(kept))
+    if kept_order.null_count or len(np.unique(kept_order.to_numpy())) != len(kept_order):
+        raise DataError("damaged selection: kept rows without a distinct selection order", name)
+    ranks = np.full(int(rows[kept].max()) + 1 if kept.any() else 0, -1, dtype=np.int64)
+    ranks[rows[kept]] = np.argsort(np.argsort(kept_order.to_numpy(), kind="stable"), kind="stable")
     return ranks
 
 
@@ -99,15 +158,17 @@ def _rank(ranks: np.ndarray, index: int) -> int:
     return int(ranks[index]) if index < len(ranks) else -1
 
 
-def _export_jsonl(reader: SourceReader, ranks: np.ndarray, n_kept: int, sink, order: str, bar) -> int:
+def _export_jsonl(reader: SourceReader, ranks: np.ndarray, n_kept: int, sink: _JsonRows, order: str,
+                  bar: ProgressTask, all_found: Callable[[int], None]) -> int:
     written = 0
     if order == "source":
         for record in reader.records():
             if _rank(ranks, record.index) >= 0:
-                sink.write(record.raw + b"\n")
+                sink.write(record.raw)
                 written += 1
                 if written % 4096 == 0:
                     bar.update(completed=reader.bytes_read, rows_done=written)
+        all_found(written)
         return written
     # Selection order: spool kept rows (source order) to disk, then emit them by rank via seeks.
     offsets = np.zeros((n_kept, 2), dtype=np.int64)
@@ -116,21 +177,24 @@ def _export_jsonl(reader: SourceReader, ranks: np.ndarray, n_kept: int, sink, or
             rank = _rank(ranks, record.index)
             if rank >= 0:
                 offsets[rank] = (spool.tell(), len(record.raw))
-                spool.write(record.raw + b"\n")
+                spool.write(record.raw)
                 written += 1
+        all_found(written)
         for start, length in offsets:
             spool.seek(int(start))
-            sink.write(spool.read(int(length) + 1))
+            sink.write(spool.read(int(length)))
     return written
 
 
-def _export_parquet(chunks: Iterator[Chunk], n_kept: int, output: str, order: str, name: str) -> int:
+def _export_parquet(chunks: Iterator[Chunk], n_kept: int, output: str, order: str, name: str,
+                    all_found: Callable[[int], None]) -> int:
     with atomic_path(output) as tmp, _ParquetSink(tmp, name) as sink:
         if order == "source":
             for table, _ in chunks:
                 sink.write(table)
         else:
-            _write_in_rank_order(chunks, n_kept, sink)
+            _write_in_rank_order(chunks, n_kept, sink, all_found)
+        all_found(sink.rows)
     return sink.rows
 
 
@@ -168,21 +232,30 @@ class _ParquetSink:
 
 
 def _parquet_chunks(reader: SourceReader, ranks: np.ndarray, bar: ProgressTask) -> Iterator[Chunk]:
-    """Kept rows of a Parquet file straight from its Arrow batches: columns, types and metadata stay as they are.
+    """Kept rows of a Parquet file (or a folder of them) straight from its Arrow batches: columns, types and
+    metadata stay as they are.
 
     (Rows that became Python values, as SourceReader yields them, would come back with inferred types.)
     """
-    with pq.ParquetFile(reader.path) as source:
-        schema, total, start = source.schema_arrow, max(1, source.metadata.num_rows), 0
-        for batch in source.iter_batches(batch_size=ROW_GROUP_ROWS):
-            batch_ranks = np.full(batch.num_rows, -1, dtype=np.int64)
-            known = ranks[start:start + batch.num_rows]  # a record index is the row's position in the file
-            batch_ranks[:len(known)] = known
-            start += batch.num_rows
-            keep = batch_ranks >= 0
-            if keep.any():
-                yield pa.Table.from_batches([batch.filter(pa.array(keep))], schema=schema), batch_ranks[keep]
-            bar.update(completed=(reader.total_bytes or 0) * start / total)
+    schema: pa.Schema | None = None
+    start = done_bytes = 0
+    for path in reader.files:  # a folder's shards in order: record indices run on across them
+        with pq.ParquetFile(path) as source:
+            if schema is None:
+                schema = source.schema_arrow
+            elif not source.schema_arrow.equals(schema):
+                raise DataError(f"its columns differ from those of {reader.files[0]}, so the shards cannot be one "
+                                f"Parquet file; {_TO_JSONL}", path)
+            for batch in source.iter_batches(batch_size=ROW_GROUP_ROWS):
+                batch_ranks = np.full(batch.num_rows, -1, dtype=np.int64)
+                known = ranks[start:start + batch.num_rows]  # a record index is the row's position in the data
+                batch_ranks[:len(known)] = known
+                start += batch.num_rows
+                keep = batch_ranks >= 0
+                if keep.any():
+                    yield pa.Table.from_batches([batch.filter(pa.array(keep))], schema=schema), batch_ranks[keep]
+        done_bytes += os.path.getsize(path)
+        bar.update(completed=done_bytes)
 
 
 def _json_chunks(reader: SourceReader, ranks: np.ndarray, bar: ProgressTask) -> Iterator[Chunk]:
@@ -304,7 +377,8 @@ def _fits(have: pa.DataType, want: pa.DataType) -> bool:
     return False
 
 
-def _write_in_rank_order(chunks: Iterator[Chunk], n_kept: int, sink: _ParquetSink) -> None:
+def _write_in_rank_order(chunks: Iterator[Chunk], n_kept: int, sink: _ParquetSink,
+                         all_found: Callable[[int], None]) -> None:
     """Selection order in bounded memory: an external merge by rank.
 
     Each chunk (source order) is sorted by rank and appended to a spool file as one run of small record batches.
@@ -326,6 +400,7 @@ def _write_in_rank_order(chunks: Iterator[Chunk], n_kept: int, sink: _ParquetSin
             for batch in table.take(np.argsort(ranks)).to_batches(max_chunksize=SPOOL_BATCH_ROWS):
                 writer.write_batch(batch)
                 batches += 1
+        all_found(int((run_of_rank >= 0).sum()))  # a rank no run holds would be read from the wrong run
         if writer is None:
             return  # nothing kept
         writer.close()

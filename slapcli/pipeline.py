@@ -15,27 +15,37 @@ from slapcli.progress import Reporter
 def artifact_is_current(path: str, config: dict[str, Any], source: Fingerprint | None = None,
                         upstream: str | None = None) -> bool:
     """True when `path` holds an artifact made with this config from this source / upstream artifact."""
-    if not os.path.exists(path):
-        return False
+    return os.path.exists(path) and not why_stale(path, config, source, upstream)
+
+
+def why_stale(path: str, config: dict[str, Any], source: Fingerprint | None = None,
+              upstream: str | None = None) -> str:
+    """Why the artifact at `path` cannot be reused ("" when it can), in words for a log line."""
     try:
         meta = read_meta(path)
-    except SlapError:
-        return False
-    if any(meta.config.get(key) != value for key, value in config.items()):
-        return False
+    except SlapError as e:
+        return f"unreadable ({e})"
+    changed = [f"{key} {meta.config.get(key)!r} -> {value!r}" for key, value in config.items()
+               if meta.config.get(key) != value]
+    if changed:
+        return "made with " + ", ".join(changed)
     if source is not None and meta.source_fingerprint != source:
-        return False
+        return "made from other data"
     if upstream is not None:
         if meta.upstream is None or not os.path.exists(upstream):
-            return False
+            return "its upstream artifact is missing"
         if Fingerprint.from_dict(meta.upstream["fingerprint"]) != file_fingerprint(upstream):
-            return False
-    return True
+            return f"made from an older {upstream}"
+    return ""
 
 
 def reuse_or_run(path: str, config: dict[str, Any], reporter: Reporter, produce: Callable[[], ArtifactMeta],
                  source: Fingerprint | None = None, upstream: str | None = None) -> None:
-    if artifact_is_current(path, config, source, upstream):
-        reporter.log(f"reusing {path} (same input and config)")
-        return
+    if os.path.exists(path):
+        reason = why_stale(path, config, source, upstream)
+        if not reason:
+            reporter.log(f"reusing {path} (same input and config)")
+            return
+        # Said, not silent: the work folder holds one artifact per stage, and this run's settings replace it.
+        reporter.log(f"replacing {path}: {reason}")
     produce()

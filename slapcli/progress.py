@@ -23,10 +23,15 @@ def stderr_console(quiet: bool = False) -> Console:
 
 
 class Reporter:
-    """What a stage may tell the user: progress bars (when not quiet) and log lines (always on stderr)."""
+    """What a stage may tell the user: progress bars (when not quiet) and log lines (always on stderr).
 
-    def __init__(self, quiet: bool = False) -> None:
+    `bars=False` keeps the log lines and the final line but draws no bars (while reading stdin, a bar would
+    only fight the producer for the terminal).
+    """
+
+    def __init__(self, quiet: bool = False, bars: bool = True) -> None:
         self.quiet = quiet
+        self.bars = bars and not quiet
         self.console = stderr_console(quiet)
 
     def log(self, message: str) -> None:
@@ -38,7 +43,7 @@ class Reporter:
 
     @contextlib.contextmanager
     def progress(self, description: str, total: float | None, unit: str = "rows") -> Iterator[ProgressTask]:
-        if self.quiet:
+        if not self.bars:
             yield ProgressTask(None, None)
             return
         columns = [
@@ -51,7 +56,9 @@ class Reporter:
             TextColumn("ETA"),
             TimeRemainingColumn(),
         ]
-        with Progress(*columns, console=self.console, transient=False) as progress:
+        # Transient: a finished phase's bar leaves the screen (the log lines say what it did), so no spinner of a
+        # phase that is over ("tokenize 0/30") stays behind.
+        with Progress(*columns, console=self.console, transient=True) as progress:
             task_id = progress.add_task(description, total=total, rate="")
             yield ProgressTask(progress, task_id)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import glob
+import os
 from collections.abc import Iterator
 
 from slapcli.artifacts import ArtifactMeta, check_source
@@ -14,6 +16,7 @@ from slapcli.io.readers import (
     file_fingerprint,
     is_stream,
     iter_examples,
+    list_shards,
 )
 
 
@@ -23,6 +26,16 @@ def source_path(meta: ArtifactMeta, override: str | None, artifact_name: str) ->
     if override is None and (path == STDIN or meta.source.get("stream")):
         raise UsageError(f"{artifact_name} was made from stdin or a pipe ({path}); pass --input FILE (the same "
                          "data) to read it again")
+    sharded = meta.source.get("shards") is not None  # made from a folder or pattern of shards
+    if sharded and (os.path.isdir(path) or glob.has_magic(path)):
+        list_shards(path)  # one line when the folder or pattern holds no data file (any more)
+    elif path != STDIN and (not os.path.exists(path) or os.path.isdir(path)):
+        if override is not None:
+            what = "is a directory" if os.path.isdir(path) else "no such file"
+            raise UsageError(f"{path}: {what} (--input)")
+        # Older artifacts recorded the path as given, relative to the folder the command ran in.
+        raise UsageError(f"{artifact_name}: its source data {path} is missing or not a file (moved or deleted?); "
+                         "pass --input FILE with the same data")
     return path
 
 

@@ -1,44 +1,140 @@
-"""Output safety: nothing final-looking exists until a stage is complete.
+"""Output safety: nothing final-looking exists until a stage is complete, and one writer per output.
 
 Every output is written under a temporary name in the destination folder and renamed over the final name
 only at the end (os.replace is atomic on one file system), so a crash or SIGKILL leaves either the old
-file or no file, never a truncated one.
+file or no file, never a truncated one. Only regular files are ever replaced: a character device or a FIFO
+given as the output (`-o /dev/null`, `-o >(gzip)`) is written to directly. A lock file beside the output
+(`fcntl.flock`) keeps a second command from writing the same output at the same time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import functools
+import gzip
+import hashlib
 import os
+import stat
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import BinaryIO
 
 from slapcli.errors import UsageError
 
 STDOUT = "-"
+MAX_NAME_BYTES = 255  # one file name on ext4, xfs, btrfs, tmpfs, APFS
+# Room a hidden companion needs around the output's name: "." + ".parts"/".lock" + mkstemp's "." + 8 chars + ".tmp".
+_COMPANION_ROOM = 24
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+
+# Outputs renamed into place by this process: absolute path -> (device, inode) of the file renamed there, so that
+# a signal arriving just after the rename can tell that the output is complete (see `was_written`).
+_written: dict[str, tuple[int, int]] = {}
 
 
-def check_output_path(output: str, inputs: list[str], force: bool) -> None:
-    """Refuse to overwrite an existing file without --force, and never write over an input."""
+def compression_from_name(path: str) -> str | None:
+    """The compression an output name asks for (`.gz`, `.zst`), or None."""
+    return next((kind for suffix, kind in COMPRESSIONS.items() if path.lower().endswith(suffix)), None)
+
+
+def is_stream_target(output: str) -> bool:
+    """A character device or FIFO (`/dev/null`, `>(gzip)`): written to directly, never replaced."""
+    try:
+        mode = os.stat(output).st_mode
+    except OSError:
+        return False
+    return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)
+
+
+def same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file: by inode when both exist (symlinks, hard links), else by real path."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_output_path(output: str, inputs: Sequence[str | None], force: bool, artifact: bool = False) -> None:
+    """Refuse, before any work, an output that cannot or must not be written.
+
+    Never an input (any file the command reads, or that its artifacts record as their source or upstream),
+    with or without --force; never a directory or another non-regular file (a character device or FIFO is
+    written to directly, except for artifacts, which are files); an existing file only with --force; and the
+    folder must be one that can hold it.
+    """
     if output == STDOUT:
+        if artifact:
+            raise UsageError("-o -: an artifact is a Parquet file, not a stream; give a file name such as "
+                             "work/out.parquet")
         return
-    out_real = os.path.realpath(output)
     for source in inputs:
-        if source not in (None, "-") and os.path.realpath(source) == out_real:
-            raise UsageError(f"{output}: the output path is the input path; choose another output")
-    if os.path.isdir(output):
+        if source and source != STDOUT and same_file(source, output):
+            where = "" if os.path.normpath(source) == os.path.normpath(output) else f" ({source})"
+            raise UsageError(f"{output}: the output path is the input path{where}; choose another output")
+    name = os.path.basename(os.path.abspath(output))
+    if len(os.fsencode(name)) > MAX_NAME_BYTES:
+        raise UsageError(f"{output}: file name too long ({len(os.fsencode(name))} bytes, at most {MAX_NAME_BYTES})")
+    try:
+        mode: int | None = os.stat(output).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as e:  # e.g. a path through a file (ENOTDIR), a loop of symlinks
+        raise UsageError(f"{output}: cannot be written ({e.strerror})") from None
+    if mode is not None and stat.S_ISDIR(mode):
         raise UsageError(f"{output}: is a directory; give a file name")
-    if os.path.exists(output) and not force:
+    if mode is not None and (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
+        if artifact:
+            raise UsageError(f"{output}: not a regular file; an artifact is a Parquet file, give a file name")
+        return  # written to directly: nothing is replaced
+    if mode is not None and not stat.S_ISREG(mode):
+        raise UsageError(f"{output}: not a regular file (a block device or socket); give a file name")
+    _check_folder(output)
+    if mode is not None and not force:
         raise UsageError(f"{output}: exists; pass --force to overwrite it")
+
+
+def _check_folder(output: str) -> None:
+    """The nearest existing folder above `output` must be a writable directory (the rest is created)."""
+    folder = os.path.dirname(os.path.abspath(output))
+    while not os.path.lexists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise UsageError(f"{output}: cannot be written: {folder} is not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{output}: cannot be written: no permission to write in {folder}")
+
+
+def companion_path(output: str, suffix: str) -> str:
+    """A hidden file or folder beside `output` (same file system): `.NAME{suffix}`.
+
+    For a name too long to take the decoration within the file system's limit, `.slap-HASH{suffix}` instead.
+    """
+    folder, name = os.path.split(os.path.abspath(output))
+    if len(os.fsencode(name)) + _COMPANION_ROOM > MAX_NAME_BYTES:
+        name = "slap-" + hashlib.blake2b(os.fsencode(name), digest_size=12).hexdigest()
+    return os.path.join(folder, f".{name}{suffix}")
+
+
+@functools.lru_cache(maxsize=1)
+def output_mode() -> int:
+    """The permissions a new file gets under the process umask (mkstemp's are always 0600)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def temp_path_beside(output: str) -> str:
     """A fresh temporary file in the output's folder (same file system, so the final rename is atomic)."""
     folder = os.path.dirname(os.path.abspath(output))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(output)}.", suffix=".tmp", dir=folder)
-    os.close(fd)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(companion_path(output, ".")), suffix=".tmp", dir=folder)
+    try:
+        os.fchmod(fd, output_mode())
+    finally:
+        os.close(fd)
     return tmp
 
 
@@ -47,13 +143,45 @@ def discard(tmp: str) -> None:
         os.unlink(tmp)
 
 
+def replace_into(tmp: str, output: str) -> None:
+    """Rename the finished `tmp` over `output`, remembering which file that was (see `was_written`)."""
+    info = os.stat(tmp)
+    _written[os.path.abspath(output)] = (info.st_dev, info.st_ino)
+    os.replace(tmp, output)
+
+
+def forget_written() -> None:
+    """Start a command's record afresh (an earlier command in this process may have written the same path)."""
+    _written.clear()
+
+
+def was_written(output: str) -> bool:
+    """Whether `output` is now the complete file this process renamed there.
+
+    A signal can land between the rename and the lines after it; the file's identity, not a flag set after the
+    rename, tells whether the rename happened.
+    """
+    expected = _written.get(os.path.abspath(output))
+    try:
+        info = os.stat(output)
+    except OSError:
+        return False
+    return expected == (info.st_dev, info.st_ino)
+
+
 @contextlib.contextmanager
 def atomic_path(output: str) -> Iterator[str]:
-    """Yield a temporary path beside `output`; rename it to `output` only if the block succeeds."""
+    """Yield a temporary path beside `output`; rename it to `output` only if the block succeeds.
+
+    A character device or FIFO is yielded as it is: it is written to, never replaced.
+    """
+    if is_stream_target(output):
+        yield output
+        return
     tmp = temp_path_beside(output)
     try:
         yield tmp
-        os.replace(tmp, output)
+        replace_into(tmp, output)
     except BaseException:
         discard(tmp)
         raise
@@ -72,3 +200,84 @@ def open_output(output: str) -> Iterator[BinaryIO]:
         return
     with atomic_path(output) as tmp, open(tmp, "wb") as f:
         yield f
+
+
+@contextlib.contextmanager
+def compressed(stream: BinaryIO, compression: str | None) -> Iterator[BinaryIO]:
+    """`stream`, or a gzip/zstd writer over it (closed, so complete, at the end of the block).
+
+    gzip without a timestamp or file name: the same rows give the same bytes.
+    """
+    if compression is None:
+        yield stream
+    elif compression == "gzip":
+        with gzip.GzipFile(fileobj=stream, mode="wb", mtime=0, filename="") as z:
+            yield z  # type: ignore[misc]
+    else:
+        import zstandard
+
+        with zstandard.ZstdCompressor().stream_writer(stream, closefd=False) as z:
+            yield z  # type: ignore[misc]
+
+
+@contextlib.contextmanager
+def output_lock(output: str) -> Iterator[None]:
+    """Hold an exclusive lock on `output` for the block; a second holder is refused with one line.
+
+    The lock is a hidden file beside the output, removed on the way out. A command that opened it just before
+    the holder removed it would lock a file nobody else sees: so after locking, the file must still be the
+    one at the path, else try again.
+    """
+    if output == STDOUT or is_stream_target(output):
+        yield
+        return
+    path = companion_path(output, ".lock")
+    folder = os.path.dirname(path)
+    created = _missing_folders(folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, output_mode())
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise UsageError(f"{output}: another slap command is writing it (lock {path}); wait for it "
+                                     "to finish or choose another output") from None
+                raise
+            with contextlib.suppress(FileNotFoundError):
+                held, there = os.fstat(fd), os.stat(path)
+                if (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino):
+                    break
+            os.close(fd)
+    except OSError as e:
+        _remove_empty(created)
+        raise UsageError(f"{output}: cannot write beside it ({e.strerror})") from None
+    try:
+        yield
+    finally:
+        discard(path)  # while still holding the lock
+        os.close(fd)
+        if not os.path.lexists(output):
+            _remove_empty(created)  # a failed command leaves no folder it made
+
+
+def _missing_folders(folder: str) -> list[str]:
+    """The folders `os.makedirs(folder)` would create, deepest first."""
+    missing = []
+    while folder and not os.path.lexists(folder):
+        missing.append(folder)
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    return missing
+
+
+def _remove_empty(folders: list[str]) -> None:
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
