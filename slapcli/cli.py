@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import shutil
 import signal
@@ -66,6 +67,7 @@ def _on_stop_signals(handler: Callable[[int, object], None]) -> Iterator[None]:
 with _on_stop_signals(_exit_while_starting):
     import typer
     from rich.console import Console
+    from rich.markup import escape
 
     from slapcli import __version__
     from slapcli.artifacts import read_meta
@@ -78,9 +80,10 @@ with _on_stop_signals(_exit_while_starting):
     from slapcli.pipeline import reuse_or_run
     from slapcli.progress import Reporter, stderr_console
     from slapcli.report.build import ReportConfig, build_report
+    from slapcli.report.diagnose import DiagnoseConfig, diagnose
     from slapcli.select import LOSS_METHODS, METHODS, SelectConfig, select
     from slapcli.stratify import StratifyConfig, stratify
-    from slapcli.summary import describe_artifact, selection_summary
+    from slapcli.summary import artifact_summary, describe_artifact, is_artifact, print_diagnosis, selection_summary
 
 app = typer.Typer(
     name="slap",
@@ -116,7 +119,8 @@ def _handle_errors(func: F) -> F:
             try:
                 return func(*args, **kwargs)
             except SlapError as e:
-                console.print(f"[red]error:[/red] {e}", markup=True, soft_wrap=True)
+                # Escaped: a message may hold brackets (`pip install 'slapcli[report]'`, a file name).
+                console.print(f"[red]error:[/red] {escape(str(e))}", markup=True, soft_wrap=True)
                 raise typer.Exit(e.exit_code) from None
             except KeyboardInterrupt as e:
                 # By now every writer has removed its temporary file; what a rerun can resume from is kept.
@@ -303,11 +307,41 @@ def export_cmd(
                          f"{'stdout' if output == '-' else output}")
 
 
-@app.command("inspect", epilog="Example: slap inspect work/strata.parquet")
+@app.command("inspect", epilog="Example: slap inspect data.jsonl (diagnosis); slap inspect work/strata.parquet --json")
 @_handle_errors
-def inspect_cmd(artifact: str = typer.Argument(..., help="Any slapcli artifact.")) -> None:
-    """Print an artifact's metadata (config, source fingerprint, stats) and a summary, on stdout."""
-    describe_artifact(artifact, Console(soft_wrap=True, highlight=False))
+def inspect_cmd(
+    path: str = typer.Argument(..., help="A slapcli artifact, or a data file to diagnose before pruning."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (schema in the README)."),
+    embeddings: str | None = typer.Option(None, "--embeddings",
+                                          help="Data file only: reuse this embeddings artifact of the same data "
+                                               "instead of running the encoder."),
+    strata: str | None = typer.Option(None, "--strata",
+                                      help="Data file only: a strata artifact of the same data, to flag "
+                                           "proxy-loss outliers (for --prune-hardest)."),
+    near_duplicate: float = typer.Option(DiagnoseConfig.near_duplicate, "--near-duplicate",
+                                         help="Embedding cosine at or above which distinct rows are near "
+                                              "duplicates."),
+    embed_model: str = typer.Option(DEFAULT_EMBED_MODEL, "--embed-model", help="Sentence encoder (as `slap embed`)."),
+    layout: str = typer.Option("auto", "--format", help="Row layout (see `slap embed --help`)."),
+    input_format: str | None = typer.Option(None, "--input-format", help="jsonl, json or parquet."),
+    device: str = DEVICE,
+    quiet: bool = QUIET,
+) -> None:
+    """An artifact's metadata and summary; or, for a data file, a diagnosis before pruning: duplicates, near
+    duplicates, nearest-neighbour cosines, suspected damaged rows and the flags they suggest. On stdout."""
+    if is_artifact(path):
+        if as_json:
+            typer.echo(json.dumps(artifact_summary(path), indent=2, ensure_ascii=False))
+        else:
+            describe_artifact(path, Console(soft_wrap=True, highlight=False))
+        return
+    config = DiagnoseConfig(layout=layout, input_format=input_format, embed_model=embed_model, embeddings=embeddings,
+                            strata=strata, near_duplicate=near_duplicate, device=device)
+    diagnosis = diagnose(path, config, _reporter(quiet, path))
+    if as_json:
+        typer.echo(json.dumps(diagnosis.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        print_diagnosis(diagnosis, Console(soft_wrap=True, highlight=False))
 
 
 @app.command("report", epilog="Example: slap report demo_out/work -o demo_out/report.html --png demo_out/figures")

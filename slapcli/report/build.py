@@ -68,7 +68,7 @@ class _Texts:
             path = source_path(data.source_meta, config.input, name)
             for parsed in iter_source_rows(data.source_meta, path, name, wanted):
                 self.by_row[parsed.record.index] = parsed.example
-        except SlapError as e:
+        except (SlapError, OSError) as e:
             # The figures do not need the source; the page says why the rows' text is missing.
             self.note = f"row text not shown: {e} (pass --input FILE with the same data)"
             reporter.warn(self.note)

@@ -9,28 +9,29 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-# Fewer word characters than this in the whole response: "", "N/A", "-", "ok".
-MIN_WORD_CHARS = 3
-PLACEHOLDERS = {"n/a", "na", "none", "null", "nan", "tbd", "todo", "...", "<noinput>", "<nooutput>", "-"}
+# No letter or digit at all ("", "-", "..."), or a placeholder. Short answers ("7", "4.6") are real answers.
+PLACEHOLDERS = {"n/a", "na", "none", "null", "nan", "tbd", "todo", "<noinput>", "<nooutput>", "no output"}
 # Repeated text: at least this many word n-grams, of which at least this share repeat an earlier one.
 NGRAM = 3
 MIN_NGRAMS = 12
 REPEATED_SHARE = 0.5
-# Canned refusals, at the start of the response or (for the AI-model disclaimer) anywhere in its first lines.
+# Canned refusals: an apology or "I can't" followed by a refusal, at the start of the response, or the AI-model
+# disclaimer in its first lines. "I'm sorry to hear that" alone is sympathy, not a refusal.
 _REFUSAL_START = re.compile(
-    r"^\s*(i'?m sorry|i am sorry|sorry, (but )?i|i apologi[sz]e|unfortunately,? i (can(no|')?t|am unable)|"
-    r"i (can(no|')?t|am unable to|am not able to|won'?t) (help|assist|provide|comply|do that|answer|fulfill|"
-    r"complete|create|generate|write)|as an ai\b)", re.IGNORECASE)
-_AI_DISCLAIMER = re.compile(r"\bas an ai (language )?model\b|\bi'?m (just )?an ai\b|\bi am (just )?an ai\b",
-                            re.IGNORECASE)
-# An answer that stops mid-sentence: it ends on a connective or a character that announces more text.
-_DANGLING_END = re.compile(r"([,;:(\[{–]|\b(and|or|but|the|of|to|with|for|that|which|because|such as))\s*$",
+    r"^\s*((i'?m sorry|i am sorry|sorry|i apologi[sz]e|unfortunately)[,.!]?\s*(but\s*)?(as an ai[^.,]*,\s*)?"
+    r"i (can(no|')?t|am (unable|not able)|won'?t|do not|don'?t)\b"
+    r"|i (can(no|')?t|am unable to|am not able to|won'?t) (help|assist|provide|comply|fulfill|do that|answer|"
+    r"complete|create|generate|write)\b)", re.IGNORECASE)
+_AI_DISCLAIMER = re.compile(r"\bas an ai (language )?model\b", re.IGNORECASE)
+# An answer that stops mid-sentence: it ends on a connective or a character that announces more text (not ";",
+# which ends most lines of code).
+_DANGLING_END = re.compile(r"([,:(\[{–]|\b(and|or|but|the|of|to|with|for|that|which|because|such as))\s*$",
                            re.IGNORECASE)
 
 
 def is_emptyish(response: str) -> bool:
     text = response.strip()
-    return text.lower() in PLACEHOLDERS or sum(c.isalnum() for c in text) < MIN_WORD_CHARS
+    return text.lower() in PLACEHOLDERS or not any(c.isalnum() for c in text)
 
 
 def repeated_ngram_share(text: str, n: int = NGRAM) -> tuple[float, int]:
