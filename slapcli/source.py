@@ -52,7 +52,7 @@ def iter_source_rows(meta: ArtifactMeta, path: str, artifact_name: str,
     config = meta.config
     with SourceReader(path, meta.source.get("container")) as reader:
         for row in iter_examples(reader, config.get("layout", "auto"), config.get("on_bad_line", "error"),
-                                 ReadStats(), config.get("fields")):
+                                 ReadStats(), meta.source.get("fields")):  # the source record travels on
             if wanted is None or row.record.index in wanted:
                 yield row
         if reader.stream:
