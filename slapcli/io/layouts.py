@@ -262,8 +262,8 @@ def _context_turns(row: Mapping, system_field: str | None = SYSTEM_FIELD,
             turns.append(Turn("system", system))
     for name in tools_fields:
         tools = row.get(name)
-        if tools in (None, "", [], {}):
-            continue
+        if tools is None or (tools.strip() in ("", "[]", "{}", "null") if isinstance(tools, str) else not tools):
+            continue  # no tools (LLaMA-Factory writes "[]" for a row without any)
         if not isinstance(tools, (str, list, Mapping)):
             raise FieldError(name, f"expected a list of tool schemas or a JSON string, got {type(tools).__name__}")
         turns.append(Turn("system", _json_text(tools)))
