@@ -181,8 +181,15 @@ def _combined_fingerprint(shards: list[tuple[str, Fingerprint]]) -> Fingerprint:
     return Fingerprint(sum(fp.size for _, fp in shards), hashlib.blake2b(listing.encode(), digest_size=16).hexdigest())
 
 
-def _shard_label(folder: str, shard: str) -> str:
-    return os.path.relpath(shard, folder) if os.path.isdir(folder) else shard
+def _shard_label(path: str, shard: str) -> str:
+    """A shard's name in fingerprints: relative to the folder, or to the folder a glob pattern starts in, so that
+    `data/` and `data/*.parquet` name the same files the same way wherever the data sits."""
+    root = path
+    if not os.path.isdir(path):
+        parts = path.split(os.sep)
+        fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts) - 1)
+        root = os.sep.join(parts[:fixed]) or os.curdir
+    return os.path.relpath(shard, root)
 
 
 def file_fingerprint(path: str) -> Fingerprint:
@@ -298,7 +305,9 @@ class SourceReader:
             self.container = self._check_container("parquet")
             yield from self._parquet_records(stream, hashing)
             return
-        if magic.startswith((_ARROW_FILE_MAGIC, _ARROW_STREAM_MAGIC)):
+        # An Arrow stream's first 4 bytes (0xFFFFFFFF) are too weak a sign alone: believed when the name says .arrow.
+        if magic.startswith(_ARROW_FILE_MAGIC) or (magic.startswith(_ARROW_STREAM_MAGIC)
+                                                    and self._expected_container() == "arrow"):
             self.container = self._check_container("arrow")
             yield from self._arrow_records(stream, hashing, magic.startswith(_ARROW_FILE_MAGIC))
             return
@@ -351,8 +360,11 @@ class SourceReader:
         self.shard_fingerprints = [{"path": name, **fp.to_dict()} for name, fp in prints]
         self.fingerprint = _combined_fingerprint(prints)
 
+    def _expected_container(self) -> str | None:
+        return self.requested_container or (None if self.path == STDIN else container_from_name(self.path))
+
     def _check_container(self, sniffed: str) -> str:
-        expected = self.requested_container or (None if self.path == STDIN else container_from_name(self.path))
+        expected = self._expected_container()
         if expected is None or expected == sniffed:
             return sniffed
         hints = {
