@@ -320,3 +320,38 @@ def test_page_renders_in_headless_chromium(run_dir, tmp_path):
     assert dom.count("<img ") == 4 and dom.count("<table") >= 5
     assert all(f'id="{s}"' in dom for s in ("kept-share", "map", "distributions", "replay", "duplicates",
                                              "examples"))
+
+
+def test_load_run_aligns_every_artifact_by_row(run_dir):
+    import pyarrow.parquet as pq
+
+    from slapcli.report.inputs import find_artifacts, load_run
+
+    work = run_dir / "work"
+    found = find_artifacts([str(work / "selection.parquet")])
+    assert found.strata is not None and found.embeddings is not None
+    data = load_run(found)
+    n = pq.read_metadata(work / "selection.parquet").num_rows
+    for column in (data.kept, data.reason, data.step, data.cluster, data.proxy_loss, data.response_tokens):
+        assert len(column) == n
+    assert data.embeddings.shape[0] == n
+    assert data.kept.sum() == pq.read_table(work / "selection.parquet", columns=["kept"])["kept"].to_numpy().sum()
+    has_screen = "screen_score" in pq.read_schema(work / "strata.parquet").names
+    assert (data.screen_score is not None) == has_screen
+
+
+def test_report_refuses_an_upstream_that_changed(run_dir, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(run_dir / "work", work)
+    import pyarrow.parquet as pq
+
+    from slapcli.artifacts import read_meta
+
+    # The selection records the strata file it was made from; point it at a copy and alter that copy.
+    strata = read_meta(str(work / "selection.parquet")).upstream["path"]
+    assert strata == str(run_dir / "work" / "strata.parquet")
+    table = pq.read_table(work / "strata.parquet")
+    meta = pq.read_metadata(work / "strata.parquet").metadata
+    pq.write_table(table.replace_schema_metadata(meta), tmp_path / "other_strata.parquet")
+    r = report([work / "selection.parquet", tmp_path / "other_strata.parquet", "-o", tmp_path / "r.html"])
+    assert r.exit_code == 2  # rows match, but it is not the recorded file: a report of mixed runs is refused

@@ -155,6 +155,8 @@ def _distribution_section(data: RunData) -> Section:
         panels.append(("proxy loss (untrained)", *numbers.split_by_kept(data.proxy_loss, data.kept)))
     if data.response_tokens is not None:
         panels.append(("response length (tokens)", *numbers.split_by_kept(data.response_tokens, data.kept)))
+    if data.screen_score is not None and np.isfinite(data.screen_score).any():
+        panels.append(("damage screen score", *numbers.split_by_kept(data.screen_score, data.kept)))
     for term in SCORE_TERMS:
         if np.isfinite(data.terms[term]).any():
             panels.append((f"score term: {term}", *numbers.split_by_kept(data.terms[term], data.kept)))

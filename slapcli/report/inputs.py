@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from slapcli.artifacts import ArtifactMeta, check_upstream, read_embeddings, read_meta, read_table
 from slapcli.errors import DataError, UsageError
@@ -36,12 +37,16 @@ def find_artifacts(paths: list[str]) -> RunArtifacts:
         raise UsageError(f"no selection artifact in {', '.join(paths)}: run `slap select` (or `slap run`) first, "
                          "or pass the selection.parquet it wrote")
     for child, parent in (("selection", "strata"), ("strata", "embeddings")):
-        if parent in found or child not in found:
+        if child not in found:
             continue
-        upstream = read_meta(found[child], child).upstream
-        if upstream and os.path.exists(upstream["path"]):
-            check_upstream(read_meta(found[child], child), upstream["path"], found[child])
-            found[parent] = upstream["path"]
+        meta = read_meta(found[child], child)
+        if meta.upstream is None:
+            continue
+        if parent not in found and os.path.exists(meta.upstream["path"]):
+            found[parent] = meta.upstream["path"]
+        if parent in found:
+            # Given or found, it must be the file this one was made from: a page mixing two runs would mislead.
+            check_upstream(meta, found[parent], found[child])
     return RunArtifacts(found["selection"], found.get("strata"), found.get("embeddings"))
 
 
@@ -62,6 +67,7 @@ class RunData:
     cluster: np.ndarray | None = None
     loss_bin: np.ndarray | None = None
     proxy_loss: np.ndarray | None = None  # untrained proxy (strata)
+    screen_score: np.ndarray | None = None  # the damage screen's outlier score (strata of schema 2 and later)
     content_hash: np.ndarray | None = None
     response_tokens: np.ndarray | None = None
     embeddings: np.ndarray | None = None
@@ -94,12 +100,16 @@ def load_run(artifacts: RunArtifacts, with_embeddings: bool = True) -> RunData:
         step=_floats(sel, "step"), terms={name: _floats(sel, name) for name in TERM_COLUMNS})
     if artifacts.strata:
         data.source_meta = read_meta(artifacts.strata, "strata")
-        strata = read_table(artifacts.strata, ["row", "cluster", "loss_bin", "loss", "content_hash", "n_tokens"])
+        # Older strata artifacts have no screen column: read it only where it exists.
+        screen = [c for c in ("screen_score",) if c in pq.read_schema(artifacts.strata).names]
+        strata = read_table(artifacts.strata, ["row", "cluster", "loss_bin", "loss", "content_hash", *screen])
         _check_rows(row, strata["row"].to_numpy(), artifacts.strata)
         data.cluster = strata["cluster"].to_numpy()
         data.loss_bin = strata["loss_bin"].to_numpy()
         data.proxy_loss = _floats(strata, "loss")
         data.content_hash = np.asarray(strata["content_hash"].to_pylist(), dtype=object)
+        if screen:
+            data.screen_score = _floats(strata, "screen_score")
     if artifacts.embeddings:
         data.source_meta = read_meta(artifacts.embeddings, "embeddings")
         emb = read_table(artifacts.embeddings, ["row", "content_hash", "n_response_tokens"])
