@@ -299,7 +299,9 @@ def recorded_inputs(path: str) -> list[str]:
     """Every file an artifact was made from, as far as its records reach: its source data and its upstream
     artifacts, theirs, and so on. An output must never be one of them."""
     found: list[str] = []
-    while path and path not in found:
+    seen: set[str] = set()
+    while path not in seen:  # a tampered chain could loop
+        seen.add(path)
         try:
             meta = read_meta(path)
         except SlapError:

@@ -35,11 +35,12 @@ class Reporter:
         self.console = stderr_console(quiet)
 
     def log(self, message: str) -> None:
-        self.console.print(message)
+        # soft_wrap: one message, one line, however narrow the terminal (or 80 columns when stderr is a file)
+        self.console.print(message, soft_wrap=True)
 
     def warn(self, message: str) -> None:
         # Warnings print even under --quiet: they change what the user gets.
-        Console(stderr=True, highlight=False).print(f"[yellow]warning:[/yellow] {message}")
+        Console(stderr=True, highlight=False).print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True)
 
     @contextlib.contextmanager
     def progress(self, description: str, total: float | None, unit: str = "rows") -> Iterator[ProgressTask]:

@@ -143,8 +143,10 @@ def test_killed_embed_resumes_to_the_same_bytes(tmp_path, data_file, models, mon
     assert proc.returncode == -signal.SIGKILL
     done = len(part_files(out))
     assert 3 <= done < CHUNKS
-    # Nothing final-looking: the folder holds only the hidden parts folder.
-    assert [p.name for p in out.parent.iterdir()] == [parts_of(out).name]
+    # Nothing final-looking: the folder holds only the hidden parts folder (and the killed run's lock file, which
+    # no process holds any more: the next run on this output takes it and removes it).
+    left = sorted(p.name for p in out.parent.iterdir())
+    assert left == sorted([parts_of(out).name, f".{out.name}.lock"])
 
     counter = CountingEncoder(monkeypatch)
     r = invoke(embed_args(data_file, out, models))  # the same command again
@@ -152,6 +154,7 @@ def test_killed_embed_resumes_to_the_same_bytes(tmp_path, data_file, models, mon
     assert counter.calls == CHUNKS - done  # the finished chunks were not embedded again
     assert out.read_bytes() == full.read_bytes()
     assert not parts_of(out).exists() and not temp_files(tmp_path)
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # the stale lock file is gone too
 
 
 def test_interrupted_embed_resumes_and_force_keeps_the_old_output_until_done(tmp_path, data_file, models,
