@@ -24,8 +24,8 @@ def selection_summary(selection_path: str, strata_path: str | None, console: Con
     console.print(f"[bold]rows in[/bold] {n:,}   [bold]rows kept[/bold] {int(kept.sum()):,} "
                   f"({kept.mean() if n else 0:.1%})   [bold]method[/bold] {meta.config.get('method')}")
     reasons = meta.stats.get("pruned_by_reason", {})
-    console.print("why rows were dropped: " + ", ".join(f"{k} {v:,}" for k, v in sorted(reasons.items())
-                                                          if k != "selected"))
+    dropped = ", ".join(f"{k} {v:,}" for k, v in sorted(reasons.items()) if k != "selected" and v)
+    console.print(f"why rows were dropped: {dropped}" if dropped else "no rows were dropped")
     if strata_path is None:
         return
     cluster = read_table(strata_path, ["cluster"])["cluster"].to_numpy()
