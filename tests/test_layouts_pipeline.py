@@ -219,3 +219,18 @@ def test_a_huge_row_is_truncated_not_an_error(tmp_path: Path, models: list[str])
     assert r.exit_code == 0, r.stderr
     table = pq.read_table(out, columns=["truncated", "n_response_tokens"]).to_pydict()
     assert table["truncated"][6] and table["n_response_tokens"][6] <= 64
+
+
+def test_a_folder_of_mixed_containers(tmp_path: Path, models: list[str]) -> None:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "a.parquet").write_bytes((LAYOUT_DIR / "hub_parquet" / "train-00000-of-00002.parquet").read_bytes())
+    (folder / "b.jsonl.gz").write_bytes((LAYOUT_DIR / "spark_jsonl" / "part-00000.jsonl.gz").read_bytes())
+    out, work = tmp_path / "pruned.jsonl", tmp_path / "work"
+    r = invoke(["run", folder, "-o", out, "--workdir", work, *models, "-q"])
+    assert r.exit_code == 0, r.stderr
+    meta = read_meta(str(work / "embeddings.parquet"))
+    assert (meta.source["container"], meta.source["compression"]) == ("mixed", "mixed")
+    records = source_records(folder)
+    assert [json.loads(x) for x in out.read_bytes().splitlines()] == [records[i] for i in kept_rows(
+        work / "selection.parquet")]

@@ -46,6 +46,7 @@ from slapcli.io.layouts import (
 )
 
 CONTAINERS = ("jsonl", "json", "parquet", "arrow")
+MIXED = "mixed"  # the container (or compression) recorded for a folder whose shards differ in it
 # What a folder's data files are called; anything else in it (README.md, dataset_info.json, _SUCCESS) is not data.
 SHARD_SUFFIXES = (".parquet", ".arrow", ".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz", ".jsonl.zst", ".ndjson.zst",
                   ".jsonl.zstd", ".ndjson.zstd")
@@ -234,6 +235,8 @@ class SourceReader:
     """One pass over an input. Use as a context manager; `fingerprint` is known after iteration ends."""
 
     def __init__(self, path: str, container: str | None = None, *, allow_empty: bool = False) -> None:
+        if container == MIXED:
+            container = None  # recorded for a folder of several containers: each shard's name says what it is
         if container is not None and container not in CONTAINERS:
             raise UsageError(f"unknown input format {container!r}; expected one of {', '.join(CONTAINERS)}")
         self.shards = list_shards(path)  # a folder's (or pattern's) data files; None for one file
@@ -263,8 +266,8 @@ class SourceReader:
         containers = {container_from_name(s) for s in self.shards}
         compressions = {{".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}.get(os.path.splitext(s)[1].lower())
                         for s in self.shards}
-        self.container = containers.pop() if len(containers) == 1 else "mixed"
-        self.compression = compressions.pop() if len(compressions) == 1 else "mixed"
+        self.container = containers.pop() if len(containers) == 1 else MIXED
+        self.compression = compressions.pop() if len(compressions) == 1 else MIXED
         if requested is not None and requested != self.container:
             raise UsageError(f"{self.name}: --input-format {requested} does not apply to a folder; its files' "
                              "names say what they hold")
