@@ -323,6 +323,7 @@ def inspect_cmd(
                                               "duplicates."),
     embed_model: str = typer.Option(DEFAULT_EMBED_MODEL, "--embed-model", help="Sentence encoder (as `slap embed`)."),
     layout: str = typer.Option("auto", "--format", help="Row layout (see `slap embed --help`)."),
+    fields: str | None = typer.Option(None, "--fields", help="Your own field names (see `slap embed --help`)."),
     input_format: str | None = typer.Option(None, "--input-format", help="jsonl, json or parquet."),
     device: str = DEVICE,
     quiet: bool = QUIET,
@@ -335,8 +336,8 @@ def inspect_cmd(
         else:
             describe_artifact(path, Console(soft_wrap=True, highlight=False))
         return
-    config = DiagnoseConfig(layout=layout, input_format=input_format, embed_model=embed_model, embeddings=embeddings,
-                            strata=strata, near_duplicate=near_duplicate, device=device)
+    config = DiagnoseConfig(layout=layout, fields=fields, input_format=input_format, embed_model=embed_model,
+                            embeddings=embeddings, strata=strata, near_duplicate=near_duplicate, device=device)
     diagnosis = diagnose(path, config, _reporter(quiet, path))
     if as_json:
         typer.echo(json.dumps(diagnosis.to_dict(), indent=2, ensure_ascii=False))

@@ -178,6 +178,20 @@ def test_diagnosis_reuses_an_embeddings_artifact_and_its_numbers_match_brute_for
     assert outliers["rows"] == int(loss_outliers(loss.astype(float)).sum())
 
 
+def test_diagnosis_reads_own_field_names(tmp_path, models):
+    path = tmp_path / "qa.jsonl"
+    rows = [{"question": f"What is {w}?", "answer": f"{w} is a letter."} for w in WORDS]
+    rows.append({"question": "Again?", "answer": "I'm sorry, but I can't answer that."})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = invoke(["inspect", path, "--json", "--embed-model", models[1], "--fields",
+                "prompt=question,response=answer", "-q"])
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["rows"] == len(rows) and doc["bad_rows"] == 0
+    assert doc["layout"] == "--fields prompt=question,response=answer"
+    assert doc["damaged"]["refusal"] == {"rows": 1, "lines": [len(rows)]}
+
+
 def test_diagnosis_refuses_an_embeddings_artifact_of_other_data(tmp_path, data_file, models):
     emb, _, _ = artifacts(tmp_path, data_file, models)
     other = tmp_path / "other.jsonl"

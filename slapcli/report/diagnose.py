@@ -36,6 +36,7 @@ LITTLE = 0.02
 @dataclass
 class DiagnoseConfig:
     layout: str = "auto"
+    fields: str | None = None  # --fields: the row's own field names instead of a layout (as `slap embed`)
     input_format: str | None = None
     embed_model: str = DEFAULT_EMBED_MODEL
     embeddings: str | None = None  # an embeddings artifact of the same data, instead of running the encoder
@@ -146,12 +147,12 @@ def diagnose(path: str, config: DiagnoseConfig, reporter: Reporter) -> Diagnosis
         raise UsageError("--near-duplicate must be in (0, 1]")
     encoder = None if config.embeddings else _Encoder(config, reporter)
     index, lines, hashes, kinds, vectors, texts = [], [], [], [], [], []
-    layout = config.layout
+    layout = f"--fields {config.fields}" if config.fields else config.layout
     stats = ReadStats()
     with SourceReader(path, config.input_format) as reader, \
             reporter.progress(f"inspect {reader.name}", reader.total_bytes, unit="bytes") as bar:
         # Bad rows are counted, not fatal: a diagnosis should say how many there are.
-        for parsed in iter_examples(reader, config.layout, "skip", stats):
+        for parsed in iter_examples(reader, config.layout, "skip", stats, config.fields):
             example = parsed.example
             if not index and layout == "auto":
                 layout = detect_layout(record_value(parsed.record)) or layout
