@@ -297,3 +297,41 @@ def test_mapped_errors_name_the_row_field_and_its_role(row: dict, field: str, me
 def test_bad_field_maps(spec: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_field_map(spec)
+
+
+@pytest.mark.parametrize(("row", "prompt", "response"), [
+    # LLaMA-Factory's Alpaca-style preference data
+    ({"instruction": "Translate.", "input": "cat", "chosen": "chat", "rejected": "chien"}, "Translate.\n\ncat", "chat"),
+    # orca_dpo_pairs: system and question
+    ({"system": "Be exact.", "question": "2+2?", "chosen": "4", "rejected": "5"}, "Be exact.\n\n2+2?", "4"),
+    # distilabel: the prompt in `input`
+    ({"input": "Name a fruit.", "chosen": "Apple.", "rejected": "Carrot."}, "Name a fruit.", "Apple."),
+    # LLaMA-Factory's ShareGPT-style preference data: chosen and rejected are single messages
+    ({"conversations": [{"from": "human", "value": "Hi?"}], "chosen": {"from": "gpt", "value": "Hello."},
+      "rejected": {"from": "gpt", "value": "Go away."}}, "Hi?", "Hello."),
+    # OpenAI preference fine-tuning
+    ({"input": {"messages": [{"role": "user", "content": "Sky colour?"}], "tools": [{"name": "t"}]},
+      "preferred_output": [{"role": "assistant", "content": "Blue."}],
+      "non_preferred_output": [{"role": "assistant", "content": "Green."}]}, '[{"name": "t"}]\n\nSky colour?', "Blue."),
+])
+def test_preference_prompts_wherever_the_formats_keep_them(row: dict, prompt: str, response: str) -> None:
+    assert detect_layout(row) == "preference"
+    ex = parse_example(row, "preference")
+    assert (ex.prompt_text, ex.response_text) == (prompt, response)
+
+
+def test_assistant_turns_on_the_prompt_side_are_context() -> None:
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+               {"role": "user", "content": "Bye?"}]
+    ex = parse_example({"prompt": history, "chosen": [{"role": "assistant", "content": "Bye."}], "rejected": "x"},
+                       "preference")
+    assert roles(ex) == ["user", CONTEXT_ROLE, "user", "assistant"] and ex.response_text == "Bye."
+    ex = parse_example({"prompt": history, "completion": [{"role": "assistant", "content": "Bye."}]},
+                       "prompt_completion")
+    assert ex.response_text == "Bye."
+
+
+def test_openai_preference_without_messages_names_the_field() -> None:
+    with pytest.raises(FieldError) as info:
+        parse_example({"input": {}, "preferred_output": [], "non_preferred_output": []}, "preference")
+    assert info.value.field == "input.messages"

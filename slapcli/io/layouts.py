@@ -59,6 +59,12 @@ WEIGHT_KEYS = ("weight", "loss_weight")  # per message: 0 = not trained on
 CLIP_CHARS = 1 << 16
 _CLIP_MARK = "\n…\n"
 
+# Preference rows: the (chosen, rejected) field names (TRL and most sets; OpenAI's preference fine-tuning), and
+# where the prompt is when there is no `prompt` field: Alpaca-style rows (LLaMA-Factory's `instruction` +
+# `input`; orca_dpo_pairs' `question`; distilabel's `input`) and LLaMA-Factory's ShareGPT-style `conversations`.
+PREFERENCE_PAIRS = (("chosen", "rejected"), ("preferred_output", "non_preferred_output"))
+PREFERENCE_PROMPT_FIELDS = ("prompt", "instruction", "question", "input", "conversations", "messages")
+
 # Field mapping (`--fields`): the canonical names a user maps their columns to, as in LLaMA-Factory's
 # dataset_info.json `columns`.
 FIELD_ROLES = ("prompt", "query", "response", "system", "tools", "history", "messages", "chosen", "rejected")
@@ -102,7 +108,7 @@ def detect_layout(row: Any) -> str | None:
     """The layout a row's fields suggest, or None. Order matters: the most specific shapes first."""
     if not isinstance(row, Mapping):
         return None
-    if "chosen" in row and "rejected" in row:
+    if any(chosen in row and rejected in row for chosen, rejected in PREFERENCE_PAIRS):
         return "preference"  # before messages: preference sets often carry the chosen chat as `messages` too
     if isinstance(row.get("conversations"), list):
         return "sharegpt"
@@ -310,21 +316,45 @@ def _transcript(text: str) -> list[Turn]:
                                                                                         strict=True)]
 
 
-def _preference(row: Mapping, parts: _Parts, prompt: str | None = "prompt", chosen: str = "chosen",
+def _as_context(turns: list[Turn]) -> list[Turn]:
+    """Assistant turns on the prompt side of a pair are context, not trained on (as TRL and DPO treat them)."""
+    return [Turn(CONTEXT_ROLE, t.text) if t.role == "assistant" else t for t in turns]
+
+
+def _preference_prompt(row: Mapping, parts: _Parts) -> list[Turn]:
+    """A preference row's prompt, wherever the common formats keep it (see PREFERENCE_PROMPT_FIELDS)."""
+    if isinstance(row.get("input"), Mapping):  # OpenAI preference fine-tuning: {"input": {"messages", "tools"}}
+        given = row["input"]
+        if not isinstance(given.get("messages"), list):
+            raise FieldError("input.messages", "missing or not a list")
+        return _context_turns(given, None) + _messages(given["messages"], "input.messages", parts, ("role", "content"))
+    for name in PREFERENCE_PROMPT_FIELDS:
+        if row.get(name) is None:
+            continue
+        turns = _side(row[name], name, "user", parts)
+        extra = _string_field(row, "input", required=False) if name == "instruction" else ""
+        if extra.strip() and len(turns) == 1:
+            turns = [Turn("user", f"{turns[0].text}\n\n{extra}")]  # Alpaca-style: instruction, then input
+        return turns
+    return []
+
+
+def _preference(row: Mapping, parts: _Parts, prompt_turns: list[Turn], chosen: str = "chosen",
                 rejected: str = "rejected") -> list[Turn]:
     """Pruned by the chosen answer; the rejected one is only checked to be there (export keeps it as it is)."""
     if row.get(rejected) is None:
         raise FieldError(rejected, "missing")
     if not isinstance(row[rejected], (str, list, Mapping)):
         raise FieldError(rejected, f"expected a string or a list of messages, got {type(row[rejected]).__name__}")
-    prompt_turns = [] if prompt is None or row.get(prompt) is None else _side(row[prompt], prompt, "user", parts)
     value = row.get(chosen)
     if isinstance(value, str) and not prompt_turns:
         return _transcript(value)
+    if isinstance(value, Mapping):
+        value = [value]  # LLaMA-Factory: one message, {"from": "gpt", "value": ...}
     answer = _side(value, chosen, "assistant", parts)
     if any(t.role not in ("assistant", CONTEXT_ROLE) for t in answer):
         return answer  # the chosen conversation carries its own prompt (and repeats the `prompt` field)
-    return prompt_turns + answer
+    return _as_context(prompt_turns) + answer
 
 
 def _require_response(turns: list[Turn], field: str, parts: _Parts | None = None) -> Example:
@@ -360,11 +390,13 @@ def parse_example(row: Any, layout: str) -> Example:
         return _conversation(row, "messages", ("role", "content"))
     if layout == "preference":
         parts = _Parts()
-        return _require_response(_context_turns(row) + _preference(row, parts), "chosen", parts)
+        pair = next((p for p in PREFERENCE_PAIRS if p[0] in row), PREFERENCE_PAIRS[0])
+        turns = _preference(row, parts, _preference_prompt(row, parts), *pair)
+        return _require_response(_context_turns(row) + turns, pair[0], parts)
     if layout in ("prompt_completion", "prompt_response"):
         answer = "completion" if layout == "prompt_completion" else "response"
         parts = _Parts()
-        turns = [*_context_turns(row), *_side(row.get("prompt"), "prompt", "user", parts),
+        turns = [*_context_turns(row), *_as_context(_side(row.get("prompt"), "prompt", "user", parts)),
                  *_side(row.get(answer), answer, "assistant", parts)]
         return _require_response(turns, answer, parts)
     if layout == "text":
@@ -448,7 +480,9 @@ def _parse_mapped(row: Mapping, fields: FieldMap) -> Example:
     if chosen is not None:
         rejected = fields.get("rejected")
         assert rejected is not None
-        turns = _preference(row, parts, fields.get("prompt"), chosen, rejected)
+        prompt = fields.get("prompt")
+        prompt_turns = [] if prompt is None else _side(row.get(prompt), prompt, "user", parts)
+        turns = _preference(row, parts, prompt_turns, chosen, rejected)
         return _require_response(context + turns, chosen, parts)
     prompt, response = fields.get("prompt"), fields.get("response")
     assert prompt is not None and response is not None
