@@ -8,6 +8,7 @@ same artifact:
   the budget water-filled over the bins, uniform random rows inside each bin. Strata over loss only.
 - `kcenter`: greedy k-center on the sentence embeddings over the whole data set (Sener & Savarese, 2018).
 - `loss`: the middle of the loss distribution: drop the easiest and the hardest rows in equal numbers.
+- `nearest`: with a --target dev set, the pool rows nearest to its rows in embedding space (round-robin).
 - `ifd`: Instruction-Following Difficulty (Li et al., 2024, "From Quantity to Quality"): the response loss
   with the prompt over the response loss without it; keep the highest. Rows with IFD >= 1 (the prompt does
   not help predict the response: misaligned pairs, the paper drops them) come last, lowest first.
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from slapcli.io.layouts import Example
 from slapcli.slapmath import allocate_budget, farthest_point_order
 
 CCS_BINS = 50  # the CCS paper's default number of score strata
@@ -75,6 +75,27 @@ def kcenter_order(embeddings: np.ndarray, eligible: np.ndarray, m: int,
     return positions[picks], np.array(gaps, dtype=np.float32)
 
 
-def without_prompt(example: Example) -> Example:
-    """The row's assistant turns alone: what IFD's direct-answer loss scores."""
-    return Example(tuple(t for t in example.turns if t.role == "assistant"))
+def nearest_order(target_emb: np.ndarray, embeddings: np.ndarray, eligible: np.ndarray, m: int) -> np.ndarray:
+    """The `nearest` baseline for a --target dev set: round-robin over the dev rows, each taking its most similar
+    (cosine) eligible pool row not taken yet, until `m` rows. Round-robin, not the top rows by best similarity, so
+    every dev row gets its neighbours and one dense region of the dev set does not take the whole budget."""
+    positions = np.flatnonzero(eligible)
+    m = min(m, len(positions))
+    if m == 0 or len(target_emb) == 0:
+        return np.zeros(0, dtype=np.int64)
+    sims = target_emb.astype(np.float32) @ embeddings[positions].astype(np.float32).T
+    ranked = np.argsort(-sims, axis=1, kind="stable")  # per dev row, pool positions best first
+    taken = np.zeros(len(positions), dtype=bool)
+    cursor = np.zeros(len(target_emb), dtype=np.int64)
+    picks: list[int] = []
+    while len(picks) < m:
+        for t in range(len(target_emb)):
+            while taken[ranked[t, cursor[t]]]:
+                cursor[t] += 1
+            j = ranked[t, cursor[t]]
+            taken[j] = True
+            picks.append(int(positions[j]))
+            if len(picks) == m:
+                break
+    return np.array(picks, dtype=np.int64)
+

@@ -44,6 +44,7 @@ from slapcli.slapmath import (
     update_curvature,
 )
 from slapcli.source import iter_source_rows, source_path
+from slapcli.target import read_target_examples
 
 FEATURE_BATCH = 16  # rows per forward/backward when computing gradient features (bigger GEMMs)
 # Padded tokens per such batch on a CPU: each pass groups its rows by length under this budget
@@ -260,15 +261,7 @@ def stratified_sample(stratum: np.ndarray, eligible: np.ndarray, n: int, rng: np
 
 
 def _encode_target_file(path: str, tokenizer: Any, max_tokens: int, limit: int) -> list[EncodedExample]:
-    from slapcli.io.readers import SourceReader, iter_examples
-
-    examples = []
-    with SourceReader(path) as reader:
-        for row in iter_examples(reader):
-            examples.append(row.example)
-            if len(examples) == limit:
-                break
-    return encode_examples(tokenizer, examples, max_tokens)
+    return encode_examples(tokenizer, read_target_examples(path, limit), max_tokens)
 
 
 def run_replay(strata_meta: ArtifactMeta, strata_path: str, table: pa.Table, pool: Any, embeddings: np.ndarray,

@@ -12,6 +12,7 @@ Methods:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -34,12 +35,13 @@ from slapcli.artifacts import (
     upstream_record,
     write_artifact,
 )
-from slapcli.baselines import ccs_order, ifd_order, ifd_scores, kcenter_order, middle_loss_order, without_prompt
+from slapcli.baselines import ccs_order, ifd_order, ifd_scores, kcenter_order, middle_loss_order, nearest_order
 from slapcli.errors import UsageError
 from slapcli.io.readers import file_fingerprint
 from slapcli.io.writers import atomic_path
 from slapcli.models import DEFAULT_PROXY_MODEL, cache_dir, resolve_model
 from slapcli.progress import Reporter
+from slapcli.screen import SCREEN_REASONS, restore_order, without_prompt
 from slapcli.slapmath import (
     ETA_RULES,
     FEATURE_NORMS,
@@ -50,10 +52,16 @@ from slapcli.slapmath import (
 )
 from slapcli.source import source_path
 from slapcli.stratify import ALLOCATIONS, LossPass, proxy_losses, row_budget
+from slapcli.target import embed_target, read_target_examples
 
-METHODS = ("slap", "embedding", "stratified", "random", "ccs", "kcenter", "loss", "ifd")
+METHODS = ("slap", "embedding", "stratified", "random", "nearest", "ccs", "kcenter", "loss", "ifd")
 BASELINES = ("ccs", "kcenter", "loss", "ifd")  # slapcli.baselines, through select_baseline
 LOSS_METHODS = ("slap", "ccs", "loss", "ifd")  # need the proxy losses of `stratify` (no --no-proxy-loss)
+# Methods that honour stratify's damage screen and near-duplicate labels. The baselines choose over every row that
+# is not an exact duplicate (or a --prune-hardest row), as published, so they stay the yardstick the screen is
+# measured against.
+SCREENED_METHODS = ("slap", "embedding", "stratified")
+SCREEN_LABELS = ("near_duplicate", *SCREEN_REASONS)
 
 
 @dataclass
@@ -220,6 +228,36 @@ def resolve_budgets(strata_meta: ArtifactMeta, stratum: np.ndarray, eligible: np
     return allocate_budget(sizes, row_budget(len(stratum), keep, budget), allocation), allocation
 
 
+def screened_rows_back(table: pa.Table, screened: np.ndarray, short: int) -> np.ndarray:
+    """Mask of the `short` screened rows that come back when the budget needs more rows than the screen left:
+    the least suspicious first, near-copies last (as stratify does), so the screen never shrinks the budget."""
+    back = np.zeros(len(screened), dtype=bool)
+    if short <= 0:
+        return back
+    score = table["screen_score"].to_numpy(zero_copy_only=False).astype(np.float64) \
+        if "screen_score" in table.column_names else np.zeros(len(screened))
+    near = pc.fill_null(pc.equal(table["pruned"], "near_duplicate"), False).to_numpy(zero_copy_only=False)
+    order = np.concatenate([restore_order(np.nan_to_num(score, nan=np.inf), screened & ~near),
+                            np.flatnonzero(screened & near)])
+    back[order[:short]] = True
+    return back
+
+
+def select_nearest(strata_meta: ArtifactMeta, strata_path: str, eligible: np.ndarray, m: int,
+                   config: SelectConfig) -> Selection:
+    """Pool rows nearest to the --target dev rows in embedding space, round-robin over the dev rows; `gain`
+    records each row's cosine with the dev row that took it."""
+    embeddings = load_embeddings(strata_meta, strata_path, config.embeddings)
+    assert strata_meta.upstream is not None
+    emb_meta = read_meta(config.embeddings or strata_meta.upstream["path"], "embeddings")
+    assert config.target is not None
+    target_emb = embed_target(read_target_examples(config.target, config.target_rows), emb_meta.config,
+                              config.device)
+    positions = nearest_order(target_emb, embeddings, eligible, m)
+    cosine = (embeddings[positions] @ target_emb.T).max(1) if len(positions) else np.zeros(0, dtype=np.float32)
+    return ranked_selection(positions, config.batch_size, {"gain": cosine})
+
+
 def select_random(eligible: np.ndarray, m: int, rng: np.random.Generator) -> Selection:
     return Selection.plain(rng.choice(np.flatnonzero(eligible), size=min(m, int(eligible.sum())), replace=False))
 
@@ -285,6 +323,12 @@ def select_baseline(strata_meta: ArtifactMeta, strata_path: str, table: pa.Table
         positions = middle_loss_order(loss, eligible, m)
         return ranked_selection(positions, config.batch_size, {"loss": loss[positions]})
     rows = table["row"].to_numpy()
+    if "direct_loss" in table.column_names:  # stratify's damage screen scored the answers without their prompts
+        recorded = table["direct_loss"].to_numpy(zero_copy_only=False).astype(np.float32)
+        if not np.isnan(recorded[eligible]).any():
+            ifd = ifd_scores(loss, recorded)
+            positions = ifd_order(ifd, eligible, m)
+            return ranked_selection(positions, config.batch_size, {"loss": loss[positions], "gain": ifd[positions]})
     loss_pass = LossPass(strata_meta.config.get("proxy_model", config.proxy_model),
                          int(config.max_tokens or strata_meta.config.get("max_tokens", 1024)),
                          int(strata_meta.config.get("loss_batch_size", 16)), config.device,
@@ -312,8 +356,9 @@ def _direct_losses(strata_meta: ArtifactMeta, strata_path: str, rows: np.ndarray
             reporter.log(f"prompt-free losses from the cache ({cached})")
             return direct
     direct = np.full(len(rows), np.nan, dtype=np.float32)
-    direct[eligible], _ = proxy_losses(strata_meta, source_path(strata_meta, input_override, strata_path),
-                                       strata_path, rows[eligible], loss_pass, reporter, view=without_prompt)
+    terms, _ = proxy_losses(strata_meta, source_path(strata_meta, input_override, strata_path), strata_path,
+                            rows[eligible], loss_pass, reporter, view=without_prompt)
+    direct[eligible] = terms[:, 0]
     cached.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(str(cached)) as tmp, open(tmp, "wb") as f:
         np.save(f, direct, allow_pickle=False)
@@ -344,6 +389,8 @@ def select(strata_path: str, output_path: str, config: SelectConfig, reporter: R
            input_override: str | None = None, command: str = "select") -> ArtifactMeta:
     if config.method not in METHODS:
         raise UsageError(f"--method must be one of {', '.join(METHODS)}")
+    if config.method == "nearest" and not config.target:
+        raise UsageError("--method nearest takes the rows nearest to a --target dev file: give --target FILE")
     if config.batch_size < 1 or config.pool_factor < 1:
         raise UsageError("--batch-size and --pool-factor must be >= 1")
     if config.refresh < 1 or config.target_refresh < 1:
@@ -361,6 +408,17 @@ def select(strata_path: str, output_path: str, config: SelectConfig, reporter: R
     n = table.num_rows
     stratum = table["stratum"].to_numpy()
     eligible = pc.is_null(table["pruned"]).to_numpy()
+    screened = pc.is_in(table["pruned"], pa.array(SCREEN_LABELS)).to_numpy(zero_copy_only=False)
+    if screened.any():
+        requested = (row_budget(n, config.keep, config.budget) if config.keep is not None or config.budget is not None
+                     else int(strata_meta.stats.get("requested_budget", strata_meta.stats["budget"])))
+        back = (screened if config.method not in SCREENED_METHODS
+                else screened_rows_back(table, screened, requested - int(eligible.sum())))
+        if back.any():
+            eligible = eligible | back
+            # Budgets recorded by stratify were split without these rows: split them again.
+            if config.keep is None and config.budget is None:
+                config = dataclasses.replace(config, budget=requested)
     budgets, allocation = resolve_budgets(strata_meta, stratum, eligible, config)
     m = int(budgets.sum())
     rng = np.random.default_rng(config.seed)
@@ -368,6 +426,8 @@ def select(strata_path: str, output_path: str, config: SelectConfig, reporter: R
     stats: dict[str, Any] = {}
     if config.method == "random":
         chosen = select_random(eligible, m, rng)
+    elif config.method == "nearest":
+        chosen = select_nearest(strata_meta, strata_path, eligible, m, config)
     elif config.method == "stratified":
         chosen = select_stratified(StratifiedPool(stratum, eligible, budgets, rng), rng)
     elif config.method in BASELINES:

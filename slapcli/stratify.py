@@ -6,6 +6,10 @@ strata by water-filling (or proportional / sqrt allocation), so rare regions kee
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
+import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -27,9 +31,21 @@ from slapcli.artifacts import (
 )
 from slapcli.errors import UsageError
 from slapcli.io.layouts import Example
-from slapcli.models import DEFAULT_PROXY_MODEL, load_causal_lm, pick_device, pick_dtype, resolve_model
+from slapcli.io.readers import file_fingerprint
+from slapcli.io.writers import atomic_path
+from slapcli.models import DEFAULT_PROXY_MODEL, cache_dir, load_causal_lm, pick_device, pick_dtype, resolve_model
 from slapcli.progress import Reporter
-from slapcli.proxy import compute_losses
+from slapcli.proxy import LOSS_TERMS, compute_loss_terms
+from slapcli.screen import (
+    SCREEN_REASONS,
+    ScreenSignals,
+    near_duplicates,
+    prompt_gain,
+    restore_order,
+    screen_flags,
+    screen_scores,
+    without_prompt,
+)
 from slapcli.slapmath import allocate_budget
 from slapcli.source import iter_source_rows, source_path, verify_source
 
@@ -45,6 +61,12 @@ class StratifyConfig:
     loss_batch_size: int = 16
     dedup: bool = True
     prune_hardest: float = 0.0  # drop this fraction of highest-loss rows (very high loss often means noise)
+    # Rows whose embedding has at least this cosine with an earlier row of their cluster are near-copies of it
+    # (SemDeDup); 0 turns it off. 0.95: lightly edited copies sit above it, paraphrases of one task below.
+    near_dup_cosine: float = 0.95
+    # The damage screen (slapcli.screen): flag answers that ignore their prompt, stop mid-sentence or repeat
+    # themselves, before the budget is split. Needs the proxy loss; costs one more (prompt-free) proxy pass.
+    screen: bool = True
     keep: float | None = 0.7  # budget as a share of the rows; `budget` wins when given
     budget: int | None = None
     allocation: str = "waterfill"
@@ -111,6 +133,8 @@ def stratify(embeddings_path: str, output_path: str, config: StratifyConfig, rep
         raise UsageError("--prune-hardest must be in [0, 1)")
     if config.loss_bins < 1:
         raise UsageError("--loss-bins must be >= 1")
+    if not 0.0 <= config.near_dup_cosine <= 1.0:
+        raise UsageError("--near-dup-cosine must be in [0, 1] (0: off)")
     emb_meta = read_meta(embeddings_path, "embeddings")
     table = read_table(embeddings_path, ["row", "line", "content_hash", "n_prompt_tokens", "n_response_tokens"])
     n = table.num_rows
@@ -133,22 +157,49 @@ def stratify(embeddings_path: str, output_path: str, config: StratifyConfig, rep
     # Without duplicates no copy of the (possibly multi-GB) matrix is made.
     points = embeddings if eligible.all() else embeddings[eligible]
     cluster[eligible], distance[eligible] = spherical_kmeans(points, k, config.kmeans_iters, config.seed)
-    del points, embeddings
+    del points
     # A duplicate sits in its original's cluster, so per-cluster counts describe the whole input.
     cluster[is_duplicate], distance[is_duplicate] = cluster[first[is_duplicate]], distance[first[is_duplicate]]
+    near_of = (near_duplicates(embeddings, cluster, eligible, config.near_dup_cosine) if config.near_dup_cosine > 0
+               else np.full(n, -1, dtype=np.int64))
+    del embeddings
+    is_near = near_of >= 0
+    eligible &= ~is_near
 
-    loss = np.full(n, np.nan, dtype=np.float32)
+    terms = np.full((n, len(LOSS_TERMS)), np.nan, dtype=np.float32)
+    direct = np.full(n, np.nan, dtype=np.float32)
     loss_identity = None
     if config.proxy_loss:
         loss_pass = LossPass(config.proxy_model, int(emb_meta.config.get("max_tokens", 1024)),
                              config.loss_batch_size, config.device)
-        loss[eligible], loss_identity = proxy_losses(emb_meta, src, embeddings_path, rows[eligible], loss_pass,
-                                                     reporter)
+        terms[eligible], loss_identity = cached_proxy_losses(emb_meta, src, embeddings_path, rows[eligible],
+                                                             loss_pass, reporter)
+        if config.screen:
+            direct_pass = dataclasses.replace(loss_pass, label="proxy loss without prompt")
+            direct[eligible] = cached_proxy_losses(emb_meta, src, embeddings_path, rows[eligible], direct_pass,
+                                                   reporter, view=without_prompt)[0][:, 0]
+    loss = terms[:, 0]
     n_bins = config.loss_bins if config.proxy_loss else 1
     loss_bin = np.zeros(n, dtype=np.int16)
     if config.proxy_loss:
         loss_bin[eligible] = loss_bins_within_clusters(cluster[eligible], loss[eligible], n_bins)
+    # A near-copy sits in its original's stratum, as a duplicate does (it may come back to fill the budget).
+    loss_bin[is_near] = loss_bin[near_of[is_near]]
+    loss_bin[is_duplicate] = loss_bin[first[is_duplicate]]
     stratum = (cluster.astype(np.int64) * n_bins + loss_bin).astype(np.int32)
+
+    screened: dict[str, np.ndarray] = {}
+    suspicion = np.full(n, np.nan, dtype=np.float32)
+    if config.proxy_loss and config.screen:
+        signals = ScreenSignals(prompt_gain=prompt_gain(loss, direct), end_loss=terms[:, 1], mean_loss=loss,
+                                tail_loss=terms[:, 2], response_tokens=table["n_response_tokens"].to_numpy())
+        reason, score = screen_flags(screen_scores(signals, eligible), eligible)
+        suspicion[eligible] = score[eligible]
+        screened = {name: reason == i for i, name in enumerate(SCREEN_REASONS)}
+        flagged = reason >= 0
+        eligible &= ~flagged
+        reporter.log("screen: " + ", ".join(f"{int(v.sum()):,} {k}" for k, v in screened.items())
+                     + f" of {int((eligible | flagged).sum()):,} rows")
 
     hardest = np.zeros(n, dtype=bool)
     if config.prune_hardest > 0 and config.proxy_loss:
@@ -157,6 +208,17 @@ def stratify(embeddings_path: str, output_path: str, config: StratifyConfig, rep
         eligible &= ~hardest
 
     m = row_budget(n, config.keep, config.budget)
+    # Screened rows and near-copies never shrink the budget: when it needs more rows than they left, the least
+    # suspicious flagged rows come back first, then near-copies (in row order).
+    short = m - int(eligible.sum())
+    if short > 0:
+        back = np.concatenate([restore_order(np.nan_to_num(suspicion, nan=np.inf), np.logical_or.reduce(
+            [np.zeros(n, dtype=bool), *screened.values()])), np.flatnonzero(is_near)])[:short]
+        eligible[back] = True
+        for mask in (*screened.values(), is_near):
+            mask[back] = False
+        if len(back):
+            reporter.log(f"the budget needs {len(back):,} screened or near-duplicate rows back")
     n_strata = int(stratum.max()) + 1 if n else 0
     sizes = np.bincount(stratum[eligible], minlength=n_strata)
     budgets = allocate_budget(sizes, m, config.allocation)
@@ -169,11 +231,17 @@ def stratify(embeddings_path: str, output_path: str, config: StratifyConfig, rep
         "cluster": cluster,
         "centroid_distance": distance,
         "n_tokens": n_tokens,
-        "loss": pa.array(loss, pa.float32(), mask=np.isnan(loss)),
+        "loss": _nullable(loss),
         "loss_bin": loss_bin,
         "stratum": stratum,
-        "pruned": prune_labels({"duplicate": is_duplicate, "hardest": hardest}),
-        "duplicate_of": pa.array(np.where(is_duplicate, rows[first], 0), pa.int64(), mask=~is_duplicate),
+        "pruned": prune_labels({"duplicate": is_duplicate, "near_duplicate": is_near, **screened,
+                                "hardest": hardest}),
+        "duplicate_of": pa.array(np.where(is_duplicate, rows[first], np.where(is_near, rows[near_of], 0)),
+                                 pa.int64(), mask=~(is_duplicate | is_near)),
+        "end_loss": _nullable(terms[:, 1]),
+        "tail_loss": _nullable(terms[:, 2]),
+        "direct_loss": _nullable(direct),
+        "screen_score": _nullable(suspicion),
     }, schema=STRATA_SCHEMA)
     meta = ArtifactMeta(
         kind="strata",
@@ -184,12 +252,17 @@ def stratify(embeddings_path: str, output_path: str, config: StratifyConfig, rep
                 "max_tokens": emb_meta.config.get("max_tokens", 1024)},
         source=emb_meta.source,
         upstream=upstream_record(embeddings_path, emb_meta),
-        stats={"rows": n, "duplicates": int(is_duplicate.sum()), "hardest_pruned": int(hardest.sum()),
+        stats={"rows": n, "duplicates": int(is_duplicate.sum()), "near_duplicates": int(is_near.sum()),
+               "screened": {k: int(v.sum()) for k, v in screened.items()}, "hardest_pruned": int(hardest.sum()),
                "eligible": int(eligible.sum()), "budget": int(budgets.sum()), "requested_budget": m},
         extra={"strata": strata_table},
     )
     write_artifact(output_path, out, meta)
     return meta
+
+
+def _nullable(values: np.ndarray) -> pa.Array:
+    return pa.array(values, pa.float32(), mask=np.isnan(values))
 
 
 def prune_labels(masks: dict[str, np.ndarray]) -> pa.Array:
@@ -218,10 +291,11 @@ class LossPass:
 
 def proxy_losses(meta: ArtifactMeta, src: str, name: str, wanted_rows: np.ndarray, loss_pass: LossPass,
                  reporter: Reporter, view: Callable[[Example], Example] | None = None) -> tuple[np.ndarray, str]:
-    """Each wanted row's response loss under the untrained proxy (the policy at step 0), in `wanted_rows` order.
+    """Each wanted row's loss terms under the untrained proxy (the policy at step 0), in `wanted_rows` order:
+    [rows, len(LOSS_TERMS)] (mean response loss, end-token loss, second-half loss; slapcli.proxy).
 
     `view` rewrites each row before scoring (IFD scores the response without its prompt). Rows are read from
-    the source again, streaming, and scored 1024 at a time. Returns the losses and the model's identity.
+    the source again, streaming, and scored 1024 at a time. Returns the terms and the model's identity.
     """
     device = pick_device(loss_pass.device)
     ref = resolve_model(loss_pass.proxy_model)
@@ -229,18 +303,21 @@ def proxy_losses(meta: ArtifactMeta, src: str, name: str, wanted_rows: np.ndarra
     tokenizer, model = load_causal_lm(ref, device, pick_dtype(device))
     wanted = set(wanted_rows.tolist())
     position = {r: i for i, r in enumerate(wanted_rows.tolist())}
-    losses = np.full(len(wanted_rows), np.nan, dtype=np.float32)
+    losses = np.full((len(wanted_rows), len(LOSS_TERMS)), np.nan, dtype=np.float32)
     chunk: list[Any] = []
     done = 0
     with reporter.progress(loss_pass.label, len(wanted_rows)) as bar:
         def flush() -> None:
-            nonlocal done
             examples = [r.example if view is None else view(r.example) for r in chunk]
-            values = compute_losses(model, tokenizer, examples, loss_pass.max_tokens, loss_pass.batch_size, device)
+            def advance(n: int) -> None:  # per batch: a bar that moves, not one that jumps every 1024 rows
+                nonlocal done
+                done += n
+                bar.update(advance=n, rows_done=done)
+
+            values = compute_loss_terms(model, tokenizer, examples, loss_pass.max_tokens, loss_pass.batch_size, device,
+                                    progress_callback=advance)
             for r, v in zip(chunk, values, strict=True):
                 losses[position[r.record.index]] = v
-            done += len(chunk)
-            bar.update(advance=len(chunk), rows_done=done)
             chunk.clear()
 
         for row in iter_source_rows(meta, src, name, wanted):
@@ -250,6 +327,35 @@ def proxy_losses(meta: ArtifactMeta, src: str, name: str, wanted_rows: np.ndarra
         if chunk:
             flush()
     return losses, ref.identity
+
+
+def cached_proxy_losses(meta: ArtifactMeta, src: str, embeddings_path: str, wanted_rows: np.ndarray,
+                        loss_pass: LossPass, reporter: Reporter,
+                        view: Callable[[Example], Example] | None = None) -> tuple[np.ndarray, str]:
+    """`proxy_losses`, cached in the slapcli cache per embeddings file, rows, proxy, max tokens, batch, device
+    and view (by its function name).
+
+    The losses do not depend on --keep, --budget, --allocation or the clusters, so trying another budget (or a
+    `slap run` with a new --keep) pays for the pass once. The embeddings file's fingerprint covers the source.
+    """
+    identity = resolve_model(loss_pass.proxy_model).identity
+    device = pick_device(loss_pass.device)
+    key = hashlib.blake2b(json.dumps([
+        file_fingerprint(embeddings_path).to_dict(), identity, loss_pass.max_tokens, loss_pass.batch_size,
+        str(device), str(pick_dtype(device)), hashlib.blake2b(wanted_rows.astype(np.int64).tobytes()).hexdigest(),
+        getattr(view, "__name__", None), "stratify-loss-terms-v2"]).encode(), digest_size=16).hexdigest()
+    cached = cache_dir() / "losses" / f"{key}.npy"
+    if cached.exists():
+        with contextlib.suppress(OSError, ValueError):
+            losses = np.load(cached, allow_pickle=False)
+            if losses.shape == (len(wanted_rows), len(LOSS_TERMS)):
+                reporter.log(f"{loss_pass.label} from the cache ({cached})")
+                return losses, identity
+    losses, identity = proxy_losses(meta, src, embeddings_path, wanted_rows, loss_pass, reporter, view)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(str(cached)) as tmp, open(tmp, "wb") as f:
+        np.save(f, losses, allow_pickle=False)
+    return losses, identity
 
 
 def _strata_summary(loss: np.ndarray, stratum: np.ndarray, eligible: np.ndarray, sizes: np.ndarray,

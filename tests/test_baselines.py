@@ -11,9 +11,9 @@ from slapcli.baselines import (
     ifd_scores,
     kcenter_order,
     middle_loss_order,
-    without_prompt,
 )
 from slapcli.io.layouts import Example, Turn
+from slapcli.screen import without_prompt  # the prompt-free view moved to the damage screen, which shares it
 
 
 def _eligible(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -93,3 +93,31 @@ def test_without_prompt_keeps_assistant_turns() -> None:
     ex = Example((Turn("system", "s"), Turn("user", "q"), Turn("assistant", "a1"), Turn("user", "q2"),
                   Turn("assistant", "a2")))
     assert without_prompt(ex).turns == (Turn("assistant", "a1"), Turn("assistant", "a2"))
+
+
+def naive_nearest(target: np.ndarray, emb: np.ndarray, eligible: np.ndarray, m: int) -> list[int]:
+    taken: set[int] = set()
+    picks: list[int] = []
+    while len(picks) < min(m, int(eligible.sum())):
+        for t in target:
+            best = max((i for i in range(len(emb)) if eligible[i] and i not in taken),
+                       key=lambda i, t=t: (float(t @ emb[i]), -i))
+            taken.add(best)
+            picks.append(best)
+            if len(picks) == min(m, int(eligible.sum())):
+                break
+    return picks
+
+
+@pytest.mark.parametrize("m", [0, 1, 7, 40])
+def test_nearest_order_matches_naive_round_robin(m: int) -> None:
+    from slapcli.baselines import nearest_order
+
+    rng = np.random.default_rng(m)
+    emb = rng.normal(size=(30, 6)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    target = emb[[2, 9, 17]] + rng.normal(scale=0.1, size=(3, 6)).astype(np.float32)
+    eligible = rng.random(30) > 0.2
+    got = nearest_order(target, emb, eligible, m).tolist()
+    assert got == naive_nearest(target, emb, eligible, m)
+    assert len(set(got)) == len(got) and all(eligible[g] for g in got)

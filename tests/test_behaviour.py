@@ -80,6 +80,11 @@ def do_embed(data: Path, out: Path, encoder: Path, proxy: Path) -> Path:
 
 
 def do_stratify(emb: Path, out: Path, proxy: Path, **kwargs) -> Path:
+    # A tiny random encoder puts most rows above any near-copy cosine and a random proxy's losses flag rows at
+    # random: these tests are about strata and budgets, so the damage screen is off unless a test turns it on
+    # (tests/test_screen_pipeline.py covers it).
+    kwargs.setdefault("screen", False)
+    kwargs.setdefault("near_dup_cosine", 0.0)
     stratify(str(emb), str(out), StratifyConfig(proxy_model=str(proxy), device="cpu", **kwargs), QUIET)
     return out
 
@@ -102,6 +107,15 @@ def kept_rows(table: pa.Table) -> np.ndarray:
 def kept_per_stratum(table: pa.Table, n_strata: int) -> list[int]:
     kept = np.array(table["kept"].to_pylist())
     return np.bincount(np.array(table["stratum"].to_pylist())[kept], minlength=n_strata).tolist()
+
+
+def target_for(method: str, prepared: Prepared) -> list:
+    """`nearest` needs a --target dev file: the data's own first rows stand in for one."""
+    if method != "nearest":
+        return []
+    dev = prepared.data.with_name("dev.jsonl")
+    dev.write_text("".join(prepared.data.read_text().splitlines(keepends=True)[:5]))
+    return ["--target", dev]
 
 
 @dataclass
@@ -158,7 +172,7 @@ def eligible_rows(strata: Path) -> set[int]:
 def test_keep_one_keeps_every_eligible_row(tmp_path, mixed, tiny_proxy_dir, method):
     sel = tmp_path / "sel.parquet"
     r = invoke(["select", mixed.strata, "-o", sel, "--method", method, "--keep", "1.0",
-                "--proxy-model", tiny_proxy_dir, "--proj-dim", "64", "-q"])
+                "--proxy-model", tiny_proxy_dir, "--proj-dim", "64", "-q", *target_for(method, mixed)])
     assert r.exit_code == 0, r.stderr
     table = pq.read_table(sel)
     eligible = eligible_rows(mixed.strata)
@@ -238,7 +252,7 @@ def test_duplicates_never_both_kept(tmp_path, mixed, tiny_proxy_dir, method):
     for keep in ("1.0", "0.5"):
         sel = tmp_path / f"sel-{keep}.parquet"
         r = invoke(["select", mixed.strata, "-o", sel, "--method", method, "--keep", keep,
-                    "--proxy-model", tiny_proxy_dir, "--proj-dim", "64", "-q"])
+                    "--proxy-model", tiny_proxy_dir, "--proj-dim", "64", "-q", *target_for(method, mixed)])
         assert r.exit_code == 0, r.stderr
         table = pq.read_table(sel)
         kept = dict(zip(table["row"].to_pylist(), table["kept"].to_pylist(), strict=True))

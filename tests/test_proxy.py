@@ -192,6 +192,34 @@ def test_response_losses_match_naive_loop(tokenizer: Any, proxy_model: Any, fast
     np.testing.assert_allclose(got.numpy(), _naive_losses(proxy_model, encoded), rtol=1e-5, atol=1e-5)
 
 
+def _naive_terms(model: Any, encoded: list[EncodedExample]) -> list[tuple[float, float, float]]:
+    """Per row alone: (mean response loss, loss of its last response token, mean loss of its second half)."""
+    out = []
+    with torch.no_grad():
+        for e in encoded:
+            ids = torch.tensor([e.input_ids])
+            logits = model(input_ids=ids).logits[0].float()
+            m = torch.tensor(e.response_mask)[1:]
+            per_token = F.cross_entropy(logits[:-1][m], ids[0, 1:][m], reduction="none")
+            tail = per_token[len(per_token) // 2:]
+            out.append((per_token.mean().item(), per_token[-1].item(), tail.mean().item()))
+    return out
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_response_loss_terms_match_naive_loop(tokenizer: Any, proxy_model: Any, fast_path: bool,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    if not fast_path:
+        monkeypatch.setattr(proxy, "_head_split", lambda model: None)
+    encoded = encode_examples(tokenizer, EXAMPLES, 48)
+    with torch.no_grad():
+        got = torch.stack(proxy.response_loss_terms(proxy_model, collate(encoded, tokenizer.pad_token_id)), 1)
+    assert got.shape == (len(EXAMPLES), len(proxy.LOSS_TERMS))
+    np.testing.assert_allclose(got.numpy(), _naive_terms(proxy_model, encoded), rtol=1e-5, atol=1e-5)
+    terms = proxy.compute_loss_terms(proxy_model, tokenizer, EXAMPLES, 48, batch_size=2, device=torch.device("cpu"))
+    np.testing.assert_allclose(terms, _naive_terms(proxy_model, encoded), rtol=1e-5, atol=1e-5)
+
+
 def test_response_losses_bf16_model_gives_float32(tokenizer: Any, tiny_proxy_dir: Path) -> None:
     _, model = load_causal_lm(resolve_model(str(tiny_proxy_dir)), torch.device("cpu"), torch.bfloat16)
     assert next(model.parameters()).dtype == torch.bfloat16

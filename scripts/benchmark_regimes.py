@@ -1,0 +1,370 @@
+"""Where pruning pays: the quality benchmark in the noisy and targeted regimes (issue 17).
+
+- **noisy**: the shared mix's training draw (as `benchmark_quality.py` builds it) with `--damaged-share` of its
+  rows damaged by scripts/damage.py (answers from another prompt, cut off, canned refusals, degenerate repetition,
+  near-copies); held-out rows clean. Reports, with no training, the share of each damage kind every selection
+  drops; then held-out loss of full data, the clean rows alone (the oracle), random and each method.
+- **targeted**: the shared mix as the pool, a `--target` dev file of `--target-rows` rows of one domain (disjoint
+  from pool and held-out), held-out rows of that domain only; keeps 0.1-0.3; baselines random, `nearest`, and the
+  domain oracle (random rows of the pool's target-domain rows, same size).
+- **clean** is `benchmark_quality.py` itself.
+
+Every method with a random choice runs `--seeds` selection seeds and every subset `--train-seeds` shuffles
+(3 and 3). With `--equal-steps M,...`, those methods' subsets are also trained for as many optimizer steps as
+full data (cycling through the subset), beside the equal-epochs runs. The training recipe, caches and run files
+are benchmark_quality.py's (top blocks of SmolLM2-135M from cached hidden states, 1 epoch, lr 1e-4, batch 8).
+
+Usage (from the repository root; ~1 h per draw on 2 cores, most of it the slap replays):
+
+    .venv/bin/python scripts/benchmark_regimes.py noisy --workdir work/noisy_d0 --data-seed 0 --jobs 2 --threads 1
+    .venv/bin/python scripts/benchmark_regimes.py targeted --workdir work/targeted_d0 --data-seed 0 --jobs 2
+
+Outputs: `<workdir>/results.json` and `<workdir>/RESULTS.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import random
+import shlex
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchmark_quality as bq
+import damage
+
+from slapcli.models import DEFAULT_PROXY_MODEL, ensure_gguf_converted, resolve_model
+
+SEEDED = {"random", "slap", "stratified", "embedding", "ccs", "kcenter"}  # methods whose choice depends on --seed
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    data = b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in rows)
+    if path.exists() and path.read_bytes() != data:
+        raise SystemExit(f"{path} holds other data; use another --workdir")
+    path.write_bytes(data)
+
+
+def shared_args(args: argparse.Namespace, train_rows: int) -> argparse.Namespace:
+    """What benchmark_quality.shared_data reads, for one draw of the shared mix."""
+    return argparse.Namespace(code_share=None, train_rows=train_rows, heldout_per_domain=args.heldout_per_domain,
+                              data_seed=args.data_seed)
+
+
+def build_noisy(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    train, heldout, info = bq.shared_data(shared_args(args, args.train_rows))
+    pool = damage.make_noisy_pool(train, args.damaged_share, args.data_seed, args.kinds)
+    write_jsonl(workdir / "train.jsonl", pool)
+    write_jsonl(workdir / "heldout.jsonl", heldout)
+    return {**info, "train_rows": len(pool), "regime": "noisy", "damaged_share": args.damaged_share, "kinds": args.kinds or "all, equal",
+            "pool_damage": dict(Counter(r.get("damage", "clean") for r in pool))}
+
+
+def build_targeted(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Pool = a draw of the mix; dev + held-out = other rows of the target domain (never in the pool)."""
+    extra = args.target_rows + args.heldout_per_domain
+    train, heldout, info = bq.shared_data(shared_args(args, args.train_rows))
+    spare = [r for r in bq._usable_rows(bq.SHARED_DATA / bq.DOMAIN_FILES[args.target_domain])
+             if {**r, "domain": args.target_domain} not in train and {**r, "domain": args.target_domain} not in heldout]
+    rng = random.Random(args.data_seed + 1)
+    picked = [{**r, "domain": args.target_domain} for r in rng.sample(spare, extra)]
+    held = [r for r in heldout if r["domain"] == args.target_domain]
+    write_jsonl(workdir / "train.jsonl", train)
+    write_jsonl(workdir / "heldout.jsonl", held)
+    write_jsonl(workdir / "target.jsonl", picked[: args.target_rows])
+    return {**info, "train_rows": len(train), "regime": "targeted", "target_domain": args.target_domain, "target_rows": args.target_rows,
+            "heldout_rows_target": len(held), "pool_by_domain": dict(Counter(r["domain"] for r in train))}
+
+
+def pool_labels(path: Path, field: str, default: str) -> np.ndarray:
+    with path.open() as f:
+        return np.array([json.loads(line).get(field) or default for line in f if line.strip()])
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+class EqualStepsTrainer(bq.TopTrainer):
+    """The recipe, but for a fixed number of optimizer steps: the subset is reshuffled and cycled through."""
+
+    def __init__(self, *args: Any, steps: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.steps = steps
+
+    def total_steps(self, n_rows: int) -> int:
+        return self.steps
+
+    def batches(self, rows: np.ndarray, rng: np.random.Generator) -> Iterator[list[int]]:
+        made = 0
+        while made < self.steps:
+            order = rng.permutation(rows).tolist()
+            for s in range(0, len(order), self.args.batch_size):
+                if made == self.steps:
+                    return
+                yield order[s:s + self.args.batch_size]
+                made += 1
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init(recipe: argparse.Namespace, workdir: Path, steps: int) -> None:
+    torch.set_num_threads(recipe.threads)
+    trainer, caches = bq.load_trainer(recipe, workdir)
+    _WORKER.update(plain=trainer, caches=caches,
+                   equal=EqualStepsTrainer(trainer.split, trainer.pad_id, recipe, steps=steps))
+
+
+def _run(path: Path, rows: np.ndarray, seed: int, equal_steps: bool) -> dict[str, Any]:
+    one = bq.train_and_evaluate(_WORKER["equal" if equal_steps else "plain"], _WORKER["caches"], rows, seed)
+    bq.write_run(path, one)
+    return one
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            "min": float(np.min(values)), "max": float(np.max(values)), "n": len(values)}
+
+
+def fmt_spread(s: dict[str, float]) -> str:
+    if s["n"] == 1:
+        return f"{s['mean']:.4f}"
+    return f"{s['mean']:.4f} ± {s['sd']:.4f} [{s['min']:.4f}, {s['max']:.4f}]"
+
+
+def damage_table(selections: dict[str, dict[str, Any]], labels: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Per (method, keep): the share of each damage kind's rows (and of clean rows) NOT kept, mean over seeds."""
+    kinds = sorted(set(labels.tolist()))
+    out: dict[str, dict[str, Any]] = {}
+    for sel in selections.values():
+        kept = np.zeros(len(labels), dtype=bool)
+        kept[bq.kept_rows(Path(sel["path"]))] = True
+        key = f"{sel['label']}@{sel['keep']:.2f}"
+        entry = out.setdefault(key, {"method": sel["label"], "keep": sel["keep"], "by_seed": []})
+        entry["by_seed"].append({k: float(1 - kept[labels == k].mean()) for k in kinds})
+    for entry in out.values():
+        entry["dropped"] = {k: float(np.mean([s[k] for s in entry["by_seed"]])) for k in kinds}
+        harmful = [k for k in kinds if k not in ("clean", "near_copy")]
+        weights = np.array([(labels == k).sum() for k in harmful], dtype=float)
+        entry["dropped_damaged_non_copy"] = float(np.dot([entry["dropped"][k] for k in harmful], weights)
+                                                  / max(1.0, weights.sum()))
+    return out
+
+
+def write_markdown(results: dict[str, Any], path: Path) -> None:
+    regime, data = results["regime"], results["data"]
+    lines = [f"# Quality, {regime} regime (data seed {data['seed']})", "",
+             f"Written by `scripts/benchmark_regimes.py` on {results['finished']} (commit `{results['commit'][:10]}`).",
+             "", "```sh", results["command"], "```", "", "## Data", ""]
+    if regime == "noisy":
+        lines.append(f"{data['train_rows']} training rows of the shared mix, {data['damaged_share']:.0%} damaged "
+                     f"({', '.join(f'{k} {v}' for k, v in sorted(data['pool_damage'].items()))}); held-out: "
+                     f"{data['heldout_per_domain']} clean rows per domain.")
+    else:
+        lines.append(f"Pool: {data['train_rows']} rows of the shared mix ({data['pool_by_domain']}); target dev file: "
+                     f"{data['target_rows']} {data['target_domain']} rows; held-out: {data['heldout_rows_target']} "
+                     f"{data['target_domain']} rows (none in the pool or the dev file).")
+    lines += ["", f"Recipe: top {results['recipe']['train_blocks']} blocks, {results['recipe']['epochs']} epoch, lr "
+              f"{results['recipe']['lr']}, batch {results['recipe']['batch_size']}; every subset trained with "
+              f"{len(results['train_seeds'])} shuffles, its loss the mean; methods with a random choice over "
+              f"{results['seeds']} selection seeds (mean ± sd [min, max] over seeds).", "",
+              "## Held-out loss (mean over domains; lower is better)", "",
+              "| subset | keep | steps | held-out loss | vs random mean | beyond random's spread? |",
+              "| --- | ---: | ---: | ---: | ---: | --- |"]
+    for row in results["table"]:
+        lines.append(f"| {row['label']} | {row['keep']:.2f} | {row['steps']} | {fmt_spread(row['loss'])} | "
+                     f"{row.get('vs_random', '')} | {row.get('verdict', '')} |")
+    if results.get("damage"):
+        kinds = sorted(next(iter(results["damage"].values()))["dropped"])
+        lines += ["", "## Share of each kind of row dropped (no training; mean over selection seeds)", "",
+                  "| selection | " + " | ".join(kinds) + " | damaged, copies aside |",
+                  "| --- | " + " | ".join("---:" for _ in kinds) + " | ---: |"]
+        for key, e in results["damage"].items():
+            lines.append(f"| {key} | " + " | ".join(f"{e['dropped'][k]:.0%}" for k in kinds)
+                         + f" | {e['dropped_damaged_non_copy']:.0%} |")
+    lines += ["", f"Wall: {results['wall_s']:.0f} s on {results['machine'].get('cpu', 'this machine')}.", ""]
+    path.write_text("\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def parse_kinds(text: str) -> dict[str, float] | None:
+    if not text:
+        return None
+    out = {}
+    for part in text.split(","):
+        name, _, weight = part.partition(":")
+        out[name.strip()] = float(weight or 1.0)
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("regime", choices=["noisy", "targeted"])
+    p.add_argument("--workdir", type=Path, required=True)
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--train-rows", type=int, default=300)
+    p.add_argument("--heldout-per-domain", type=int, default=60)
+    p.add_argument("--damaged-share", type=float, default=0.3, help="noisy: share of damaged training rows")
+    p.add_argument("--kinds", type=parse_kinds, default=None,
+                   help=f"noisy: damage kinds and weights, e.g. 'mismatch:2,refusal' (default: all of "
+                        f"{', '.join(damage.DAMAGE_KINDS)}, equal)")
+    p.add_argument("--target-domain", default="code", help="targeted: the domain of the dev and held-out rows")
+    p.add_argument("--target-rows", type=int, default=64, help="targeted: rows in the dev file")
+    p.add_argument("--keeps", type=bq.floats, default=None, help="default: 0.7 (noisy), 0.1,0.2,0.3 (targeted)")
+    p.add_argument("--methods", default=None, help="default: stratified,slap (noisy); nearest,slap (targeted)")
+    p.add_argument("--seeds", type=int, default=3, help="selection seeds of methods with a random choice")
+    p.add_argument("--train-seeds", type=int, default=3)
+    p.add_argument("--equal-steps", default="", help="methods (random too) also trained for full data's steps")
+    p.add_argument("--no-train", action="store_true", help="selections and the damage table only")
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--train-blocks", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-4)
+    args = p.parse_args(argv)
+    args.keeps = args.keeps or ([0.7] if args.regime == "noisy" else [0.1, 0.2, 0.3])
+    args.methods = [m for m in (args.methods or ("stratified,slap" if args.regime == "noisy"
+                                                 else "nearest,slap")).split(",") if m]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    workdir = args.workdir.resolve()
+    for sub in ("logs", "selections", "runs"):
+        (workdir / sub).mkdir(parents=True, exist_ok=True)
+    data = build_noisy(args, workdir) if args.regime == "noisy" else build_targeted(args, workdir)
+    train, heldout = workdir / "train.jsonl", workdir / "heldout.jsonl"
+    bq.log(f"{args.regime}: {data['train_rows']} pool rows -> {workdir}")
+
+    ensure_gguf_converted(resolve_model(DEFAULT_PROXY_MODEL))
+    common = ["--device", "cpu", "--quiet"]
+    emb, strata = workdir / "embeddings.parquet", workdir / "strata.parquet"
+    bq.cached_stage("embed", ["embed", str(train), "-o", str(emb), "--max-tokens", str(args.max_tokens), *common],
+                    emb, workdir)
+    bq.cached_stage("stratify", ["stratify", str(emb), "-o", str(strata), *common], strata, workdir)
+    target = ["--target", str(workdir / "target.jsonl")] if args.regime == "targeted" else []
+    plan = [("random", "random", k, s, []) for k in args.keeps for s in range(args.seeds)]
+    for m in args.methods:
+        seeds = range(args.seeds) if m in SEEDED else [0]
+        extra = target if m in ("slap", "nearest") else []
+        plan += [(m, m, k, s, extra) for k in args.keeps for s in seeds]
+    selections: dict[str, dict[str, Any]] = {}
+    for label, method, keep, seed, extra in plan:
+        name = f"{label}_k{keep:.2f}_s{seed}"
+        out = workdir / "selections" / f"{name}.parquet"
+        t = bq.cached_stage(f"select_{name}", ["select", str(strata), "-o", str(out), "--method", method, "--keep",
+                                               str(keep), "--seed", str(seed), *extra, *common], out, workdir)
+        selections[name] = {"label": label, "keep": keep, "seed": seed, "path": str(out), "wall_s": t["wall_s"]}
+        bq.log(f"select {name}: {t['wall_s']} s")
+
+    results: dict[str, Any] = {
+        "regime": args.regime, "data": data, "seeds": args.seeds, "train_seeds": list(range(args.train_seeds)),
+        "command": shlex.join([".venv/bin/python", "scripts/benchmark_regimes.py", *(argv or sys.argv[1:])]),
+        "commit": bq.git("rev-parse", "HEAD"), "machine": bq.machine_info(), "selections": selections,
+        "recipe": bq.recipe_of(args)}
+    labels = pool_labels(train, "damage", "clean") if args.regime == "noisy" else pool_labels(train, "domain", "all")
+    if args.regime == "noisy":
+        results["damage"] = damage_table(selections, labels)
+    n = len(labels)
+    subsets: list[tuple[str, float, int, np.ndarray]] = [("full", 1.0, 0, np.arange(n))]
+    if args.regime == "noisy":
+        subsets.append(("oracle: clean rows", round(float((labels == "clean").mean()), 2), 0,
+                        np.flatnonzero(labels == "clean")))
+    else:
+        domain_rows = np.flatnonzero(labels == args.target_domain)
+        for k in args.keeps:
+            size = round(k * n)
+            if size <= len(domain_rows):
+                subsets += [("oracle: domain rows", k, s, np.sort(np.random.default_rng(s).choice(
+                    domain_rows, size, replace=False))) for s in range(args.seeds)]
+    subsets += [(sel["label"], sel["keep"], sel["seed"], bq.kept_rows(Path(sel["path"])))
+                for sel in selections.values()]
+
+    if not args.no_train:
+        ref, tokenizer, split, _ = bq.load_split_proxy(args.train_blocks)
+        prefix = {}
+        for key, path in (("train", train), ("heldout", heldout)):
+            fp = hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
+            prefix[key] = bq.HiddenCache.build(workdir / f"prefix_{key}", path, split, tokenizer, args.max_tokens,
+                                               f"{fp}:{ref.identity}:{split.split}:{args.max_tokens}")
+        del split
+        run_key = bq.recipe_key(args, prefix)
+        full_steps = math.ceil(n / args.batch_size) * args.epochs
+        equal = {m for m in args.equal_steps.split(",") if m}
+        jobs = [(label, keep, seed, rows, False) for label, keep, seed, rows in subsets]
+        jobs += [(label, keep, seed, rows, True) for label, keep, seed, rows in subsets if label in equal]
+
+        def run_path(label: str, keep: float, seed: int, eq: bool, ts: int) -> Path:
+            tag = f"{label.replace(': ', '-').replace(' ', '_')}_k{keep:.2f}_s{seed}{'_eqsteps' if eq else ''}"
+            return workdir / "runs" / f"{tag}_t{ts}.{run_key}.json"
+
+        pending = [(run_path(lb, k, s, eq, ts), rows, ts, eq) for lb, k, s, rows, eq in jobs
+                   for ts in results["train_seeds"] if not run_path(lb, k, s, eq, ts).exists()]
+        pending.sort(key=lambda p: -len(p[1]))
+        bq.log(f"training {len(pending)} runs in {args.jobs} process(es)")
+        recipe = copy.copy(args)
+        recipe.bf16, recipe.schedule, recipe.warmup = False, "constant", 0.0
+        with ProcessPoolExecutor(max_workers=max(1, min(args.jobs, len(pending) or 1)),
+                                 mp_context=get_context("spawn"), initializer=_init,
+                                 initargs=(recipe, workdir, full_steps)) as pool:
+            futures = {pool.submit(_run, *p): p[0].name for p in pending}
+            for i, future in enumerate(as_completed(futures)):
+                bq.log(f"  run {i + 1}/{len(pending)} {futures[future]}: {future.result()['mean']:.4f}")
+        table = []
+        grouped: dict[tuple[str, float, bool], list[float]] = {}
+        steps_of: dict[tuple[str, float, bool], int] = {}
+        for label, keep, seed, _, eq in jobs:
+            per_shuffle = [json.loads(run_path(label, keep, seed, eq, ts).read_text()) for ts in results["train_seeds"]]
+            grouped.setdefault((label, keep, eq), []).append(float(np.mean([r["mean"] for r in per_shuffle])))
+            steps_of[(label, keep, eq)] = per_shuffle[0]["steps"]
+        for (label, keep, eq), values in grouped.items():
+            table.append({"label": label + (" (equal steps)" if eq else ""), "keep": keep, "equal_steps": eq,
+                          "steps": steps_of[(label, keep, eq)], "loss": spread(values), "per_seed": values})
+        for row in table:
+            base = next((r for r in table if r["label"] == "random" + (" (equal steps)" if row["equal_steps"] else "")
+                         and r["keep"] == row["keep"]), None)
+            if base is not None and row["label"] != base["label"]:
+                delta = row["loss"]["mean"] - base["loss"]["mean"]
+                row["vs_random"] = f"{delta:+.4f}"
+                row["verdict"] = ("better" if row["loss"]["max"] < base["loss"]["min"] else
+                                  "worse" if row["loss"]["min"] > base["loss"]["max"] else "within")
+        results["table"] = table
+    else:
+        results["table"] = []
+    results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    results["wall_s"] = round(time.perf_counter() - t0, 1)
+    (workdir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    write_markdown(results, workdir / "RESULTS.md")
+    bq.log(f"report: {workdir / 'RESULTS.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

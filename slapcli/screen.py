@@ -1,0 +1,148 @@
+"""The damage screen of `stratify`: rows whose answer a trainer should not learn, flagged before the budget.
+
+Real pools carry answers that are not answers: joined to the wrong prompt, canned refusals, text stuck repeating
+itself, cut off by a token limit, and near-copies of other rows. Proxy loss alone cannot tell them from hard,
+valuable rows (both are poorly predicted). Two questions the proxy can answer can:
+
+- Does the prompt help predict the answer? `prompt_gain` = loss of the answer alone - loss of the answer after
+  its prompt (nats per response token; the log of Li et al.'s IFD, "From Quantity to Quality", 2024, which drops
+  rows whose IFD >= 1). An answer that belongs to another prompt, a refusal that fits any prompt, or text that
+  predicts itself gains little or nothing from its prompt.
+- Does the answer end where it ends? `end_loss` = the loss of the end-of-turn token after the last answer: an
+  instruct model finds the end of a complete answer likely and the end of a cut-off sentence very unlikely.
+- Is the answer's second half new, or a copy of its first? `tail_loss` / the first half's loss: an answer stuck
+  repeating its opening is copied by the model at almost no loss, so its second half is far easier than its
+  first (a ratio, so a predictable answer, e.g. code, is not taken for a repetitive one).
+
+A row is flagged when a signal is an outlier by the modified z-score of Iglewicz and Hoaglin (0.6745 (x -
+median) / MAD, outlier beyond 3.5), a rule fixed a priori and robust to a large share of flagged rows (median
+and MAD break down only at 50%), so on a clean pool it flags only rows that stand far from the rest. Near-copies
+are rows whose embedding is within a cosine threshold of an earlier row of the same cluster (SemDeDup, Abbas et
+al. 2023). Every function here is pure and tested against a naive reference in tests/test_screen.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from slapcli.io.layouts import Example
+from slapcli.slapmath import group_positions
+
+# Iglewicz & Hoaglin (1993): 0.6745 makes the MAD a consistent estimate of the standard deviation for normal
+# data, and |z| > 3.5 is their recommended outlier cut.
+MAD_SCALE = 0.6745
+OUTLIER_Z = 3.5
+# Reasons, in the order a row is labelled when several apply (the strata artifact's `pruned` column).
+SCREEN_REASONS = ("ignores_prompt", "cut_off", "repetitive")
+# The tail of a short answer is a few tokens (often just its end token): too few to call it repetitive.
+MIN_TAIL_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class ScreenSignals:
+    """Per-row signals (NaN where not computed, e.g. duplicates)."""
+
+    prompt_gain: np.ndarray  # nats per response token the prompt saves; low = the answer ignores its prompt
+    end_loss: np.ndarray  # loss of the answer's end-of-turn token; high = the answer stops where it should not
+    mean_loss: np.ndarray  # mean loss over all response tokens
+    tail_loss: np.ndarray  # mean loss of the answer's second half; far below the first half's = it repeats
+    response_tokens: np.ndarray  # response tokens per row (the tail signal needs 2 * MIN_TAIL_TOKENS)
+
+
+def prompt_gain(loss_with_prompt: np.ndarray, loss_without_prompt: np.ndarray) -> np.ndarray:
+    """How much the prompt lowers the answer's loss: L(answer) - L(answer | prompt), per response token."""
+    return (np.asarray(loss_without_prompt, dtype=np.float32) - np.asarray(loss_with_prompt, dtype=np.float32))
+
+
+def modified_z(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """0.6745 (x - median) / MAD with median and MAD over `mask` rows; NaN outside the mask or where x is NaN.
+
+    A MAD of 0 (over half the rows equal) falls back to the mean absolute deviation times 1.2533 (its normal
+    consistency factor, as Iglewicz and Hoaglin suggest), and to z = 0 when that is 0 too.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    use = mask & ~np.isnan(values)
+    out = np.full(values.shape, np.nan)
+    if not use.any():
+        return out
+    center = float(np.median(values[use]))
+    mad = float(np.median(np.abs(values[use] - center)))
+    if mad > 0:
+        out[use] = MAD_SCALE * (values[use] - center) / mad
+        return out
+    mean_dev = float(np.mean(np.abs(values[use] - center)))
+    out[use] = (values[use] - center) / (1.2533 * mean_dev) if mean_dev > 0 else 0.0
+    return out
+
+
+def screen_scores(signals: ScreenSignals, eligible: np.ndarray) -> dict[str, np.ndarray]:
+    """Per reason, a suspicion score in outlier units (above OUTLIER_Z = flagged): the z-score oriented so that
+    larger is worse. `ignores_prompt` also counts any row whose prompt does not help at all (gain <= 0, IFD >= 1)
+    as flagged, whatever the spread of the rest."""
+    gain = signals.prompt_gain
+    z_gain = -modified_z(gain, eligible)
+    z_gain = np.where(eligible & (gain <= 0), np.maximum(z_gain, OUTLIER_Z + 1e-6), z_gain)
+    long_enough = eligible & (signals.response_tokens >= 2 * MIN_TAIL_TOKENS)
+    return {"ignores_prompt": z_gain, "cut_off": modified_z(signals.end_loss, eligible),
+            "repetitive": -modified_z(tail_to_head(signals), long_enough)}
+
+
+def tail_to_head(signals: ScreenSignals) -> np.ndarray:
+    """log(second half's mean loss / first half's), the halves as `proxy.response_loss_terms` splits them
+    (the first n // 2 response tokens, then the rest). On a log scale: losses span orders of magnitude."""
+    n = signals.response_tokens.astype(np.float64)
+    n_head = np.floor(n / 2)
+    tail = signals.tail_loss.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        head = (signals.mean_loss * n - tail * (n - n_head)) / n_head
+    return np.log(np.maximum(tail, 1e-4)) - np.log(np.maximum(head, 1e-4))
+
+
+def screen_flags(scores: dict[str, np.ndarray], eligible: np.ndarray,
+                 threshold: float = OUTLIER_Z) -> tuple[np.ndarray, np.ndarray]:
+    """(reason index per row or -1, suspicion = the largest score over reasons) for eligible rows.
+
+    The reason is the one with the largest score among those above the threshold."""
+    names = list(SCREEN_REASONS)
+    stacked = np.stack([np.nan_to_num(scores[name], nan=-np.inf) for name in names])
+    suspicion = stacked.max(0)
+    reason = np.where(eligible & (suspicion > threshold), stacked.argmax(0), -1)
+    return reason.astype(np.int32), np.where(eligible, suspicion, -np.inf)
+
+
+def near_duplicates(embeddings: np.ndarray, cluster: np.ndarray, eligible: np.ndarray,
+                    threshold: float) -> np.ndarray:
+    """For each row, the position of an earlier eligible row of its cluster whose embedding has cosine >=
+    `threshold` with it, else -1 (also for rows not eligible).
+
+    Inside clusters only, as SemDeDup does: near-copies embed close enough to share a cluster, and the cost is
+    the sum of squared cluster sizes, not the square of the pool. Unit-norm embeddings: cosine = dot product.
+    """
+    out = np.full(len(cluster), -1, dtype=np.int64)
+    positions = np.flatnonzero(eligible)
+    for _, part in group_positions(cluster[positions]).items():
+        members = positions[part]  # ascending: "earlier" is a smaller position
+        if len(members) < 2:
+            continue
+        x = np.asarray(embeddings[members], dtype=np.float32)
+        sims = x @ x.T
+        sims[np.tril_indices(len(members))] = -np.inf  # only earlier rows (i < j) count for row j
+        best = sims.max(0)
+        first = sims.argmax(0)
+        hit = best >= threshold
+        out[members[hit]] = members[first[hit]]
+    return out
+
+
+def restore_order(suspicion: np.ndarray, flagged: np.ndarray) -> np.ndarray:
+    """Flagged positions, least suspicious first: the order in which they come back when the budget needs more
+    rows than the screen left (screened rows never shrink the budget)."""
+    positions = np.flatnonzero(flagged)
+    return positions[np.lexsort((positions, suspicion[positions]))]
+
+
+def without_prompt(example: Example) -> Example:
+    """The row's assistant turns alone: what the prompt-free loss (and IFD's direct-answer loss) scores."""
+    return Example(tuple(t for t in example.turns if t.role == "assistant"))
