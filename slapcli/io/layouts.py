@@ -20,7 +20,7 @@ import json
 import re
 import unicodedata
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 LAYOUTS = ("alpaca", "sharegpt", "openai", "preference", "prompt_completion", "prompt_response", "text")
@@ -48,6 +48,7 @@ ROLE_ALIASES = {
 }
 
 TEXT_PART_TYPES = ("text", "input_text", "output_text")  # chat completions, and the Responses API's names
+MEDIA_FIELDS = ("images", "videos", "audios", "image", "video", "audio")  # media beside the text: counted too
 TOOLS_FIELDS = ("tools", "functions")  # a row's tool schemas, in the prompt
 SYSTEM_FIELD = "system"
 WEIGHT_KEYS = ("weight", "loss_weight")  # per message: 0 = not trained on
@@ -373,10 +374,20 @@ def _conversation(row: Mapping, field: str, keys: tuple[str, str]) -> Example:
     return _require_response(_context_turns(row) + turns, field, parts)
 
 
+def _with_media(example: Example, row: Mapping) -> Example:
+    """Count a row's media columns (LLaMA-Factory's `images`, LLaVA's `image`) with its non-text parts."""
+    media = sum(len(v) if isinstance(v, list) else 1 for k in MEDIA_FIELDS if (v := row.get(k)) not in (None, "", []))
+    return replace(example, non_text_parts=example.non_text_parts + media) if media else example
+
+
 def parse_example(row: Any, layout: str) -> Example:
     """Turn one JSON row into an Example, or raise FieldError naming the field that is wrong."""
     if not isinstance(row, Mapping):
         raise FieldError("(row)", f"expected a JSON object, got {type(row).__name__}")
+    return _with_media(_parse_layout(row, layout), row)
+
+
+def _parse_layout(row: Mapping, layout: str) -> Example:
     if layout == "alpaca":
         instruction = _string_field(row, "instruction")
         extra = _string_field(row, "input", required=False)
@@ -456,7 +467,7 @@ def parse_mapped(row: Any, fields: FieldMap) -> Example:
         raise FieldError("(row)", f"expected a JSON object, got {type(row).__name__}")
     roles = {name: role for role, name in fields.names}
     try:
-        return _parse_mapped(row, fields)
+        return _with_media(_parse_mapped(row, fields), row)
     except FieldError as e:
         root = re.split(r"[.\[]", e.field, maxsplit=1)[0]
         if root in roles:
