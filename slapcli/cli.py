@@ -350,7 +350,8 @@ def inspect_cmd(
 def report_cmd(
     artifacts: list[str] = typer.Argument(..., help="A work folder (`slap run --workdir`) or artifact files; "
                                                     "upstream artifacts are found from the selection's record."),
-    output: str = typer.Option(..., "--output", "-o", help="HTML page to write (self-contained: opens from disk)."),
+    output: str = typer.Option(..., "--output", "-o", help="HTML page to write (self-contained: opens from disk), "
+                                                           "or - for stdout."),
     png: str | None = typer.Option(None, "--png", help="Also write each figure as a PNG into this folder."),
     near_duplicate: float = typer.Option(ReportConfig.near_duplicate, "--near-duplicate",
                                          help="Embedding cosine at or above which rows are near duplicates."),
@@ -372,7 +373,7 @@ def report_cmd(
     result = build_report(list(artifacts), output, config, reporter, png_dir=png)
     if result.png_paths:
         reporter.log(f"wrote {len(result.png_paths)} figures to {png}")
-    reporter.log(f"wrote {output}")
+    reporter.log(f"wrote {'stdout' if output == '-' else output}")
 
 
 @app.command("run", epilog="Example: slap run data.jsonl -o pruned.jsonl --keep 0.7 --workdir work")

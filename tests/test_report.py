@@ -151,6 +151,22 @@ def test_cosine_pairs_match_brute_force():
     assert len(expected) > 10
 
 
+def test_large_pools_use_an_inverted_file_that_never_invents_a_pair(monkeypatch):
+    from slapcli.report import neighbours
+
+    rng = np.random.default_rng(3)
+    centres = unit_rows(20, 16, 4)
+    x = centres[rng.integers(0, 20, size=2000)] + 0.15 * rng.normal(size=(2000, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    exact_pairs = {tuple(p) for p in cosine_pairs(x, 0.9).tolist()}
+    exact_nn = nearest_neighbour_cosine(x)
+    monkeypatch.setattr(neighbours, "EXACT_ROWS", 500)
+    approx_pairs = {tuple(p) for p in cosine_pairs(x, 0.9).tolist()}
+    approx_nn = nearest_neighbour_cosine(x)
+    assert approx_pairs <= exact_pairs and len(approx_pairs) >= 0.9 * len(exact_pairs) > 0
+    assert np.all(approx_nn <= exact_nn + 1e-5) and np.mean(np.isclose(approx_nn, exact_nn, atol=1e-5)) > 0.9
+
+
 def test_connected_groups_follow_chains():
     groups = connected_groups(7, np.array([[0, 2], [2, 5], [3, 4]]))
     assert [g.tolist() for g in groups] == [[0, 2, 5], [3, 4]]
@@ -246,6 +262,12 @@ def test_report_from_the_selection_finds_its_upstream_artifacts(run_dir, tmp_pat
     assert r.exit_code == 0, r.stderr
     page = out.read_text()
     assert "embeddings.parquet" in page and 'id="fig-map"' in page
+
+
+def test_report_to_stdout_is_the_page_alone(run_dir, tmp_path):
+    r = report([run_dir / "work", "-o", "-", "-q"])
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.startswith("<!DOCTYPE html>") and r.stdout.count("<img ") == 4
 
 
 def test_report_refuses_an_existing_output_and_a_folder_without_a_selection(run_dir, tmp_path):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from slapcli.errors import MissingDependencyError, SlapError, UsageError
 from slapcli.io.layouts import Example
+from slapcli.io.readers import STDIN as STDOUT  # "-" names stdout for outputs as it names stdin for inputs
 from slapcli.io.writers import atomic_path
 from slapcli.progress import Reporter
 from slapcli.report import figures, numbers
@@ -106,8 +108,8 @@ def _summary(data: RunData) -> list[tuple[str, str]]:
         ("method", f"{meta.config.get('method')} (`slap {meta.command}`, slapcli {meta.tool_version})"),
         ("rows", f"{data.n:,}"),
         ("kept", f"{kept:,} ({kept / max(data.n, 1):.1%})"),
-        ("why rows were dropped", ", ".join(f"{k} {v:,}" for k, v in sorted(reasons.items()) if k != "selected")
-         or "none"),
+        ("why rows were dropped", ", ".join(f"{k} {v:,}" for k, v in sorted(reasons.items())
+                                            if k != "selected" and v) or "none"),
         ("artifacts", ", ".join(p for p in (artifacts.embeddings, artifacts.strata, artifacts.selection) if p)),
     ]
 
@@ -276,9 +278,13 @@ def build_report(paths: list[str], output: str, config: ReportConfig, reporter: 
                 _replay_section(data), _duplicate_section(data, exact, near, texts, config),
                 _example_section(data, per_reason, best, worst, texts)]
     result = ReportResult(output, notes=[texts.note] if texts.note else [])
-    with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.write(render(f"slap report: {os.path.basename(str(data.selection_meta.source.get('path')))}",
-                       _summary(data), sections))
+    page = render(f"slap report: {os.path.basename(str(data.selection_meta.source.get('path')))}",
+                  _summary(data), sections)
+    if output == STDOUT:
+        sys.stdout.write(page)
+    else:
+        with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.write(page)
     if png_dir is not None:
         os.makedirs(png_dir, exist_ok=True)
         for image in (img for s in sections for img in s.images):
