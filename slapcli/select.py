@@ -49,10 +49,11 @@ from slapcli.slapmath import (
     farthest_point_order,
     group_positions,
     stratum_nn_scale,
+    weighted_budget,
 )
 from slapcli.source import source_path
 from slapcli.stratify import ALLOCATIONS, LossPass, proxy_losses, row_budget
-from slapcli.target import embed_target, read_target_examples
+from slapcli.target import embed_target, read_target_examples, target_cluster_share
 
 METHODS = ("slap", "embedding", "stratified", "random", "nearest", "ccs", "kcenter", "loss", "ifd")
 BASELINES = ("ccs", "kcenter", "loss", "ifd")  # slapcli.baselines, through select_baseline
@@ -226,6 +227,29 @@ def resolve_budgets(strata_meta: ArtifactMeta, stratum: np.ndarray, eligible: np
                     else (strata_meta.config.get("keep"), strata_meta.config.get("budget")))
     sizes = np.bincount(stratum[eligible], minlength=len(recorded))
     return allocate_budget(sizes, row_budget(len(stratum), keep, budget), allocation), allocation
+
+
+def target_budgets(strata_meta: ArtifactMeta, strata_path: str, table: pa.Table, eligible: np.ndarray, m: int,
+                   config: SelectConfig) -> np.ndarray:
+    """With a --target, the budget follows the dev rows: each cluster gets the share of dev rows whose nearest
+    pool row is in it, split over its loss bins by size (slapmath.weighted_budget; what those clusters cannot
+    hold goes to the others). Coverage-first budgets would keep the pool's own mix, so a dev set could only
+    choose inside strata, never move the mix toward its task."""
+    embeddings = load_embeddings(strata_meta, strata_path, config.embeddings)
+    assert strata_meta.upstream is not None and config.target is not None
+    emb_meta = read_meta(config.embeddings or strata_meta.upstream["path"], "embeddings")
+    target_emb = embed_target(read_target_examples(config.target, config.target_rows), emb_meta.config,
+                              config.device)
+    cluster = table["cluster"].to_numpy()
+    stratum = table["stratum"].to_numpy()
+    share = target_cluster_share(target_emb, embeddings, cluster, eligible)
+    n_strata = len(strata_meta.extra["strata"])
+    sizes = np.bincount(stratum[eligible], minlength=n_strata)
+    cluster_of = np.zeros(n_strata, dtype=np.int64)
+    cluster_of[stratum[eligible]] = cluster[eligible]
+    cluster_sizes = np.bincount(cluster_of, weights=sizes, minlength=len(share))
+    weights = share[cluster_of] * sizes / np.maximum(cluster_sizes[cluster_of], 1)
+    return weighted_budget(sizes, weights, m)
 
 
 def screened_rows_back(table: pa.Table, screened: np.ndarray, short: int) -> np.ndarray:
@@ -420,6 +444,9 @@ def select(strata_path: str, output_path: str, config: SelectConfig, reporter: R
             if config.keep is None and config.budget is None:
                 config = dataclasses.replace(config, budget=requested)
     budgets, allocation = resolve_budgets(strata_meta, stratum, eligible, config)
+    if config.method == "slap" and config.target:
+        budgets, allocation = target_budgets(strata_meta, strata_path, table, eligible, int(budgets.sum()),
+                                             config), "target"
     m = int(budgets.sum())
     rng = np.random.default_rng(config.seed)
     reporter.log(f"selecting {m:,} of {n:,} rows with method {config.method!r}")
