@@ -73,7 +73,8 @@ def build_noisy(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     pool = damage.make_noisy_pool(train, args.damaged_share, args.data_seed, args.kinds)
     write_jsonl(workdir / "train.jsonl", pool)
     write_jsonl(workdir / "heldout.jsonl", heldout)
-    return {**info, "train_rows": len(pool), "regime": "noisy", "damaged_share": args.damaged_share, "kinds": args.kinds or "all, equal",
+    return {**info, "train_rows": len(pool), "regime": "noisy", "damaged_share": args.damaged_share,
+            "kinds": args.kinds or "all, equal",
             "pool_damage": dict(Counter(r.get("damage", "clean") for r in pool))}
 
 
@@ -89,7 +90,8 @@ def build_targeted(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     write_jsonl(workdir / "train.jsonl", train)
     write_jsonl(workdir / "heldout.jsonl", held)
     write_jsonl(workdir / "target.jsonl", picked[: args.target_rows])
-    return {**info, "train_rows": len(train), "regime": "targeted", "target_domain": args.target_domain, "target_rows": args.target_rows,
+    return {**info, "train_rows": len(train), "regime": "targeted", "target_domain": args.target_domain,
+            "target_rows": args.target_rows,
             "heldout_rows_target": len(held), "pool_by_domain": dict(Counter(r["domain"] for r in train))}
 
 
