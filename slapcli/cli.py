@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import json
+import math
 import os
 import shutil
 import signal
@@ -21,6 +23,9 @@ from typing import Any, TypeVar
 from slapcli.errors import Stopped
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Set once a command has finished: a signal from then on, while the process winds down, changes nothing (the
+# output is complete), so it is ignored rather than reported as "no output was written".
+_finished = threading.Event()
 
 
 def stop_message(signum: int) -> str:
@@ -31,6 +36,8 @@ def stop_message(signum: int) -> str:
 def _exit_while_starting(signum: int, frame: object) -> None:
     # Nothing has been written before a command runs, so there is nothing to clean up; exiting at once also
     # skips the teardown of half-imported native libraries (torch), which a raised exception would go through.
+    if _finished.is_set():
+        return
     os.write(2, f"{stop_message(signum)}\n".encode())
     os._exit(128 + signum)
 
@@ -38,6 +45,8 @@ def _exit_while_starting(signum: int, frame: object) -> None:
 def _stop_once(signum: int, frame: object) -> None:
     # Later signals are ignored: they would cut short the cleanup the first one started (temporary files
     # being removed on the way out). SIGKILL still stops everything, and resume covers that too.
+    if _finished.is_set():
+        return
     for other in STOP_SIGNALS:
         signal.signal(other, signal.SIG_IGN)
     raise Stopped(signum)
@@ -70,19 +79,28 @@ with _on_stop_signals(_exit_while_starting):
     from rich.markup import escape
 
     from slapcli import __version__
-    from slapcli.artifacts import read_meta
+    from slapcli.artifacts import read_meta, recorded_inputs
     from slapcli.embed import EmbedConfig, embed
     from slapcli.errors import EXIT_INTERRUPTED, SlapError, UsageError
-    from slapcli.export import ExportConfig, export
-    from slapcli.io.readers import STDIN, file_fingerprint
-    from slapcli.io.writers import atomic_path, check_output_path
+    from slapcli.export import ORDERS, ExportConfig, export
+    from slapcli.io.layouts import LAYOUTS
+    from slapcli.io.readers import (
+        BAD_LINE_POLICIES,
+        CONTAINERS,
+        STDIN,
+        field_map,
+        file_fingerprint,
+        is_stream,
+        list_shards,
+    )
+    from slapcli.io.writers import STDOUT, atomic_path, check_output_path, forget_written, output_lock, was_written
     from slapcli.models import DEFAULT_EMBED_MODEL, DEFAULT_PROXY_MODEL
     from slapcli.pipeline import reuse_or_run
     from slapcli.progress import Reporter, stderr_console
     from slapcli.report.build import ReportConfig, build_report
     from slapcli.report.diagnose import DiagnoseConfig, diagnose
     from slapcli.select import LOSS_METHODS, METHODS, SelectConfig, select
-    from slapcli.stratify import StratifyConfig, stratify
+    from slapcli.stratify import ALLOCATIONS, StratifyConfig, stratify
     from slapcli.summary import artifact_summary, describe_artifact, is_artifact, print_diagnosis, selection_summary
 
 app = typer.Typer(
@@ -99,6 +117,11 @@ app = typer.Typer(
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+DEFAULT_WORKDIR = "slap_work"
+
+SCREEN = typer.Option(StratifyConfig.screen, "--screen/--no-screen",
+                      help="Drop answers that ignore their prompt, stop mid-sentence or repeat themselves (found with "
+                           "the proxy; one more proxy pass). Never below the budget.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars or log lines (errors still print).")
 FORCE = typer.Option(False, "--force", "-f", help="Overwrite the output if it exists.")
 SEED = typer.Option(0, "--seed", help="Seed for every random choice; the same seed gives the same bytes.")
@@ -115,9 +138,18 @@ def _handle_errors(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         console = stderr_console()
+        _finished.clear()
+        forget_written()
         with _on_stop_signals(_stop_once):
             try:
-                return func(*args, **kwargs)
+                with contextlib.ExitStack() as claims:  # the output locks taken by _claim_output
+                    _claims.append(claims)
+                    try:
+                        result = func(*args, **kwargs)
+                    finally:
+                        _claims.pop()
+                _finished.set()
+                return result
             except SlapError as e:
                 # Escaped: a message may hold brackets (`pip install 'slapcli[report]'`, a file name).
                 console.print(f"[red]error:[/red] {escape(str(e))}", markup=True, soft_wrap=True)
@@ -125,6 +157,13 @@ def _handle_errors(func: F) -> F:
             except KeyboardInterrupt as e:
                 # By now every writer has removed its temporary file; what a rerun can resume from is kept.
                 signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+                output = kwargs.get("output")
+                if isinstance(output, str) and output != STDOUT and was_written(output):
+                    # The signal came after the final rename: the output is complete, and that is success.
+                    _finished.set()
+                    console.print(f"wrote {output} (stopped by {signal.Signals(signum).name} after it was "
+                                  "complete)", markup=False, soft_wrap=True)
+                    return None
                 console.print(stop_message(signum), markup=False, soft_wrap=True)
                 raise typer.Exit(e.exit_code if isinstance(e, Stopped) else EXIT_INTERRUPTED) from None
             except BrokenPipeError:
@@ -137,8 +176,81 @@ def _handle_errors(func: F) -> F:
 
 
 def _reporter(quiet: bool, input_path: str | None = None) -> Reporter:
-    # No progress bar while reading stdin: the bar would only fight the producer for the terminal.
-    return Reporter(quiet=quiet or input_path == STDIN)
+    # No progress bar while reading stdin (it would only fight the producer for the terminal); log lines and the
+    # final line still print.
+    return Reporter(quiet=quiet, bars=input_path != STDIN)
+
+
+_claims: list[contextlib.ExitStack] = []
+
+
+def _claim_output(output: str, inputs: list[str | None], force: bool, artifact: bool = False) -> None:
+    """Check `output` before any work and lock it for the rest of the command.
+
+    `inputs` are the files the command reads; the files their artifacts record as source or upstream are added,
+    so no output ever replaces data something was made from, with or without --force.
+    """
+    recorded = [path for source in inputs if source and _is_artifact_name(source) for path in recorded_inputs(source)]
+    check_output_path(output, [*inputs, *recorded], force, artifact=artifact)
+    _claims[-1].enter_context(output_lock(output))
+
+
+def _is_artifact_name(path: str) -> bool:
+    return path != STDIN and path.lower().endswith(".parquet") and os.path.isfile(path)
+
+
+def _check_input(path: str | None, option: str = "", data: bool = False) -> None:
+    """A data file or artifact the command will read exists and is not a folder: one line, before any work.
+
+    Data (`data`, `--input`, `--target`) may also be a folder or glob pattern of shards, read as one dataset.
+    """
+    if path is None or path == STDIN:
+        return
+    where = f" ({option})" if option else ""
+    data = data or option in ("--input", "--target")
+    if data and (os.path.isdir(path) or (glob.has_magic(path) and not os.path.exists(path))):
+        list_shards(path)  # one line when the folder or pattern holds no data file
+        return
+    if not os.path.exists(path):
+        raise UsageError(f"{path}: no such file{where}")
+    if os.path.isdir(path):
+        raise UsageError(f"{path}: is a directory, expected a file{where}")
+
+
+def _check_choice(option: str, value: str | None, choices: tuple[str, ...] | list[str]) -> None:
+    if value is not None and value not in choices:
+        raise UsageError(f"{option} {value!r}: expected one of {', '.join(choices)}")
+
+
+def _check_range(option: str, value: float | None, low: float, high: float = math.inf,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """`value` (when given) within [low, high], with open ends as asked; NaN is never in range."""
+    if value is None:
+        return
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not (above and below):
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        bounds = f">= {low:g}" if high == math.inf and not low_open else \
+            f"> {low:g}" if high == math.inf else f"in {left}{low:g}, {high:g}{right}"
+        raise UsageError(f"{option} {value:g}: must be {bounds}")
+
+
+def _check_budget(keep: float | None, budget: int | None) -> None:
+    """--keep a share in (0, 1] and --budget at least one row: a budget of nothing is a mistake, not a result."""
+    _check_range("--keep", keep, 0.0, 1.0, low_open=True)
+    _check_range("--budget", budget, 1)
+
+
+def _check_rows(reporter: Reporter, rows: int, keep: float | None, budget: int | None, where: str) -> None:
+    """Once the row count is known (before any proxy work): refuse a budget of no row, say when it keeps all."""
+    if budget is not None:
+        if budget > rows:
+            reporter.warn(f"--budget {budget:,} is more than the {rows:,} rows of {where}: every row is kept")
+        return
+    if keep is not None and rows and round(keep * rows) == 0:
+        raise UsageError(f"--keep {keep:g} keeps no row of the {rows:,} rows of {where}; give a larger share "
+                         "or --budget")
 
 
 def _version_callback(value: bool) -> None:
@@ -162,8 +274,12 @@ def embed_cmd(
                                     help="Sentence encoder: the packaged default, a local folder or a hub id."),
     proxy_model: str = PROXY,
     layout: str = typer.Option("auto", "--format",
-                               help="Row layout: auto, alpaca, sharegpt, openai, prompt_completion, "
+                               help="Row layout: auto, alpaca, sharegpt, openai, preference, prompt_completion, "
                                     "prompt_response or text."),
+    fields: str | None = typer.Option(None, "--fields",
+                                      help="Your own field names instead of a layout, e.g. "
+                                           "prompt=question,response=answer[,system=persona]; also query, "
+                                           "history, tools, messages, chosen, rejected."),
     input_format: str | None = typer.Option(None, "--input-format",
                                             help="jsonl, json or parquet (default: from the file name)."),
     on_bad_line: str = typer.Option("error", "--on-bad-line", help="error (stop) or skip (count and go on)."),
@@ -179,14 +295,25 @@ def embed_cmd(
     quiet: bool = QUIET,
 ) -> None:
     """Stage 1: embed every row, count its proxy tokens and hash its content."""
-    check_output_path(output, [input], force)
+    _check_input(input, data=True)
+    _check_read_options(layout, input_format, on_bad_line, max_tokens)
+    field_map(fields, layout)
+    _check_range("--batch-size", batch_size, 1)
+    _claim_output(output, [input], force, artifact=True)
     config = EmbedConfig(embed_model=embed_model, proxy_model=proxy_model, layout=layout, input_format=input_format,
                          on_bad_line=on_bad_line, max_tokens=max_tokens, batch_size=batch_size,
-                         chunk_rows=chunk_rows, device=device, resume=resume)
+                         chunk_rows=chunk_rows, device=device, resume=resume, fields=fields)
     reporter = _reporter(quiet, input)
     meta = embed(input, output, config, reporter)
     _report_read_stats(reporter, meta.stats, max_tokens)
     reporter.log(f"wrote {output}: {meta.stats['rows']:,} rows")
+
+
+def _check_read_options(layout: str, input_format: str | None, on_bad_line: str, max_tokens: int | None) -> None:
+    _check_choice("--format", layout, ("auto", *LAYOUTS))
+    _check_choice("--input-format", input_format, CONTAINERS)
+    _check_choice("--on-bad-line", on_bad_line, BAD_LINE_POLICIES)
+    _check_range("--max-tokens", max_tokens, 1)
 
 
 def _report_read_stats(reporter: Reporter, stats: dict[str, Any], max_tokens: int) -> None:
@@ -195,6 +322,9 @@ def _report_read_stats(reporter: Reporter, stats: dict[str, Any], max_tokens: in
     if stats.get("truncated"):
         reporter.warn(f"{stats['truncated']:,} of {stats['rows']:,} rows exceed --max-tokens ({max_tokens}) "
                       "and were truncated for the proxy")
+    if stats.get("non_text_parts"):
+        reporter.warn(f"{stats['non_text_parts']:,} non-text content parts (images, audio, files) in "
+                      f"{stats['rows_with_non_text_parts']:,} rows are not scored: only their text is")
 
 
 @app.command("stratify", epilog="Example: slap stratify work/embeddings.parquet -o work/strata.parquet --clusters 64")
@@ -212,18 +342,31 @@ def stratify_cmd(
     allocation: str = typer.Option("waterfill", "--allocation", help="waterfill, proportional or sqrt."),
     dedup: bool = typer.Option(True, "--dedup/--no-dedup", help="Drop exact duplicates (same prompt and response)."),
     prune_hardest: float = typer.Option(0.0, "--prune-hardest", help="Drop this fraction of highest-loss rows."),
+    near_dup_cosine: float = typer.Option(StratifyConfig.near_dup_cosine, "--near-dup-cosine",
+                                          help="Embedding cosine at which a row is a near-copy of an earlier row of "
+                                               "its cluster and is dropped (0: off)."),
+    screen: bool = SCREEN,
     input: str | None = typer.Option(None, "--input", help="Data file, if not at the path recorded by embed."),
     seed: int = SEED,
     device: str = DEVICE,
     force: bool = FORCE,
     quiet: bool = QUIET,
 ) -> None:
-    """Stage 2: cluster, bin by proxy loss, drop duplicates, and split the row budget over strata."""
-    check_output_path(output, [embeddings], force)
+    """Stage 2: cluster, bin by proxy loss, drop duplicates and damaged rows, and split the row budget over strata."""
+    _check_input(embeddings)
+    _check_input(input, "--input")
+    _check_range("--clusters", clusters, 1)
+    _check_range("--loss-bins", loss_bins, 1)
+    _check_budget(keep, budget)
+    _check_choice("--allocation", allocation, ALLOCATIONS)
+    _check_range("--prune-hardest", prune_hardest, 0.0, 1.0, high_open=True)
+    _claim_output(output, [embeddings, input], force, artifact=True)
     config = StratifyConfig(clusters=clusters, loss_bins=loss_bins, proxy_loss=proxy_loss, proxy_model=proxy_model,
                             keep=keep, budget=budget, allocation=allocation, dedup=dedup,
-                            prune_hardest=prune_hardest, seed=seed, device=device)
+                            prune_hardest=prune_hardest, near_dup_cosine=near_dup_cosine, screen=screen, seed=seed,
+                            device=device)
     reporter = _reporter(quiet)
+    _check_rows(reporter, read_meta(embeddings, "embeddings").stats["rows"], keep, budget, embeddings)
     meta = stratify(embeddings, output, config, reporter, input_override=input)
     reporter.log(f"wrote {output}: {meta.stats['rows']:,} rows, {meta.config['clusters_used']} clusters, "
                  f"{meta.stats['duplicates']:,} duplicates, budget {meta.stats['budget']:,}")
@@ -276,7 +419,19 @@ def select_cmd(
     quiet: bool = QUIET,
 ) -> None:
     """Stage 3: choose the coreset batch by batch (the proxy-training replay for --method slap)."""
-    check_output_path(output, [strata], force)
+    _check_input(strata)
+    _check_input(input, "--input")
+    _check_input(embeddings, "--embeddings")
+    _check_input(target, "--target")
+    _check_choice("--method", method, METHODS)
+    _check_budget(keep, budget)
+    _check_choice("--allocation", allocation, ALLOCATIONS)
+    for option, value in (("--batch-size", batch_size), ("--pool-factor", pool_factor), ("--proj-dim", proj_dim),
+                          ("--refresh", refresh), ("--target-refresh", target_refresh), ("--max-tokens", max_tokens)):
+        _check_range(option, value, 1)
+    _check_range("--lr", lr, 0.0, low_open=True)
+    _check_range("--checkpoint-minutes", checkpoint_minutes, 0.0)
+    _claim_output(output, [strata, input, embeddings, target], force, artifact=True)
     config = SelectConfig(method=method, keep=keep, budget=budget, allocation=allocation, batch_size=batch_size,
                           pool_factor=pool_factor, diversity=diversity, proj_dim=proj_dim, refresh=refresh,
                           target_refresh=target_refresh, lr=lr,
@@ -286,6 +441,7 @@ def select_cmd(
                           seed=seed, device=device, resume=resume, checkpoint_seconds=60.0 * checkpoint_minutes,
                           record_timings=timings)
     reporter = _reporter(quiet)
+    _check_rows(reporter, read_meta(strata, "strata").stats["rows"], keep, budget, strata)
     select(strata, output, config, reporter, input_override=input)
     selection_summary(output, strata, reporter.console)
 
@@ -301,7 +457,10 @@ def export_cmd(
     quiet: bool = QUIET,
 ) -> None:
     """Stage 4: write the kept rows exactly as they were in the input."""
-    check_output_path(output, [selection, input or ""], force)
+    _check_input(selection)
+    _check_input(input, "--input")
+    _check_choice("--order", order, ORDERS)
+    _claim_output(output, [selection, input], force)
     result = export(selection, output, ExportConfig(order=order, input=input), _reporter(quiet, input))
     _reporter(quiet).log(f"wrote {result.rows_written:,} of {result.rows_in_source:,} rows to "
                          f"{'stdout' if output == '-' else output}")
@@ -383,13 +542,23 @@ def run_cmd(
     output: str = typer.Option(..., "--output", "-o", help="Pruned data file or - for stdout."),
     keep: float = typer.Option(0.7, "--keep", help="Share of rows to keep."),
     budget: int | None = typer.Option(None, "--budget", help="Rows to keep (overrides --keep)."),
-    workdir: str = typer.Option("slap_work", "--workdir", help="Where the artifacts go; valid ones are reused."),
+    workdir: str | None = typer.Option(None, "--workdir",
+                                       help=f"Where the artifacts go (default {DEFAULT_WORKDIR}); valid ones are "
+                                            "reused."),
     method: str = typer.Option("slap", "--method", help=f"One of: {', '.join(METHODS)}."),
     layout: str = typer.Option("auto", "--format", help="Row layout (see `slap embed --help`)."),
+    fields: str | None = typer.Option(None, "--fields",
+                                      help="Your own field names instead of a layout, e.g. "
+                                           "prompt=question,response=answer[,system=persona]; also query, "
+                                           "history, tools, messages, chosen, rejected."),
+    input_format: str | None = typer.Option(None, "--input-format",
+                                            help="jsonl, json or parquet (default: from the file name)."),
     on_bad_line: str = typer.Option("error", "--on-bad-line", help="error or skip."),
+    max_tokens: int = typer.Option(1024, "--max-tokens", help="Proxy tokens per row; longer rows are truncated."),
     embed_model: str = typer.Option(DEFAULT_EMBED_MODEL, "--embed-model", help="Sentence encoder."),
     proxy_model: str = PROXY,
     proxy_loss: bool = typer.Option(True, "--proxy-loss/--no-proxy-loss", help="Bin strata by proxy loss."),
+    screen: bool = SCREEN,
     target: str | None = typer.Option(None, "--target", help="Dev file of rows like the downstream task."),
     order: str = typer.Option("source", "--order", help="source or selection."),
     seed: int = SEED,
@@ -398,21 +567,39 @@ def run_cmd(
     quiet: bool = QUIET,
 ) -> None:
     """All four stages; artifacts in --workdir whose inputs and config are unchanged are reused."""
-    check_output_path(output, [input], force)
+    _check_input(input, data=True)
+    _check_input(target, "--target")
+    _check_budget(keep, budget)
+    _check_choice("--method", method, METHODS)
+    _check_read_options(layout, input_format, on_bad_line, max_tokens)
+    field_map(fields, layout)
+    _check_choice("--order", order, ORDERS)
     reporter = _reporter(quiet)
-    os.makedirs(workdir, exist_ok=True)
-    if input == STDIN:
-        input = _copy_stdin(os.path.join(workdir, "input.stdin"))
+    if workdir is None:
+        workdir = DEFAULT_WORKDIR
+        reporter.log(f"work folder: {os.path.abspath(workdir)} (reused by a rerun; --workdir to choose another)")
+    if not workdir or (os.path.lexists(workdir) and not os.path.isdir(workdir)):
+        raise UsageError(f"--workdir {workdir!r}: not a directory")
     paths = {k: os.path.join(workdir, f"{k}.parquet") for k in ("embeddings", "strata", "selection")}
+    stdin_copy = os.path.join(workdir, "input.stdin")
+    _claim_output(output, [input, target, stdin_copy, *paths.values()], force)
+    for path in paths.values():  # one run per work folder at a time: each artifact has one writer
+        _check_artifact_path(path)
+        _claims[-1].enter_context(output_lock(path))
+    if is_stream(input):  # stdin, a FIFO, <(...): read once, into the work folder, for every stage
+        input = _copy_stdin(stdin_copy, input)
     embed_config = EmbedConfig(embed_model=embed_model, proxy_model=proxy_model, layout=layout,
-                               on_bad_line=on_bad_line, device=device)
+                               input_format=input_format, on_bad_line=on_bad_line, max_tokens=max_tokens,
+                               device=device, fields=fields)
     strat_config = StratifyConfig(proxy_loss=proxy_loss and method in LOSS_METHODS, proxy_model=proxy_model, keep=keep,
-                                  budget=budget, seed=seed, device=device)
+                                  budget=budget, screen=screen, seed=seed, device=device)
     select_config = SelectConfig(method=method, target=target, proxy_model=proxy_model, seed=seed, device=device)
     reuse_or_run(paths["embeddings"], asdict(embed_config), reporter,
                  lambda: embed(input, paths["embeddings"], embed_config, reporter), source=file_fingerprint(input))
     # Also when the embeddings were reused: the skipped and truncated rows shape this run's output as well.
-    _report_read_stats(reporter, read_meta(paths["embeddings"], "embeddings").stats, embed_config.max_tokens)
+    embed_stats = read_meta(paths["embeddings"], "embeddings").stats
+    _report_read_stats(reporter, embed_stats, embed_config.max_tokens)
+    _check_rows(reporter, embed_stats["rows"], keep, budget, input)
     reuse_or_run(paths["strata"], asdict(strat_config), reporter,
                  lambda: stratify(paths["embeddings"], paths["strata"], strat_config, reporter, input_override=input),
                  upstream=paths["embeddings"])
@@ -425,10 +612,17 @@ def run_cmd(
                  f"{'stdout' if output == '-' else output}")
 
 
-def _copy_stdin(copy: str) -> str:
-    """Keep stdin in the work folder (later stages read the data again); a stopped copy leaves no file."""
-    with atomic_path(copy) as tmp, open(tmp, "wb") as f:
-        shutil.copyfileobj(sys.stdin.buffer, f)
+def _check_artifact_path(path: str) -> None:
+    """A work-folder artifact is replaced by the stage that makes it: it may only be a file (or nothing yet)."""
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise UsageError(f"{path}: not a regular file; the work folder must hold only slapcli artifacts there")
+
+
+def _copy_stdin(copy: str, source: str = STDIN) -> str:
+    """Keep stdin or a pipe in the work folder (later stages read the data again); a stopped copy leaves no file."""
+    with atomic_path(copy) as tmp, open(tmp, "wb") as f, \
+            (contextlib.nullcontext(sys.stdin.buffer) if source == STDIN else open(source, "rb")) as src:
+        shutil.copyfileobj(src, f)
     return copy
 
 
@@ -440,3 +634,9 @@ def main() -> None:
     except UsageError as e:  # raised outside a command (should not happen, but never show a traceback)
         stderr_console().print(f"error: {e}")
         sys.exit(e.exit_code)
+    finally:
+        if _finished.is_set():
+            # The command is complete: a signal while the interpreter shuts down must not turn its exit code 0
+            # into a KeyboardInterrupt traceback.
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, signal.SIG_IGN)

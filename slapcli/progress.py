@@ -31,8 +31,9 @@ class Reporter:
 
     def __init__(self, quiet: bool = False, bars: bool = True) -> None:
         self.quiet = quiet
-        self.bars = bars and not quiet
         self.console = stderr_console(quiet)
+        # Bars only on a terminal: in a log file a bar is one stale line (or a blank one) per phase.
+        self.bars = bars and not quiet and self.console.is_terminal
 
     def log(self, message: str) -> None:
         # soft_wrap: one message, one line, however narrow the terminal (or 80 columns when stderr is a file)

@@ -523,6 +523,8 @@ def test_embed_from_stdin_prints_a_final_line_and_quiet_prints_nothing(tmp_path,
 
 
 def test_bars_leave_the_screen_and_the_proxy_loss_bar_moves_per_batch(tmp_path, data, models, monkeypatch):
+    assert not Reporter().bars  # stderr is not a terminal here: a bar in a log file is a stale line
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich then takes stderr for a terminal
     reporter = Reporter()
     with reporter.progress("phase", 10) as task:
         assert task._progress is not None and task._progress.live.transient

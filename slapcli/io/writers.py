@@ -65,6 +65,8 @@ def check_output_path(output: str, inputs: Sequence[str | None], force: bool, ar
     written to directly, except for artifacts, which are files); an existing file only with --force; and the
     folder must be one that can hold it.
     """
+    if not output or output.endswith(os.sep):
+        raise UsageError(f"-o {output!r}: give a file name")
     if output == STDOUT:
         if artifact:
             raise UsageError("-o -: an artifact is a Parquet file, not a stream; give a file name such as "
