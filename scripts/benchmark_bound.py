@@ -1,4 +1,4 @@
-"""Can any subset of this data train as well as all of it? An upper bound for issue 4's bar.
+"""Can any subset of this data train as well as all of it? A learning curve and an influence heuristic (issue 4).
 
 Issue 4 asks `slap` at keep 0.6-0.7 to reach the held-out loss of full data. Whether any selection can is a
 property of the data and the protocol before it is one of the method. With the quality benchmark's data,
@@ -279,7 +279,7 @@ def write_plot(summary: dict[str, Any], path: Path, title: str) -> None:
 def write_markdown(results: dict[str, Any], path: Path, plot: Path | None) -> None:
     c, d, s = results["config"], results["data"], results["summary"]
     half = results["halves"]
-    lines = ["# Can any subset train as well as the full data? An upper bound", "",
+    lines = ["# Can any subset train as well as the full data? A learning curve and an influence heuristic", "",
              f"Written by `scripts/benchmark_bound.py` on {results['finished']} (commit `{results['commit'][:10]}`). "
              f"Every number comes from `{bq.rel(results['out'])}` of that run (git-ignored); rerun the command to "
              "reproduce it.", "", "## Protocol", "",
