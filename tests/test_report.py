@@ -264,6 +264,12 @@ def test_report_from_the_selection_finds_its_upstream_artifacts(run_dir, tmp_pat
     assert "embeddings.parquet" in page and 'id="fig-map"' in page
 
 
+def test_report_is_the_same_bytes_for_the_same_run_and_seed(run_dir, tmp_path):
+    for name in ("a.html", "b.html"):
+        assert report([run_dir / "work", "-o", tmp_path / name, "-q"]).exit_code == 0
+    assert (tmp_path / "a.html").read_bytes() == (tmp_path / "b.html").read_bytes()
+
+
 def test_report_to_stdout_is_the_page_alone(run_dir, tmp_path):
     r = report([run_dir / "work", "-o", "-", "-q"])
     assert r.exit_code == 0, r.stderr
