@@ -229,17 +229,23 @@ def resolve_budgets(strata_meta: ArtifactMeta, stratum: np.ndarray, eligible: np
     return allocate_budget(sizes, row_budget(len(stratum), keep, budget), allocation), allocation
 
 
+def target_embeddings(strata_meta: ArtifactMeta, strata_path: str, config: SelectConfig) -> tuple[np.ndarray,
+                                                                                                    np.ndarray]:
+    """(the pool's embeddings, the --target dev rows' embeddings by the same encoder and settings)."""
+    embeddings = load_embeddings(strata_meta, strata_path, config.embeddings)
+    assert strata_meta.upstream is not None and config.target is not None
+    emb_meta = read_meta(config.embeddings or strata_meta.upstream["path"], "embeddings")
+    return embeddings, embed_target(read_target_examples(config.target, config.target_rows), emb_meta.config,
+                                    config.device)
+
+
 def target_budgets(strata_meta: ArtifactMeta, strata_path: str, table: pa.Table, eligible: np.ndarray, m: int,
                    config: SelectConfig) -> np.ndarray:
     """With a --target, the budget follows the dev rows: each cluster gets the share of dev rows whose nearest
     pool row is in it, split over its loss bins by size (slapmath.weighted_budget; what those clusters cannot
     hold goes to the others). Coverage-first budgets would keep the pool's own mix, so a dev set could only
     choose inside strata, never move the mix toward its task."""
-    embeddings = load_embeddings(strata_meta, strata_path, config.embeddings)
-    assert strata_meta.upstream is not None and config.target is not None
-    emb_meta = read_meta(config.embeddings or strata_meta.upstream["path"], "embeddings")
-    target_emb = embed_target(read_target_examples(config.target, config.target_rows), emb_meta.config,
-                              config.device)
+    embeddings, target_emb = target_embeddings(strata_meta, strata_path, config)
     cluster = table["cluster"].to_numpy()
     stratum = table["stratum"].to_numpy()
     share = target_cluster_share(target_emb, embeddings, cluster, eligible)
@@ -271,12 +277,7 @@ def select_nearest(strata_meta: ArtifactMeta, strata_path: str, eligible: np.nda
                    config: SelectConfig) -> Selection:
     """Pool rows nearest to the --target dev rows in embedding space, round-robin over the dev rows; `gain`
     records each row's cosine with the dev row that took it."""
-    embeddings = load_embeddings(strata_meta, strata_path, config.embeddings)
-    assert strata_meta.upstream is not None
-    emb_meta = read_meta(config.embeddings or strata_meta.upstream["path"], "embeddings")
-    assert config.target is not None
-    target_emb = embed_target(read_target_examples(config.target, config.target_rows), emb_meta.config,
-                              config.device)
+    embeddings, target_emb = target_embeddings(strata_meta, strata_path, config)
     positions = nearest_order(target_emb, embeddings, eligible, m)
     cosine = (embeddings[positions] @ target_emb.T).max(1) if len(positions) else np.zeros(0, dtype=np.float32)
     return ranked_selection(positions, config.batch_size, {"gain": cosine})
