@@ -285,7 +285,7 @@ def profile_replay(data: Path, seed: int, proj_dim: int, trainable_blocks: int) 
     prefix cost. Here every row goes in one pass, so the grouping pads less than the replay's passes of ~16-64
     rows do.
     """
-    from slapcli.replay import FEATURE_BATCH, PrefixCache, SplitProxy, row_features
+    from slapcli.proxy import FEATURE_BATCH, PrefixCache, SplitProxy, row_features
     from slapcli.slapmath import GradientProjector
 
     torch.manual_seed(seed)

@@ -61,8 +61,14 @@ from slapcli.errors import SlapError
 from slapcli.io.readers import ReadStats, SourceReader, iter_examples, record_value
 from slapcli.io.writers import atomic_path
 from slapcli.models import DEFAULT_PROXY_MODEL, ModelRef, ensure_gguf_converted, load_causal_lm, resolve_model
-from slapcli.proxy import EncodedExample, collate, encode_examples, length_sorted_batches, response_losses
-from slapcli.replay import SplitProxy
+from slapcli.proxy import (
+    EncodedExample,
+    SplitProxy,
+    collate,
+    encode_examples,
+    length_sorted_batches,
+    response_losses,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_cost import machine_info  # one description of the machine for every benchmark

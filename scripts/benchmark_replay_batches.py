@@ -24,8 +24,7 @@ import torch
 
 from slapcli.io.readers import SourceReader, iter_examples
 from slapcli.models import DEFAULT_PROXY_MODEL, load_causal_lm, resolve_model
-from slapcli.proxy import encode_examples
-from slapcli.replay import PrefixCache, SplitProxy, row_features
+from slapcli.proxy import PrefixCache, SplitProxy, encode_examples, row_features
 from slapcli.slapmath import GradientProjector
 
 

@@ -80,6 +80,7 @@ with _on_stop_signals(_exit_while_starting):
 
     from slapcli import __version__
     from slapcli.artifacts import read_meta, recorded_inputs
+    from slapcli.budgets import ALLOCATIONS
     from slapcli.embed import EmbedConfig, embed
     from slapcli.errors import EXIT_INTERRUPTED, SlapError, UsageError
     from slapcli.export import ORDERS, ExportConfig, export
@@ -94,13 +95,14 @@ with _on_stop_signals(_exit_while_starting):
         list_shards,
     )
     from slapcli.io.writers import STDOUT, atomic_path, check_output_path, forget_written, output_lock, was_written
+    from slapcli.methods.registry import method_names, methods_help, methods_where
     from slapcli.models import DEFAULT_EMBED_MODEL, DEFAULT_PROXY_MODEL
     from slapcli.pipeline import reuse_or_run
     from slapcli.progress import Reporter, stderr_console
     from slapcli.report.build import ReportConfig, build_report
     from slapcli.report.diagnose import DiagnoseConfig, diagnose
-    from slapcli.select import LOSS_METHODS, METHODS, SelectConfig, select
-    from slapcli.stratify import ALLOCATIONS, StratifyConfig, stratify
+    from slapcli.select import SelectConfig, select
+    from slapcli.stratify import StratifyConfig, stratify
     from slapcli.summary import artifact_summary, describe_artifact, is_artifact, print_diagnosis, selection_summary
 
 app = typer.Typer(
@@ -377,7 +379,7 @@ def stratify_cmd(
 def select_cmd(
     strata: str = typer.Argument(..., help="Strata artifact from `slap stratify`."),
     output: str = typer.Option(..., "--output", "-o", help="Selection artifact to write."),
-    method: str = typer.Option("slap", "--method", help=f"One of: {', '.join(METHODS)}."),
+    method: str = typer.Option("slap", "--method", help=methods_help()),
     keep: float | None = typer.Option(None, "--keep", help="Share of rows to keep (default: as stratified)."),
     budget: int | None = typer.Option(None, "--budget", help="Rows to keep (overrides --keep)."),
     allocation: str | None = typer.Option(None, "--allocation", help="waterfill, proportional or sqrt."),
@@ -423,7 +425,7 @@ def select_cmd(
     _check_input(input, "--input")
     _check_input(embeddings, "--embeddings")
     _check_input(target, "--target")
-    _check_choice("--method", method, METHODS)
+    _check_choice("--method", method, method_names())
     _check_budget(keep, budget)
     _check_choice("--allocation", allocation, ALLOCATIONS)
     for option, value in (("--batch-size", batch_size), ("--pool-factor", pool_factor), ("--proj-dim", proj_dim),
@@ -545,7 +547,7 @@ def run_cmd(
     workdir: str | None = typer.Option(None, "--workdir",
                                        help=f"Where the artifacts go (default {DEFAULT_WORKDIR}); valid ones are "
                                             "reused."),
-    method: str = typer.Option("slap", "--method", help=f"One of: {', '.join(METHODS)}."),
+    method: str = typer.Option("slap", "--method", help=methods_help()),
     layout: str = typer.Option("auto", "--format", help="Row layout (see `slap embed --help`)."),
     fields: str | None = typer.Option(None, "--fields",
                                       help="Your own field names instead of a layout, e.g. "
@@ -570,7 +572,7 @@ def run_cmd(
     _check_input(input, data=True)
     _check_input(target, "--target")
     _check_budget(keep, budget)
-    _check_choice("--method", method, METHODS)
+    _check_choice("--method", method, method_names())
     _check_read_options(layout, input_format, on_bad_line, max_tokens)
     field_map(fields, layout)
     _check_choice("--order", order, ORDERS)
@@ -591,8 +593,9 @@ def run_cmd(
     embed_config = EmbedConfig(embed_model=embed_model, proxy_model=proxy_model, layout=layout,
                                input_format=input_format, on_bad_line=on_bad_line, max_tokens=max_tokens,
                                device=device, fields=fields)
-    strat_config = StratifyConfig(proxy_loss=proxy_loss and method in LOSS_METHODS, proxy_model=proxy_model, keep=keep,
-                                  budget=budget, screen=screen, seed=seed, device=device)
+    strat_config = StratifyConfig(proxy_loss=proxy_loss and method in methods_where(proxy_losses=True),
+                                  proxy_model=proxy_model, keep=keep, budget=budget, screen=screen,
+                                  seed=seed, device=device)
     select_config = SelectConfig(method=method, target=target, proxy_model=proxy_model, seed=seed, device=device)
     reuse_or_run(paths["embeddings"], asdict(embed_config), reporter,
                  lambda: embed(input, paths["embeddings"], embed_config, reporter), source=file_fingerprint(input))

@@ -56,6 +56,17 @@ def allocate_budget(sizes: np.ndarray, budget: int, method: str = "waterfill") -
     return base + _capped_share(weights, sizes - base, budget - int(base.sum()))
 
 
+def stratified_sample(stratum: np.ndarray, eligible: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """A fixed reference sample: rows spread over strata in proportion to their size."""
+    sizes = np.bincount(stratum[eligible], minlength=int(stratum.max()) + 1)
+    take = allocate_budget(sizes, n, "proportional")
+    picks = []
+    for s in np.flatnonzero(take).tolist():
+        members = np.flatnonzero(eligible & (stratum == s))
+        picks.extend(rng.choice(members, size=int(take[s]), replace=False).tolist())
+    return np.sort(np.array(picks, dtype=np.int64))
+
+
 def weighted_budget(sizes: np.ndarray, weights: np.ndarray, budget: int) -> np.ndarray:
     """Split `budget` rows over strata in proportion to `weights`, never above a stratum's size; what the weighted
     strata cannot hold goes to the others in proportion to their rows left. Same guarantees as allocate_budget
@@ -320,7 +331,41 @@ def curvature_diagonal(state: CurvatureState, damping: float) -> Tensor:
 
 
 FEATURE_NORMS = ("unit", "tokens", "raw")
-ETA_RULES = ("target", "row")  # how the batch score's step size is set (slapcli.replay.score_step)
+ETA_RULES = ("target", "row")  # how the batch score's step size is set (score_step)
+
+
+def calibrated_eta(pool_feats: Tensor, target: Tensor, h: Tensor) -> float:
+    """The step size in feature units at which the pool's typical candidate gains most.
+
+    The proxy's AdamW learning rate has no meaning in the units of projected features, so the score's eta is
+    the (lower) median over candidates of the Newton step <g*, g> / g^T H g (positive ones only): at that step the
+    curvature term is half the first-order term, so both matter.
+    """
+    align = pool_feats @ target
+    quad = pool_feats.pow(2) @ h
+    ratios = align[(align > 0) & (quad > 0)] / quad[(align > 0) & (quad > 0)]
+    return float(ratios.median()) if len(ratios) else 1.0
+
+
+def target_newton_eta(target: Tensor, h: Tensor) -> float:
+    """The Newton step along g* itself, <g*, g*> / g*^T H g* (1 when undefined).
+
+    With this eta, U(B) = eta <g*, m> - eta^2/2 m^T H m peaks where the batch mean m equals H^-1 g* / eta, which
+    for a flat H is g* itself: the best batch is one whose mean gradient stands for the target, not one that
+    exaggerates its dominant direction. (The per-candidate median of `calibrated_eta` is smaller, so it rewards
+    batches of rows that all point the same way: measured worse, see docs/RESULTS.md.)
+    """
+    quad = float(target.pow(2) @ h)
+    return float(target @ target) / quad if quad > 0 else 1.0
+
+
+def score_step(rule: str, pool_feats: Tensor, target: Tensor, h: Tensor) -> float:
+    """The eta of the batch score under `--eta`: "target" (Newton step along g*) or "row" (median per-row)."""
+    if rule == "target":
+        return target_newton_eta(target, h)
+    if rule == "row":
+        return calibrated_eta(pool_feats, target, h)
+    raise ValueError(f"eta rule must be one of {ETA_RULES}, got {rule!r}")
 
 
 def normalize_features(features: Tensor, mode: str, response_tokens: Tensor | None = None,

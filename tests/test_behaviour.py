@@ -23,8 +23,10 @@ from typer.testing import CliRunner
 from slapcli.artifacts import read_meta
 from slapcli.cli import app
 from slapcli.embed import EmbedConfig, embed
+from slapcli.methods.pool import StratifiedPool
+from slapcli.methods.registry import method_names
 from slapcli.progress import Reporter
-from slapcli.select import METHODS, SelectConfig, StratifiedPool, select
+from slapcli.select import SelectConfig, select
 from slapcli.stratify import StratifyConfig, stratify
 
 runner = CliRunner()
@@ -168,7 +170,7 @@ def eligible_rows(strata: Path) -> set[int]:
 # ------------------------------------------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", method_names())
 def test_keep_one_keeps_every_eligible_row(tmp_path, mixed, tiny_proxy_dir, method):
     sel = tmp_path / "sel.parquet"
     r = invoke(["select", mixed.strata, "-o", sel, "--method", method, "--keep", "1.0",
@@ -241,7 +243,7 @@ def test_rare_topic_keeps_its_rows_under_waterfill(tmp_path, tiny_encoder_dir, t
     assert is_rare[kept_rows(prop)].sum() < 5
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", method_names())
 def test_duplicates_never_both_kept(tmp_path, mixed, tiny_proxy_dir, method):
     emb_hashes = pq.read_table(mixed.embeddings)["content_hash"].to_pylist()
     groups: dict[str, list[int]] = {}

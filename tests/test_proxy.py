@@ -21,6 +21,7 @@ from slapcli.proxy import (
     response_loss_sum,
     response_losses,
 )
+from slapcli.proxy import loss as proxy_loss
 
 
 def _alpaca(prompt: str, answer: str) -> Example:
@@ -183,7 +184,7 @@ def _naive_losses(model: Any, encoded: list[EncodedExample]) -> list[float]:
 def test_response_losses_match_naive_loop(tokenizer: Any, proxy_model: Any, fast_path: bool,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     if not fast_path:
-        monkeypatch.setattr(proxy, "_head_split", lambda model: None)
+        monkeypatch.setattr(proxy_loss, "_head_split", lambda model: None)
     encoded = encode_examples(tokenizer, EXAMPLES, 48)
     batch = collate(encoded, tokenizer.pad_token_id)
     with torch.no_grad():
@@ -210,7 +211,7 @@ def _naive_terms(model: Any, encoded: list[EncodedExample]) -> list[tuple[float,
 def test_response_loss_terms_match_naive_loop(tokenizer: Any, proxy_model: Any, fast_path: bool,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     if not fast_path:
-        monkeypatch.setattr(proxy, "_head_split", lambda model: None)
+        monkeypatch.setattr(proxy_loss, "_head_split", lambda model: None)
     encoded = encode_examples(tokenizer, EXAMPLES, 48)
     with torch.no_grad():
         got = torch.stack(proxy.response_loss_terms(proxy_model, collate(encoded, tokenizer.pad_token_id)), 1)

@@ -289,7 +289,7 @@ def test_a_signal_stops_select_cleanly(tmp_path, data_file, models, signum):
     assert r.exit_code == 0, r.stderr
     argv = ["select", str(strata), "-o", str(out), "--proxy-model", models[3], "--proj-dim", "32",
             "--batch-size", "2", "--checkpoint-minutes", "0", "-q"]
-    proc = start_slap(tmp_path, argv, [("slapcli.replay", "_train_step", 0.3)])
+    proc = start_slap(tmp_path, argv, [("slapcli.replay", "train_step", 0.3)])
     checkpoint = Path(str(out) + ".ckpt")
     wait_for(checkpoint.exists, proc)
     proc.send_signal(signum)

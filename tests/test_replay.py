@@ -11,8 +11,8 @@ import torch
 from slapcli.io.layouts import Example, Turn
 from slapcli.models import load_causal_lm, resolve_model
 from slapcli.proxy import collate, encode_examples, response_losses
-from slapcli.replay import PrefixCache, SplitProxy, calibrated_eta, row_features, stratified_sample
-from slapcli.slapmath import GradientProjector
+from slapcli.proxy.split import PrefixCache, SplitProxy, row_features, train_step
+from slapcli.slapmath import GradientProjector, calibrated_eta, stratified_sample
 
 TEXTS = [("Write a haiku about rain", "Soft rain on the roof"), ("Add 2 and 3", "5"),
          ("Explain lists in python with an example please", "A list holds items: [1, 2, 3].")]
@@ -67,8 +67,6 @@ def test_row_features_match_full_model_gradients(tiny_proxy_dir):
 
 
 def test_length_grouping_changes_neither_features_nor_the_training_step(tiny_proxy_dir):
-    from slapcli import replay
-
     _, model, split, cache, _ = _setup(tiny_proxy_dir)
     keys = [2, 0, 1, 2]  # lengths out of order, and a repeated row
     with GradientProjector(model, split.linears, 64, seed=3) as projector:
@@ -80,7 +78,7 @@ def test_length_grouping_changes_neither_features_nor_the_training_step(tiny_pro
 
     # One training step accumulated over per-row parts equals one step on the batch mean.
     start = [p.detach().clone() for p in split.parameters]
-    replay._train_step(split, cache, torch.optim.SGD(split.parameters, lr=0.5), keys)
+    train_step(split, cache, torch.optim.SGD(split.parameters, lr=0.5), keys)
     accumulated = [p.detach().clone() for p in split.parameters]
     with torch.no_grad():
         for p, s in zip(split.parameters, start, strict=True):
@@ -149,7 +147,7 @@ def test_killed_select_resumes_to_the_same_selection(tmp_path, tiny_encoder_dir,
     config = SelectConfig(proxy_model=str(tiny_proxy_dir), proj_dim=32, batch_size=4, checkpoint_seconds=0.0)
     select(str(tmp_path / "s.parquet"), str(tmp_path / "full.parquet"), config, quiet)
 
-    real_step = replay._train_step
+    real_step = replay.train_step
     calls = {"n": 0}
 
     def dying_step(*args, **kwargs):
@@ -158,7 +156,7 @@ def test_killed_select_resumes_to_the_same_selection(tmp_path, tiny_encoder_dir,
             raise KeyboardInterrupt  # as if killed during the third training step
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(replay, "_train_step", dying_step)
+    monkeypatch.setattr(replay, "train_step", dying_step)
     out = tmp_path / "resumed.parquet"
     with pytest.raises(KeyboardInterrupt):
         select(str(tmp_path / "s.parquet"), str(out), config, quiet)
@@ -169,7 +167,7 @@ def test_killed_select_resumes_to_the_same_selection(tmp_path, tiny_encoder_dir,
         resumed_steps["n"] += 1
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(replay, "_train_step", counting_step)
+    monkeypatch.setattr(replay, "train_step", counting_step)
     select(str(tmp_path / "s.parquet"), str(out), config, quiet)
     full_steps = read_meta(str(tmp_path / "full.parquet")).stats["replay_steps"]
     assert resumed_steps["n"] == full_steps - 2  # two steps were done before the kill
@@ -178,7 +176,7 @@ def test_killed_select_resumes_to_the_same_selection(tmp_path, tiny_encoder_dir,
 
 
 def test_hidden_store_round_trips_and_leaves_no_file(tmp_path):
-    from slapcli.replay import HiddenStore
+    from slapcli.proxy.split import HiddenStore
 
     store = HiddenStore(str(tmp_path))
     rows = {k: torch.randn(n, 7) for k, n in ((3, 5), ("target", 1), (11, 40))}
@@ -225,7 +223,7 @@ def test_select_without_curvature_records_no_curvature_term(tmp_path, tiny_encod
 
 
 def test_target_newton_eta_makes_the_target_itself_the_best_batch_mean():
-    from slapcli.replay import score_step, target_newton_eta
+    from slapcli.slapmath import score_step, target_newton_eta
 
     gen = torch.Generator().manual_seed(4)
     target = torch.randn(6, generator=gen, dtype=torch.float64)
@@ -286,7 +284,6 @@ def test_bf16_proxy_trains_float32_top_blocks(tiny_proxy_dir):
 
     AdamW on bf16 weights rounds a 1e-4 step away for every weight above ~0.03 in magnitude; the split proxy keeps
     its top blocks in float32 and runs the passes under bf16 autocast (exercised here on the CPU)."""
-    from slapcli.replay import _train_step
 
     ref = resolve_model(str(tiny_proxy_dir))
     tokenizer, model = load_causal_lm(ref, torch.device("cpu"), torch.bfloat16)
@@ -298,7 +295,7 @@ def test_bf16_proxy_trains_float32_top_blocks(tiny_proxy_dir):
     cache = PrefixCache(split, encoded, tokenizer.pad_token_id, torch.device("cpu"))
     before = [p.detach().clone() for p in split.parameters]
     optimizer = torch.optim.AdamW(split.parameters, lr=1e-4, weight_decay=0.0)
-    _train_step(split, cache, optimizer, list(encoded))
+    train_step(split, cache, optimizer, list(encoded))
     big = [(b.abs() > 0.03) for b in before]
     moved = [(p.detach() != b) & m for p, b, m in zip(split.parameters, before, big, strict=True)]
     share = sum(int(x.sum()) for x in moved) / max(1, sum(int(m.sum()) for m in big))

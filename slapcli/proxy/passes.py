@@ -1,0 +1,102 @@
+"""Loss passes over source rows: stream the rows an artifact records, score them under the untrained proxy (the
+policy at step 0), and cache the result. Used by stratify (loss strata, the damage screen) and the ifd method."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from slapcli.artifacts import ArtifactMeta
+from slapcli.io.layouts import Example
+from slapcli.io.readers import file_fingerprint
+from slapcli.io.writers import atomic_path
+from slapcli.models import cache_dir, load_causal_lm, pick_device, pick_dtype, resolve_model
+from slapcli.progress import Reporter
+from slapcli.proxy.loss import LOSS_TERMS, compute_loss_terms
+from slapcli.source import iter_source_rows
+
+
+@dataclass(frozen=True)
+class LossPass:
+    """What a proxy loss pass over source rows needs to know."""
+
+    proxy_model: str
+    max_tokens: int
+    batch_size: int
+    device: str
+    label: str = "proxy loss"
+
+
+def proxy_losses(meta: ArtifactMeta, src: str, name: str, wanted_rows: np.ndarray, loss_pass: LossPass,
+                 reporter: Reporter, view: Callable[[Example], Example] | None = None) -> tuple[np.ndarray, str]:
+    """Each wanted row's loss terms under the untrained proxy (the policy at step 0), in `wanted_rows` order:
+    [rows, len(LOSS_TERMS)] (mean response loss, end-token loss, second-half loss; slapcli.proxy).
+
+    `view` rewrites each row before scoring (IFD scores the response without its prompt). Rows are read from
+    the source again, streaming, and scored 1024 at a time. Returns the terms and the model's identity.
+    """
+    device = pick_device(loss_pass.device)
+    ref = resolve_model(loss_pass.proxy_model)
+    reporter.log(f"loading proxy {ref.spec}")
+    tokenizer, model = load_causal_lm(ref, device, pick_dtype(device))
+    wanted = set(wanted_rows.tolist())
+    position = {r: i for i, r in enumerate(wanted_rows.tolist())}
+    losses = np.full((len(wanted_rows), len(LOSS_TERMS)), np.nan, dtype=np.float32)
+    chunk: list[Any] = []
+    done = 0
+    with reporter.progress(loss_pass.label, len(wanted_rows)) as bar:
+        def flush() -> None:
+            examples = [r.example if view is None else view(r.example) for r in chunk]
+            def advance(n: int) -> None:  # per batch: a bar that moves, not one that jumps every 1024 rows
+                nonlocal done
+                done += n
+                bar.update(advance=n, rows_done=done)
+
+            values = compute_loss_terms(model, tokenizer, examples, loss_pass.max_tokens, loss_pass.batch_size, device,
+                                    progress_callback=advance)
+            for r, v in zip(chunk, values, strict=True):
+                losses[position[r.record.index]] = v
+            chunk.clear()
+
+        for row in iter_source_rows(meta, src, name, wanted):
+            chunk.append(row)
+            if len(chunk) == 1024:
+                flush()
+        if chunk:
+            flush()
+    return losses, ref.identity
+
+
+def cached_proxy_losses(meta: ArtifactMeta, src: str, embeddings_path: str, wanted_rows: np.ndarray,
+                        loss_pass: LossPass, reporter: Reporter,
+                        view: Callable[[Example], Example] | None = None) -> tuple[np.ndarray, str]:
+    """`proxy_losses`, cached in the slapcli cache per embeddings file, rows, proxy, max tokens, batch, device
+    and view (by its function name).
+
+    The losses do not depend on --keep, --budget, --allocation or the clusters, so trying another budget (or a
+    `slap run` with a new --keep) pays for the pass once. The embeddings file's fingerprint covers the source.
+    """
+    identity = resolve_model(loss_pass.proxy_model).identity
+    device = pick_device(loss_pass.device)
+    key = hashlib.blake2b(json.dumps([
+        file_fingerprint(embeddings_path).to_dict(), identity, loss_pass.max_tokens, loss_pass.batch_size,
+        str(device), str(pick_dtype(device)), hashlib.blake2b(wanted_rows.astype(np.int64).tobytes()).hexdigest(),
+        getattr(view, "__name__", None), "stratify-loss-terms-v2"]).encode(), digest_size=16).hexdigest()
+    cached = cache_dir() / "losses" / f"{key}.npy"
+    if cached.exists():
+        with contextlib.suppress(OSError, ValueError):
+            losses = np.load(cached, allow_pickle=False)
+            if losses.shape == (len(wanted_rows), len(LOSS_TERMS)):
+                reporter.log(f"{loss_pass.label} from the cache ({cached})")
+                return losses, identity
+    losses, identity = proxy_losses(meta, src, embeddings_path, wanted_rows, loss_pass, reporter, view)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(str(cached)) as tmp, open(tmp, "wb") as f:
+        np.save(f, losses, allow_pickle=False)
+    return losses, identity
