@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -28,13 +28,12 @@ import torch
 
 from slapcli import __version__
 from slapcli.artifacts import ArtifactMeta, ArtifactWriter, embeddings_schema
+from slapcli.config import EmbedConfig
 from slapcli.errors import DataError, SlapError
 from slapcli.io.layouts import Example
 from slapcli.io.readers import ParsedRow, ReadStats, SourceReader, field_map, file_fingerprint, iter_examples
 from slapcli.io.writers import atomic_path, companion_path, replace_into
 from slapcli.models import (
-    DEFAULT_EMBED_MODEL,
-    DEFAULT_PROXY_MODEL,
     load_encoder,
     load_tokenizer,
     pick_device,
@@ -42,22 +41,6 @@ from slapcli.models import (
 )
 from slapcli.progress import Reporter
 from slapcli.proxy import encode_examples
-
-
-@dataclass
-class EmbedConfig:
-    embed_model: str = DEFAULT_EMBED_MODEL
-    proxy_model: str = DEFAULT_PROXY_MODEL  # its tokenizer gives the token counts used downstream
-    layout: str = "auto"
-    input_format: str | None = None
-    on_bad_line: str = "error"
-    max_tokens: int = 1024  # proxy tokens per row; longer rows are truncated and counted
-    encoder_max_tokens: int = 256  # all-MiniLM-L6-v2 was trained on 256-token inputs
-    batch_size: int = 64
-    chunk_rows: int = 2048  # rows per streamed chunk, Parquet row group and resumable part
-    device: str = "auto"
-    resume: bool = True  # reuse the chunks a killed run finished, when made from the same data and settings
-    fields: str | None = None  # --fields: which of the row's fields are prompt, response, ... (sets the layout)
 
 
 def content_hash(example: Example) -> str:
@@ -178,8 +161,7 @@ def _read_json(path: str) -> Any:
         return None
 
 
-def embed(input_path: str, output_path: str, config: EmbedConfig, reporter: Reporter,
-          command: str = "embed") -> ArtifactMeta:
+def embed(input_path: str, output_path: str, config: EmbedConfig, reporter: Reporter) -> ArtifactMeta:
     """Read `input_path`, write the embeddings artifact to `output_path`, return its metadata."""
     field_map(config.fields, config.layout)  # a bad --fields fails before any model loads
     device = pick_device(config.device)
@@ -252,7 +234,7 @@ def embed(input_path: str, output_path: str, config: EmbedConfig, reporter: Repo
             raise
         meta = ArtifactMeta(
             kind="embeddings",
-            command=command,
+            command="embed",
             config=meta_config,
             source={"path": reader.path, "fingerprint": reader.fingerprint.to_dict(), "container": reader.container,
                     "compression": reader.compression, "layout": config.layout, "fields": config.fields,

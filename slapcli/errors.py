@@ -1,7 +1,7 @@
 """Errors that the CLI turns into one clear message and a meaningful exit code.
 
 Exit codes (as in simonw/llm): 0 done, 1 runtime failure, 2 usage or data error; stopped by a signal:
-130 (Ctrl-C, SIGINT) and 143 (SIGTERM), the 128 + signal number that shells report.
+130 (Ctrl-C, SIGINT) and 143 (SIGTERM), the 128 + signal number that shells report (`Stopped.exit_code`).
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
-EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 
 class Stopped(KeyboardInterrupt):

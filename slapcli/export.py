@@ -31,13 +31,13 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from slapcli.artifacts import check_source, read_meta, read_table
+from slapcli.config import ORDERS, ExportConfig
 from slapcli.errors import DataError, UsageError
 from slapcli.io.readers import SourceReader, container_from_name, record_value
 from slapcli.io.writers import STDOUT, atomic_path, compressed, compression_from_name, open_output
 from slapcli.progress import ProgressTask, Reporter
 from slapcli.source import source_path, verify_source
 
-ORDERS = ("source", "selection")
 ROW_GROUP_ROWS = 4096  # kept rows per Parquet row group, and at most per chunk held in memory
 CHUNK_BYTES = 32 << 20  # a chunk of long JSON rows closes early, at this many input bytes
 SPOOL_BATCH_ROWS = 256  # selection order reads each spooled run back this many rows at a time
@@ -49,12 +49,6 @@ _ROW_SLACK = 10_000_000
 
 # Kept rows in source order as one Arrow table, and each row's position in selection order.
 Chunk = tuple[pa.Table, np.ndarray]
-
-
-@dataclass
-class ExportConfig:
-    order: str = "source"
-    input: str | None = None  # overrides the source path recorded in the selection artifact
 
 
 @dataclass

@@ -33,10 +33,8 @@ from typing import Any, Literal
 
 import torch
 
+from slapcli.config import DEFAULT_EMBED_MODEL, DEFAULT_PROXY_MODEL
 from slapcli.errors import MissingDependencyError, SlapError, UsageError
-
-DEFAULT_EMBED_MODEL = "all-MiniLM-L6-v2"
-DEFAULT_PROXY_MODEL = "SmolLM2-135M-Instruct"
 
 ModelSource = Literal["package", "folder", "gguf", "hub"]
 

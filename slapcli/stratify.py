@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import faiss
@@ -26,8 +26,8 @@ from slapcli.artifacts import (
     write_artifact,
 )
 from slapcli.budgets import ALLOCATIONS, row_budget
+from slapcli.config import StratifyConfig
 from slapcli.errors import UsageError
-from slapcli.models import DEFAULT_PROXY_MODEL
 from slapcli.progress import Reporter
 from slapcli.proxy.loss import LOSS_TERMS
 from slapcli.proxy.passes import LossPass, cached_proxy_losses
@@ -43,29 +43,6 @@ from slapcli.screen import (
 )
 from slapcli.slapmath import allocate_budget
 from slapcli.source import source_path, verify_source
-
-
-@dataclass
-class StratifyConfig:
-    clusters: int | None = None  # None: round(sqrt(N/2)) clamped to [8, 1024] (and to N)
-    loss_bins: int = 3
-    proxy_loss: bool = True  # False: strata from clusters alone (no proxy pass; for very large data)
-    proxy_model: str = DEFAULT_PROXY_MODEL
-    loss_batch_size: int = 16
-    dedup: bool = True
-    prune_hardest: float = 0.0  # drop this fraction of highest-loss rows (very high loss often means noise)
-    # Rows whose embedding has at least this cosine with an earlier row of their cluster are near-copies of it
-    # (SemDeDup); 0 turns it off. 0.95: lightly edited copies sit above it, paraphrases of one task below.
-    near_dup_cosine: float = 0.95
-    # The damage screen (slapcli.screen): flag answers that ignore their prompt, stop mid-sentence or repeat
-    # themselves, before the budget is split. Needs the proxy loss; costs one more (prompt-free) proxy pass.
-    screen: bool = True
-    keep: float | None = 0.7  # budget as a share of the rows; `budget` wins when given
-    budget: int | None = None
-    allocation: str = "waterfill"
-    kmeans_iters: int = 20
-    seed: int = 0
-    device: str = "auto"
 
 
 def default_clusters(n_rows: int) -> int:
@@ -108,7 +85,7 @@ def first_occurrence(hashes: pa.Array | pa.ChunkedArray | np.ndarray) -> np.ndar
 
 
 def stratify(embeddings_path: str, output_path: str, config: StratifyConfig, reporter: Reporter,
-             input_override: str | None = None, command: str = "stratify") -> ArtifactMeta:
+             input_override: str | None = None) -> ArtifactMeta:
     if config.allocation not in ALLOCATIONS:
         raise UsageError(f"--allocation must be one of {', '.join(ALLOCATIONS)}")
     if not 0.0 <= config.prune_hardest < 1.0:
@@ -227,7 +204,7 @@ def stratify(embeddings_path: str, output_path: str, config: StratifyConfig, rep
     }, schema=STRATA_SCHEMA)
     meta = ArtifactMeta(
         kind="strata",
-        command=command,
+        command="stratify",
         config={**asdict(config), "clusters_used": int(cluster.max()) + 1 if n else 0, "loss_bins_used": n_bins,
                 "proxy_model_identity": loss_identity, "layout": emb_meta.config.get("layout", "auto"),
                 "on_bad_line": emb_meta.config.get("on_bad_line", "error"),

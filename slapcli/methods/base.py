@@ -14,53 +14,10 @@ import pyarrow as pa
 from threadpoolctl import threadpool_limits
 
 from slapcli.artifacts import ArtifactMeta, check_upstream, read_embeddings, read_meta
-from slapcli.models import DEFAULT_PROXY_MODEL
+from slapcli.config import SelectConfig
 from slapcli.progress import Reporter
 from slapcli.slapmath import group_positions, stratum_nn_scale
 from slapcli.target import embed_target, read_target_examples
-
-
-@dataclass
-class SelectConfig:
-    method: str = "slap"
-    keep: float | None = None  # None: the budget recorded by `stratify`
-    budget: int | None = None
-    allocation: str | None = None  # None: the allocation recorded by `stratify`
-    seed: int = 0
-    batch_size: int = 8  # rows per replay batch (b)
-    pool_factor: int = 4  # candidates per batch = pool_factor * batch_size (c)
-    diversity: float = 0.1  # gamma: weight of the relative-distance term, in units of the batch's score spread
-    diversity_clip: float = 2.0
-    # proxy replay (method "slap")
-    proxy_model: str = DEFAULT_PROXY_MODEL
-    proj_dim: int = 1024
-    refresh: int = 4  # replay steps a candidate's gradient feature is reused before it is recomputed
-    # Replay steps between recomputations of the target direction under the current proxy. Every 4 steps, as the
-    # candidates' features: at 25, the 26-step replay of the quality benchmark computed it at steps 0 and 25 only,
-    # so the scores aimed at what the untrained proxy lacked, not at what the trained one still lacks, and slap
-    # lost to every random subset (docs/RESULTS.md). Costs ~30% more selection CPU.
-    target_refresh: int = 4
-    lr: float = 1e-4  # proxy learning rate (AdamW); the score's eta is set by `eta`, in feature units
-    trainable_blocks: int = 2  # the last decoder blocks get trained and give the gradient features
-    damping: float = 0.1  # curvature damping, relative to the mean curvature
-    feature_norm: str = "unit"  # "unit": directions (cosine), "tokens": sqrt(n)-weighted directions, "raw"
-    eta: str = "target"  # step of the batch score: "target" (Newton step along g*) or "row" (median per row)
-    # Multiplies that step. Above 1 the curvature term weighs more: U(B) then peaks at a batch mean shorter than
-    # the target's, i.e. batches whose rows' gradients cancel more (less redundant), below 1 at more aligned ones.
-    eta_scale: float = 1.0
-    # Weight of each row's log(response tokens / mean) in the batch score, in units of the pool's score spread:
-    # inside a stratum, a longer response has more to teach than the one-step score sees (replay.response_content).
-    length_prior: float = 0.0
-    curvature: bool = True  # False drops the second-order term of the batch score (an ablation)
-    max_tokens: int | None = None  # None: the --max-tokens recorded by `embed`
-    target: str | None = None  # dev file whose rows define the target direction
-    target_rows: int = 64  # reference rows when no --target: a fixed stratified sample of the data
-    device: str = "auto"
-    checkpoint_seconds: float = 300.0  # how often the replay saves its state beside the output
-    resume: bool = True  # continue from a checkpoint written with the same settings and strata
-    record_timings: bool = False  # store per-phase wall times in stats (the artifact's bytes then vary)
-    embeddings: str | None = None  # override the embeddings path recorded in the strata artifact
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from slapcli.config import ReportConfig
 from slapcli.errors import MissingDependencyError, SlapError, UsageError
 from slapcli.io.layouts import Example
 from slapcli.io.readers import STDIN as STDOUT  # "-" names stdout for outputs as it names stdin for inputs
@@ -21,19 +22,6 @@ from slapcli.source import iter_source_rows, source_path
 
 MAP_METHODS = ("auto", "pca", "umap")
 SCORE_TERMS = ("first_order", "curvature", "diversity", "gain")
-
-
-@dataclass
-class ReportConfig:
-    near_duplicate: float = 0.9  # embedding cosine at or above which two rows are near duplicates
-    examples: int = 3  # rows shown per pruning reason, and as most / least valuable kept rows
-    groups: int = 5  # duplicate groups shown, largest first
-    group_rows: int = 4  # rows shown per duplicate group
-    map_points: int = 20_000  # the map draws a seeded sample of at most this many rows
-    map_method: str = "auto"  # UMAP when the umap-learn package is installed, else PCA
-    text_chars: int = 400  # prompt and response are each cut to this many characters
-    input: str | None = None  # the source data, if not at the recorded path
-    seed: int = 0
 
 
 @dataclass

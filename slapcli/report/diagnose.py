@@ -14,11 +14,12 @@ from typing import Any
 import numpy as np
 
 from slapcli.artifacts import check_source, read_embeddings, read_meta, read_table
+from slapcli.config import DiagnoseConfig
 from slapcli.embed import EmbedConfig, content_hash, encode_texts
 from slapcli.errors import DataError, UsageError
 from slapcli.io.layouts import detect_layout
 from slapcli.io.readers import ReadStats, SourceReader, iter_examples, record_value
-from slapcli.models import DEFAULT_EMBED_MODEL, load_encoder, pick_device, resolve_model
+from slapcli.models import load_encoder, pick_device, resolve_model
 from slapcli.progress import Reporter
 from slapcli.report.damage import damage_kinds
 from slapcli.report.neighbours import exact_duplicate_groups, near_duplicate_groups, nearest_neighbour_cosine
@@ -31,21 +32,6 @@ OUTLIER_IQR = 3.0
 KEEP_RANGE = (0.5, 0.95)
 # Less than this share of redundant or damaged rows: the pool has little to prune.
 LITTLE = 0.02
-
-
-@dataclass
-class DiagnoseConfig:
-    layout: str = "auto"
-    fields: str | None = None  # --fields: the row's own field names instead of a layout (as `slap embed`)
-    input_format: str | None = None
-    embed_model: str = DEFAULT_EMBED_MODEL
-    embeddings: str | None = None  # an embeddings artifact of the same data, instead of running the encoder
-    strata: str | None = None  # a strata artifact of the same data: loss outliers from its proxy losses
-    near_duplicate: float = 0.9  # embedding cosine at or above which two distinct rows are near duplicates
-    examples: int = 5  # lines listed per finding
-    batch_size: int = EmbedConfig.batch_size
-    chunk_rows: int = EmbedConfig.chunk_rows
-    device: str = "auto"
 
 
 @dataclass
