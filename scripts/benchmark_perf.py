@@ -15,6 +15,9 @@ they do for a user), timed with its own rusage (wall, CPU, peak RSS). Parts, eac
   with a tiny randomly initialised encoder (the real tokenizer), so the pipeline's memory, not the model's
   speed, is measured (target: the larger within 1.5x of the smaller).
 
+- `startup`: `slap --help` and `slap inspect ARTIFACT` (the scale part's artifact, or a small one made here),
+  median of a few runs: the CLI imports its stages only when a command runs (target: well under a second).
+
 The cost of stratify + select against one epoch of fine-tuning is `scripts/benchmark_cost.py`.
 
 Usage (from the repository root):
@@ -40,7 +43,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_cost import build_excerpt, code_version, machine_info, run_stage
 
-PARTS = ("embed", "scale", "memory")
+PARTS = ("embed", "scale", "memory", "startup")
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 # The plain way, run as its own process: what a user would write with transformers alone.
@@ -191,6 +194,20 @@ def tiny_encoder(workdir: Path) -> Path:
     return out
 
 
+def bench_startup(workdir: Path, repeats: int, seed: int) -> dict[str, Any]:
+    """Wall time of `slap --help` and of `slap inspect` on a small embeddings artifact (median of `repeats`)."""
+    out = workdir / "startup"
+    out.mkdir(parents=True, exist_ok=True)
+    artifact = out / "embeddings.parquet"
+    if not artifact.exists():
+        write_synthetic_embeddings(artifact, 1000, 384, seed)
+    results: dict[str, Any] = {}
+    for name, args in (("help", ["--help"]), ("inspect", ["inspect", str(artifact)])):
+        walls = [run_stage(f"startup_{name}", args, out).wall_s for _ in range(repeats)]
+        results[name] = {"median_wall_s": statistics.median(walls), "walls_s": walls}
+    return results
+
+
 def bench_memory(workdir: Path, sizes: list[int], seed: int) -> dict[str, Any]:
     encoder = tiny_encoder(workdir)
     logs = workdir / "logs"
@@ -233,6 +250,10 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
         lines.append(f"scale {s['rows']:,} rows: stratify {s['stratify']['wall_s']:.1f} s "
                      f"({s['stratify']['max_rss_mib']:.0f} MiB), select {s['select']['wall_s']:.1f} s "
                      f"({s['select']['max_rss_mib']:.0f} MiB), total {s['total_wall_s']:.1f} s")
+    if "startup" in results:
+        st = results["startup"]
+        lines.append(f"startup: slap --help {st['help']['median_wall_s']:.2f} s, "
+                     f"slap inspect {st['inspect']['median_wall_s']:.2f} s")
     if "memory" in results:
         m = results["memory"]
         for n, r in m["runs"].items():
@@ -252,6 +273,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--embed-repeats", type=int, default=2)
     parser.add_argument("--scale-rows", type=int, default=1_000_000)
     parser.add_argument("--memory-rows", default="20000,200000")
+    parser.add_argument("--startup-repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -270,6 +292,8 @@ def main(argv: list[str] | None = None) -> None:
         results["scale"] = bench_scale(args.workdir, args.scale_rows, args.seed)
     if "memory" in parts:
         results["memory"] = bench_memory(args.workdir, [int(n) for n in args.memory_rows.split(",")], args.seed)
+    if "startup" in parts:
+        results["startup"] = bench_startup(args.workdir, args.startup_repeats, args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     for line in summary_lines(results):

@@ -2,88 +2,48 @@
 
 Data goes to stdout only (`export -o -`); progress, logs and errors go to stderr.
 Exit codes: 0 done, 1 runtime failure, 2 usage or data error, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
+
+Only light modules are imported here: option defaults come from the config dataclasses (`slapcli.config`), the
+methods from their registry; a command imports its stage (torch, transformers) when it runs, so `slap --help`
+starts in a fraction of a second. Signal handling is `slapcli.signals`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import glob
-import json
-import math
-import os
-import shutil
-import signal
-import sys
-import threading
-from collections.abc import Callable, Iterator
-from dataclasses import asdict
-from typing import Any, TypeVar
+from slapcli.signals import STOP_SIGNALS, exit_at_once, finished, importing, on_stop_signals, stop_message, stop_once
 
-from slapcli.errors import Stopped
+# A Ctrl-C or SIGTERM while the CLI starts gets the same one line and exit code as during a command.
+with on_stop_signals(exit_at_once):
+    import contextlib
+    import functools
+    import glob
+    import json
+    import math
+    import os
+    import shutil
+    import signal
+    import sys
+    from collections.abc import Callable
+    from dataclasses import asdict
+    from typing import Any, TypeVar
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-# Set once a command has finished: a signal from then on, while the process winds down, changes nothing (the
-# output is complete), so it is ignored rather than reported as "no output was written".
-_finished = threading.Event()
-
-
-def stop_message(signum: int) -> str:
-    what = "terminated" if signum == signal.SIGTERM else "interrupted"
-    return f"{what}: no output was written; rerun the same command to continue"
-
-
-def _exit_while_starting(signum: int, frame: object) -> None:
-    # Nothing has been written before a command runs, so there is nothing to clean up; exiting at once also
-    # skips the teardown of half-imported native libraries (torch), which a raised exception would go through.
-    if _finished.is_set():
-        return
-    os.write(2, f"{stop_message(signum)}\n".encode())
-    os._exit(128 + signum)
-
-
-def _stop_once(signum: int, frame: object) -> None:
-    # Later signals are ignored: they would cut short the cleanup the first one started (temporary files
-    # being removed on the way out). SIGKILL still stops everything, and resume covers that too.
-    if _finished.is_set():
-        return
-    for other in STOP_SIGNALS:
-        signal.signal(other, signal.SIG_IGN)
-    raise Stopped(signum)
-
-
-@contextlib.contextmanager
-def _on_stop_signals(handler: Callable[[int, object], None]) -> Iterator[None]:
-    """Route SIGINT and SIGTERM to `handler` inside the block, then put back what was there."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread
-        return
-    # A signal the caller ignores stays ignored (SIGINT in a background job), and so does a handler that
-    # someone else installed; only the defaults and our own handlers are replaced.
-    ours = (signal.default_int_handler, signal.SIG_DFL, _exit_while_starting)
-    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS if signal.getsignal(signum) in ours}
-    for signum in previous:
-        signal.signal(signum, handler)
-    try:
-        yield
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
-
-
-# Importing torch and transformers takes seconds; a Ctrl-C or SIGTERM meanwhile gets the same one line and exit
-# code as during a command, not a traceback from deep inside an import.
-with _on_stop_signals(_exit_while_starting):
     import typer
     from rich.console import Console
     from rich.markup import escape
 
     from slapcli import __version__
-    from slapcli.artifacts import read_meta, recorded_inputs
     from slapcli.budgets import ALLOCATIONS
-    from slapcli.embed import EmbedConfig, embed
-    from slapcli.errors import EXIT_INTERRUPTED, SlapError, UsageError
-    from slapcli.export import ORDERS, ExportConfig, export
+    from slapcli.config import (
+        DEFAULT_PROXY_MODEL,
+        ORDERS,
+        DiagnoseConfig,
+        EmbedConfig,
+        ExportConfig,
+        ReportConfig,
+        SelectConfig,
+        StratifyConfig,
+    )
+    from slapcli.errors import EXIT_INTERRUPTED, SlapError, Stopped, UsageError
     from slapcli.io.layouts import LAYOUTS
     from slapcli.io.readers import (
         BAD_LINE_POLICIES,
@@ -96,14 +56,7 @@ with _on_stop_signals(_exit_while_starting):
     )
     from slapcli.io.writers import STDOUT, atomic_path, check_output_path, forget_written, output_lock, was_written
     from slapcli.methods.registry import method_names, methods_help, methods_where
-    from slapcli.models import DEFAULT_EMBED_MODEL, DEFAULT_PROXY_MODEL
-    from slapcli.pipeline import reuse_or_run
     from slapcli.progress import Reporter, stderr_console
-    from slapcli.report.build import ReportConfig, build_report
-    from slapcli.report.diagnose import DiagnoseConfig, diagnose
-    from slapcli.select import SelectConfig, select
-    from slapcli.stratify import StratifyConfig, stratify
-    from slapcli.summary import artifact_summary, describe_artifact, is_artifact, print_diagnosis, selection_summary
 
 app = typer.Typer(
     name="slap",
@@ -126,8 +79,13 @@ SCREEN = typer.Option(StratifyConfig.screen, "--screen/--no-screen",
                            "the proxy; one more proxy pass). Never below the budget.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars or log lines (errors still print).")
 FORCE = typer.Option(False, "--force", "-f", help="Overwrite the output if it exists.")
-SEED = typer.Option(0, "--seed", help="Seed for every random choice; the same seed gives the same bytes.")
-DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (auto: CUDA with bf16 when present).")
+SEED = typer.Option(SelectConfig.seed, "--seed",
+                    help="Seed for every random choice; the same seed gives the same bytes.")
+DEVICE = typer.Option(EmbedConfig.device, "--device",
+                      help="auto, cpu, cuda or cuda:N (auto: CUDA with bf16 when present).")
+# Panels of `select --help` that a user does not need: tuning the replay, and the ablations the benchmarks run.
+REPLAY_PANEL = "Replay tuning"
+ABLATION_PANEL = "Advanced: ablations of the batch score (for the benchmarks)"
 PROXY = typer.Option(DEFAULT_PROXY_MODEL, "--proxy-model",
                      help="Proxy causal LM: the packaged default, a local Hugging Face folder, a .gguf file "
                           "or a hub id.")
@@ -140,9 +98,9 @@ def _handle_errors(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         console = stderr_console()
-        _finished.clear()
+        finished.clear()
         forget_written()
-        with _on_stop_signals(_stop_once):
+        with on_stop_signals(stop_once):
             try:
                 with contextlib.ExitStack() as claims:  # the output locks taken by _claim_output
                     _claims.append(claims)
@@ -150,7 +108,7 @@ def _handle_errors(func: F) -> F:
                         result = func(*args, **kwargs)
                     finally:
                         _claims.pop()
-                _finished.set()
+                finished.set()
                 return result
             except SlapError as e:
                 # Escaped: a message may hold brackets (`pip install 'slapcli[report]'`, a file name).
@@ -162,7 +120,7 @@ def _handle_errors(func: F) -> F:
                 output = kwargs.get("output")
                 if isinstance(output, str) and output != STDOUT and was_written(output):
                     # The signal came after the final rename: the output is complete, and that is success.
-                    _finished.set()
+                    finished.set()
                     console.print(f"wrote {output} (stopped by {signal.Signals(signum).name} after it was "
                                   "complete)", markup=False, soft_wrap=True)
                     return None
@@ -192,6 +150,8 @@ def _claim_output(output: str, inputs: list[str | None], force: bool, artifact: 
     `inputs` are the files the command reads; the files their artifacts record as source or upstream are added,
     so no output ever replaces data something was made from, with or without --force.
     """
+    from slapcli.artifacts import recorded_inputs  # pyarrow: only once a command runs
+
     recorded = [path for source in inputs if source and _is_artifact_name(source) for path in recorded_inputs(source)]
     check_output_path(output, [*inputs, *recorded], force, artifact=artifact)
     _claims[-1].enter_context(output_lock(output))
@@ -272,10 +232,10 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version_cal
 def embed_cmd(
     input: str = typer.Argument(..., help="Data file (JSON Lines, JSON array or Parquet; .gz/.zst ok) or - for stdin."),
     output: str = typer.Option(..., "--output", "-o", help="Embeddings artifact to write (.parquet)."),
-    embed_model: str = typer.Option(DEFAULT_EMBED_MODEL, "--embed-model",
+    embed_model: str = typer.Option(EmbedConfig.embed_model, "--embed-model",
                                     help="Sentence encoder: the packaged default, a local folder or a hub id."),
     proxy_model: str = PROXY,
-    layout: str = typer.Option("auto", "--format",
+    layout: str = typer.Option(EmbedConfig.layout, "--format",
                                help="Row layout: auto, alpaca, sharegpt, openai, preference, prompt_completion, "
                                     "prompt_response or text."),
     fields: str | None = typer.Option(None, "--fields",
@@ -284,12 +244,14 @@ def embed_cmd(
                                            "history, tools, messages, chosen, rejected."),
     input_format: str | None = typer.Option(None, "--input-format",
                                             help="jsonl, json or parquet (default: from the file name)."),
-    on_bad_line: str = typer.Option("error", "--on-bad-line", help="error (stop) or skip (count and go on)."),
-    max_tokens: int = typer.Option(1024, "--max-tokens", help="Proxy tokens per row; longer rows are truncated."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Encoder batch size."),
-    chunk_rows: int = typer.Option(2048, "--chunk-rows", min=1,
+    on_bad_line: str = typer.Option(EmbedConfig.on_bad_line, "--on-bad-line",
+                                    help="error (stop) or skip (count and go on)."),
+    max_tokens: int = typer.Option(EmbedConfig.max_tokens, "--max-tokens",
+                                   help="Proxy tokens per row; longer rows are truncated."),
+    batch_size: int = typer.Option(EmbedConfig.batch_size, "--batch-size", help="Encoder batch size."),
+    chunk_rows: int = typer.Option(EmbedConfig.chunk_rows, "--chunk-rows", min=1,
                                    help="Rows per streamed chunk: the unit a killed run resumes from."),
-    resume: bool = typer.Option(True, "--resume/--no-resume",
+    resume: bool = typer.Option(EmbedConfig.resume, "--resume/--no-resume",
                                 help="Reuse the chunks a killed run finished (kept in .OUTPUT.parts beside the "
                                      "output) when they were made from the same data and settings."),
     device: str = DEVICE,
@@ -297,6 +259,8 @@ def embed_cmd(
     quiet: bool = QUIET,
 ) -> None:
     """Stage 1: embed every row, count its proxy tokens and hash its content."""
+    with importing():
+        from slapcli.embed import embed
     _check_input(input, data=True)
     _check_read_options(layout, input_format, on_bad_line, max_tokens)
     field_map(fields, layout)
@@ -335,15 +299,19 @@ def stratify_cmd(
     embeddings: str = typer.Argument(..., help="Embeddings artifact from `slap embed`."),
     output: str = typer.Option(..., "--output", "-o", help="Strata artifact to write."),
     clusters: int | None = typer.Option(None, "--clusters", help="k-means clusters (default sqrt(N/2) in [8, 1024])."),
-    loss_bins: int = typer.Option(3, "--loss-bins", help="Loss-quantile bins inside each cluster."),
-    proxy_loss: bool = typer.Option(True, "--proxy-loss/--no-proxy-loss",
+    loss_bins: int = typer.Option(StratifyConfig.loss_bins, "--loss-bins",
+                                  help="Loss-quantile bins inside each cluster."),
+    proxy_loss: bool = typer.Option(StratifyConfig.proxy_loss, "--proxy-loss/--no-proxy-loss",
                                     help="Bin by the untrained proxy's loss (off: clusters alone, no proxy pass)."),
     proxy_model: str = PROXY,
-    keep: float = typer.Option(0.7, "--keep", help="Share of rows to keep (budget for the strata)."),
+    keep: float | None = typer.Option(StratifyConfig.keep, "--keep",
+                                      help="Share of rows to keep (budget for the strata)."),
     budget: int | None = typer.Option(None, "--budget", help="Rows to keep (overrides --keep)."),
-    allocation: str = typer.Option("waterfill", "--allocation", help="waterfill, proportional or sqrt."),
-    dedup: bool = typer.Option(True, "--dedup/--no-dedup", help="Drop exact duplicates (same prompt and response)."),
-    prune_hardest: float = typer.Option(0.0, "--prune-hardest", help="Drop this fraction of highest-loss rows."),
+    allocation: str = typer.Option(StratifyConfig.allocation, "--allocation", help=", ".join(ALLOCATIONS) + "."),
+    dedup: bool = typer.Option(StratifyConfig.dedup, "--dedup/--no-dedup",
+                               help="Drop exact duplicates (same prompt and response)."),
+    prune_hardest: float = typer.Option(StratifyConfig.prune_hardest, "--prune-hardest",
+                                        help="Drop this fraction of highest-loss rows."),
     near_dup_cosine: float = typer.Option(StratifyConfig.near_dup_cosine, "--near-dup-cosine",
                                           help="Embedding cosine at which a row is a near-copy of an earlier row of "
                                                "its cluster and is dropped (0: off)."),
@@ -355,6 +323,9 @@ def stratify_cmd(
     quiet: bool = QUIET,
 ) -> None:
     """Stage 2: cluster, bin by proxy loss, drop duplicates and damaged rows, and split the row budget over strata."""
+    with importing():
+        from slapcli.artifacts import read_meta
+        from slapcli.stratify import stratify
     _check_input(embeddings)
     _check_input(input, "--input")
     _check_range("--clusters", clusters, 1)
@@ -379,41 +350,51 @@ def stratify_cmd(
 def select_cmd(
     strata: str = typer.Argument(..., help="Strata artifact from `slap stratify`."),
     output: str = typer.Option(..., "--output", "-o", help="Selection artifact to write."),
-    method: str = typer.Option("slap", "--method", help=methods_help()),
-    keep: float | None = typer.Option(None, "--keep", help="Share of rows to keep (default: as stratified)."),
-    budget: int | None = typer.Option(None, "--budget", help="Rows to keep (overrides --keep)."),
-    allocation: str | None = typer.Option(None, "--allocation", help="waterfill, proportional or sqrt."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Rows per replay batch."),
-    pool_factor: int = typer.Option(4, "--pool-factor", help="Candidates per batch, as a multiple of the batch size."),
-    diversity: float = typer.Option(0.1, "--diversity", help="Weight (gamma) of the relative-distance diversity."),
-    proj_dim: int = typer.Option(1024, "--proj-dim", help="Dimension of the projected gradient features."),
-    refresh: int = typer.Option(4, "--refresh", help="Replay steps a candidate's gradient feature is reused."),
-    target_refresh: int = typer.Option(4, "--target-refresh",
+    method: str = typer.Option(SelectConfig.method, "--method", help=methods_help()),
+    keep: float | None = typer.Option(SelectConfig.keep, "--keep",
+                                      help="Share of rows to keep (default: as stratified)."),
+    budget: int | None = typer.Option(SelectConfig.budget, "--budget", help="Rows to keep (overrides --keep)."),
+    allocation: str | None = typer.Option(SelectConfig.allocation, "--allocation",
+                                          help=", ".join(ALLOCATIONS) + " (default: as stratified)."),
+    batch_size: int = typer.Option(SelectConfig.batch_size, "--batch-size", help="Rows per replay batch."),
+    pool_factor: int = typer.Option(SelectConfig.pool_factor, "--pool-factor", rich_help_panel=REPLAY_PANEL,
+                                    help="Candidates per batch, as a multiple of the batch size."),
+    diversity: float = typer.Option(SelectConfig.diversity, "--diversity", rich_help_panel=REPLAY_PANEL,
+                                    help="Weight (gamma) of the relative-distance diversity."),
+    proj_dim: int = typer.Option(SelectConfig.proj_dim, "--proj-dim", rich_help_panel=REPLAY_PANEL,
+                                 help="Dimension of the projected gradient features."),
+    refresh: int = typer.Option(SelectConfig.refresh, "--refresh", rich_help_panel=REPLAY_PANEL,
+                                help="Replay steps a candidate's gradient feature is reused."),
+    target_refresh: int = typer.Option(SelectConfig.target_refresh, "--target-refresh", rich_help_panel=REPLAY_PANEL,
                                        help="Replay steps between recomputations of the target direction."),
-    lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate of the proxy replay."),
-    feature_norm: str = typer.Option("unit", "--feature-norm",
+    lr: float = typer.Option(SelectConfig.lr, "--lr", rich_help_panel=REPLAY_PANEL,
+                             help="AdamW learning rate of the proxy replay."),
+    feature_norm: str = typer.Option(SelectConfig.feature_norm, "--feature-norm", rich_help_panel=ABLATION_PANEL,
                                      help="unit: score gradient directions (cosine); tokens: directions weighted "
                                           "by sqrt(response tokens / mean); raw: inner products."),
-    eta: str = typer.Option("target", "--eta",
+    eta: str = typer.Option(SelectConfig.eta, "--eta", rich_help_panel=ABLATION_PANEL,
                             help="Step of the batch score: target (Newton step along the target) or row."),
-    eta_scale: float = typer.Option(1.0, "--eta-scale",
+    eta_scale: float = typer.Option(SelectConfig.eta_scale, "--eta-scale", rich_help_panel=ABLATION_PANEL,
                                     help="Multiplier of that step: above 1 the curvature term weighs more "
                                          "(batches of less redundant gradients)."),
-    length_prior: float = typer.Option(0.0, "--length-prior",
+    length_prior: float = typer.Option(SelectConfig.length_prior, "--length-prior", rich_help_panel=ABLATION_PANEL,
                                        help="Weight of log(response tokens / mean) in the batch score, in units of "
                                             "the pool's score spread (longer rows of a stratum teach more)."),
-    curvature: bool = typer.Option(True, "--curvature/--no-curvature",
+    curvature: bool = typer.Option(SelectConfig.curvature, "--curvature/--no-curvature",
+                                   rich_help_panel=ABLATION_PANEL,
                                    help="Keep the second-order (curvature) term of the batch score."),
-    max_tokens: int | None = typer.Option(None, "--max-tokens", help="Proxy tokens per row (default: as embedded)."),
-    target: str | None = typer.Option(None, "--target", help="Dev file of rows like the downstream task."),
+    max_tokens: int | None = typer.Option(SelectConfig.max_tokens, "--max-tokens",
+                                          help="Proxy tokens per row (default: as embedded)."),
+    target: str | None = typer.Option(SelectConfig.target, "--target",
+                                      help="Dev file of rows like the downstream task."),
     proxy_model: str = PROXY,
     input: str | None = typer.Option(None, "--input", help="Data file, if not at the path recorded by embed."),
     embeddings: str | None = typer.Option(None, "--embeddings", help="Embeddings artifact, if moved."),
-    resume: bool = typer.Option(True, "--resume/--no-resume",
+    resume: bool = typer.Option(SelectConfig.resume, "--resume/--no-resume",
                                 help="Continue from OUTPUT.ckpt when it was written with the same settings."),
-    checkpoint_minutes: float = typer.Option(5.0, "--checkpoint-minutes",
+    checkpoint_minutes: float = typer.Option(SelectConfig.checkpoint_seconds / 60.0, "--checkpoint-minutes",
                                              help="How often the replay saves OUTPUT.ckpt."),
-    timings: bool = typer.Option(False, "--timings",
+    timings: bool = typer.Option(SelectConfig.record_timings, "--timings", rich_help_panel=ABLATION_PANEL,
                                  help="Store the replay's per-phase wall times in the artifact's stats."),
     seed: int = SEED,
     device: str = DEVICE,
@@ -421,6 +402,10 @@ def select_cmd(
     quiet: bool = QUIET,
 ) -> None:
     """Stage 3: choose the coreset batch by batch (the proxy-training replay for --method slap)."""
+    with importing():
+        from slapcli.artifacts import read_meta
+        from slapcli.select import select
+        from slapcli.summary import selection_summary
     _check_input(strata)
     _check_input(input, "--input")
     _check_input(embeddings, "--embeddings")
@@ -453,12 +438,14 @@ def select_cmd(
 def export_cmd(
     selection: str = typer.Argument(..., help="Selection artifact from `slap select`."),
     output: str = typer.Option(..., "--output", "-o", help="Pruned data file (.jsonl, .parquet) or - for stdout."),
-    order: str = typer.Option("source", "--order", help="source (input order) or selection (order chosen)."),
+    order: str = typer.Option(ExportConfig.order, "--order", help="source (input order) or selection (order chosen)."),
     input: str | None = typer.Option(None, "--input", help="Data file, if not at the path recorded by embed."),
     force: bool = FORCE,
     quiet: bool = QUIET,
 ) -> None:
     """Stage 4: write the kept rows exactly as they were in the input."""
+    with importing():
+        from slapcli.export import export
     _check_input(selection)
     _check_input(input, "--input")
     _check_choice("--order", order, ORDERS)
@@ -482,8 +469,9 @@ def inspect_cmd(
     near_duplicate: float = typer.Option(DiagnoseConfig.near_duplicate, "--near-duplicate",
                                          help="Embedding cosine at or above which distinct rows are near "
                                               "duplicates."),
-    embed_model: str = typer.Option(DEFAULT_EMBED_MODEL, "--embed-model", help="Sentence encoder (as `slap embed`)."),
-    layout: str = typer.Option("auto", "--format", help="Row layout (see `slap embed --help`)."),
+    embed_model: str = typer.Option(DiagnoseConfig.embed_model, "--embed-model",
+                                    help="Sentence encoder (as `slap embed`)."),
+    layout: str = typer.Option(DiagnoseConfig.layout, "--format", help="Row layout (see `slap embed --help`)."),
     fields: str | None = typer.Option(None, "--fields", help="Your own field names (see `slap embed --help`)."),
     input_format: str | None = typer.Option(None, "--input-format", help="jsonl, json or parquet."),
     device: str = DEVICE,
@@ -491,12 +479,16 @@ def inspect_cmd(
 ) -> None:
     """An artifact's metadata and summary; or, for a data file, a diagnosis before pruning: duplicates, near
     duplicates, nearest-neighbour cosines, suspected damaged rows and the flags they suggest. On stdout."""
+    with importing():
+        from slapcli.summary import artifact_summary, describe_artifact, is_artifact, print_diagnosis
     if is_artifact(path):
         if as_json:
             typer.echo(json.dumps(artifact_summary(path), indent=2, ensure_ascii=False))
         else:
             describe_artifact(path, Console(soft_wrap=True, highlight=False))
         return
+    with importing():
+        from slapcli.report.diagnose import diagnose
     config = DiagnoseConfig(layout=layout, fields=fields, input_format=input_format, embed_model=embed_model,
                             embeddings=embeddings, strata=strata, near_duplicate=near_duplicate, device=device)
     diagnosis = diagnose(path, config, _reporter(quiet, path))
@@ -527,6 +519,8 @@ def report_cmd(
 ) -> None:
     """One HTML page of what a run kept and why: kept share per stratum, a map, distributions, the replay's
     loss, duplicate groups and example rows (needs the `report` extra: matplotlib)."""
+    with importing():
+        from slapcli.report.build import build_report
     check_output_path(output, list(artifacts), force)
     config = ReportConfig(near_duplicate=near_duplicate, examples=examples, map_method=map_method, input=input,
                           seed=seed)
@@ -542,33 +536,43 @@ def report_cmd(
 def run_cmd(
     input: str = typer.Argument(..., help="Data file or - for stdin."),
     output: str = typer.Option(..., "--output", "-o", help="Pruned data file or - for stdout."),
-    keep: float = typer.Option(0.7, "--keep", help="Share of rows to keep."),
+    keep: float | None = typer.Option(StratifyConfig.keep, "--keep", help="Share of rows to keep."),
     budget: int | None = typer.Option(None, "--budget", help="Rows to keep (overrides --keep)."),
     workdir: str | None = typer.Option(None, "--workdir",
                                        help=f"Where the artifacts go (default {DEFAULT_WORKDIR}); valid ones are "
                                             "reused."),
-    method: str = typer.Option("slap", "--method", help=methods_help()),
-    layout: str = typer.Option("auto", "--format", help="Row layout (see `slap embed --help`)."),
+    method: str = typer.Option(SelectConfig.method, "--method", help=methods_help()),
+    layout: str = typer.Option(EmbedConfig.layout, "--format", help="Row layout (see `slap embed --help`)."),
     fields: str | None = typer.Option(None, "--fields",
                                       help="Your own field names instead of a layout, e.g. "
                                            "prompt=question,response=answer[,system=persona]; also query, "
                                            "history, tools, messages, chosen, rejected."),
     input_format: str | None = typer.Option(None, "--input-format",
                                             help="jsonl, json or parquet (default: from the file name)."),
-    on_bad_line: str = typer.Option("error", "--on-bad-line", help="error or skip."),
-    max_tokens: int = typer.Option(1024, "--max-tokens", help="Proxy tokens per row; longer rows are truncated."),
-    embed_model: str = typer.Option(DEFAULT_EMBED_MODEL, "--embed-model", help="Sentence encoder."),
+    on_bad_line: str = typer.Option(EmbedConfig.on_bad_line, "--on-bad-line", help="error or skip."),
+    max_tokens: int = typer.Option(EmbedConfig.max_tokens, "--max-tokens",
+                                   help="Proxy tokens per row; longer rows are truncated."),
+    embed_model: str = typer.Option(EmbedConfig.embed_model, "--embed-model", help="Sentence encoder."),
     proxy_model: str = PROXY,
-    proxy_loss: bool = typer.Option(True, "--proxy-loss/--no-proxy-loss", help="Bin strata by proxy loss."),
+    proxy_loss: bool = typer.Option(StratifyConfig.proxy_loss, "--proxy-loss/--no-proxy-loss",
+                                    help="Bin strata by proxy loss."),
     screen: bool = SCREEN,
     target: str | None = typer.Option(None, "--target", help="Dev file of rows like the downstream task."),
-    order: str = typer.Option("source", "--order", help="source or selection."),
+    order: str = typer.Option(ExportConfig.order, "--order", help="source or selection."),
     seed: int = SEED,
     device: str = DEVICE,
     force: bool = FORCE,
     quiet: bool = QUIET,
 ) -> None:
     """All four stages; artifacts in --workdir whose inputs and config are unchanged are reused."""
+    with importing():
+        from slapcli.artifacts import read_meta
+        from slapcli.embed import embed
+        from slapcli.export import export
+        from slapcli.pipeline import reuse_or_run
+        from slapcli.select import select
+        from slapcli.stratify import stratify
+        from slapcli.summary import selection_summary
     _check_input(input, data=True)
     _check_input(target, "--target")
     _check_budget(keep, budget)
@@ -632,13 +636,13 @@ def _copy_stdin(copy: str, source: str = STDIN) -> str:
 def main() -> None:
     try:
         # Until a command's own handling takes over, a signal exits with one line (typer would print "Aborted!").
-        with _on_stop_signals(_exit_while_starting):
+        with on_stop_signals(exit_at_once):
             app()
     except UsageError as e:  # raised outside a command (should not happen, but never show a traceback)
         stderr_console().print(f"error: {e}")
         sys.exit(e.exit_code)
     finally:
-        if _finished.is_set():
+        if finished.is_set():
             # The command is complete: a signal while the interpreter shuts down must not turn its exit code 0
             # into a KeyboardInterrupt traceback.
             for signum in STOP_SIGNALS:

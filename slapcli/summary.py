@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -13,7 +13,9 @@ from rich.console import Console
 from rich.table import Table
 
 from slapcli.artifacts import META_KEY, ArtifactMeta, read_meta, read_table
-from slapcli.report.diagnose import Diagnosis
+
+if TYPE_CHECKING:  # the diagnosis imports the encoder (torch): `slap inspect ARTIFACT` does without it
+    from slapcli.report.diagnose import Diagnosis
 
 
 def selection_summary(selection_path: str, strata_path: str | None, console: Console, max_clusters: int = 12) -> None:

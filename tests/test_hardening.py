@@ -422,7 +422,9 @@ def test_a_run_holds_its_work_folder(tmp_path, data, models):
 @pytest.mark.parametrize("when", ["after-rename", "before-rename"])
 def test_a_signal_after_the_final_rename_reports_success(tmp_path, data, models, monkeypatch, when):
     _emb, _strata, sel = chain(tmp_path, data, models)
-    real_export = cli.export
+    import slapcli.export as export_module  # the export command imports its stage when it runs
+
+    real_export = export_module.export
 
     def export_then_signal(*args: object, **kwargs: object) -> object:
         if when == "before-rename":
@@ -430,7 +432,7 @@ def test_a_signal_after_the_final_rename_reports_success(tmp_path, data, models,
         real_export(*args, **kwargs)
         raise Stopped(signal.SIGTERM)  # as if SIGTERM landed in the few lines after os.replace
 
-    monkeypatch.setattr(cli, "export", export_then_signal)
+    monkeypatch.setattr(export_module, "export", export_then_signal)
     out = tmp_path / "kept.jsonl"
     r = invoke(["export", sel, "-o", out])
     if when == "after-rename":
@@ -479,16 +481,16 @@ def test_run_says_where_its_work_folder_is_and_what_it_replaces(tmp_path, data, 
 
 
 def test_a_new_budget_reuses_the_proxy_losses(tmp_path, data, models, monkeypatch):
-    from slapcli import stratify as stratify_module
+    from slapcli.proxy import passes  # the loss pass stratify's cached_proxy_losses runs
 
     calls: list[int] = []
-    real = stratify_module.proxy_losses
+    real = passes.proxy_losses
 
     def counted(*args: object, **kwargs: object) -> object:
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(stratify_module, "proxy_losses", counted)
+    monkeypatch.setattr(passes, "proxy_losses", counted)
     emb = tmp_path / "e.parquet"
     assert invoke(["embed", data, "-o", emb, *models, "-q"]).exit_code == 0
     strata = tmp_path / "s.parquet"
