@@ -161,6 +161,13 @@ def test_every_turn_weight_zero_is_no_response() -> None:
         parse_example(row, "sharegpt")
 
 
+@pytest.mark.parametrize("flag", [{"train": False}, {"training": False}, {"weight": 0.0}])
+def test_a_training_flag_of_false_is_prompt(flag: dict) -> None:
+    row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "draft", **flag},
+                        {"role": "user", "content": "again"}, {"role": "assistant", "content": "final", "train": True}]}
+    assert parse_example(row, "openai").response_text == "final"
+
+
 def test_weight_must_be_a_number() -> None:
     row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": "0"}]}
     with pytest.raises(FieldError) as info:

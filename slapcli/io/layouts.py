@@ -51,7 +51,9 @@ TEXT_PART_TYPES = ("text", "input_text", "output_text")  # chat completions, and
 MEDIA_FIELDS = ("images", "videos", "audios", "image", "video", "audio")  # media beside the text: counted too
 TOOLS_FIELDS = ("tools", "functions")  # a row's tool schemas, in the prompt
 SYSTEM_FIELD = "system"
-WEIGHT_KEYS = ("weight", "loss_weight")  # per message: 0 = not trained on
+# Per message: a weight of 0 (OpenAI, LLaMA-Factory, axolotl) or a training flag of false (axolotl's `train`) marks
+# a turn that is not trained on.
+WEIGHT_KEYS = ("weight", "loss_weight", "train", "training")
 
 # A turn longer than this is cut to its first and last CLIP_CHARS // 2 characters before anyone tokenizes it:
 # the proxy reads at most --max-tokens (1,024 by default) and the encoder 256, so one 20 MB row would otherwise
@@ -211,8 +213,8 @@ def _is_untrained(item: Mapping, where: str) -> bool:
         weight = item.get(key)
         if weight is None:
             continue
-        if not isinstance(weight, (int, float)):
-            raise FieldError(f"{where}.{key}", f"expected a number, got {type(weight).__name__}")
+        if not isinstance(weight, (int, float)):  # a bool is an int: false is 0
+            raise FieldError(f"{where}.{key}", f"expected a number or true/false, got {type(weight).__name__}")
         return weight == 0
     return False
 
