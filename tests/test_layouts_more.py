@@ -342,3 +342,26 @@ def test_openai_preference_without_messages_names_the_field() -> None:
     with pytest.raises(FieldError) as info:
         parse_example({"input": {}, "preferred_output": [], "non_preferred_output": []}, "preference")
     assert info.value.field == "input.messages"
+
+
+@pytest.mark.parametrize(("row", "layout", "prompt", "response"), [
+    ({"question": "2+2?", "answer": "#### 4"}, "prompt_response", "2+2?", "#### 4"),  # GSM8K
+    ({"query": "3*3?", "response": "9", "type": "MATH"}, "prompt_response", "3*3?", "9"),  # MetaMathQA
+    ({"problem": "x+1=2", "solution": "x=1", "level": "1"}, "prompt_response", "x+1=2", "x=1"),  # MATH
+    ({"input": "Hi", "output": "Hello"}, "prompt_response", "Hi", "Hello"),
+    ({"instruction": "Summarise.", "context": "A long text.", "response": "Short.", "category": "summarization"},
+     "alpaca", "Summarise.\n\nA long text.", "Short."),  # databricks-dolly-15k
+])
+def test_common_public_names_are_detected(row: dict, layout: str, prompt: str, response: str) -> None:
+    assert detect_layout(row) == layout
+    ex = parse_example(row, layout)
+    assert (ex.prompt_text, ex.response_text) == (prompt, response)
+
+
+def test_a_pair_layout_error_names_the_row_field() -> None:
+    with pytest.raises(FieldError) as info:
+        parse_example({"question": "q", "answer": ""}, "prompt_response")
+    assert info.value.field == "answer"
+    with pytest.raises(FieldError) as info:
+        parse_example({"instruction": "i", "response": 3}, "alpaca")
+    assert info.value.field == "response"

@@ -62,6 +62,13 @@ WEIGHT_KEYS = ("weight", "loss_weight", "train", "training")
 CLIP_CHARS = 1 << 16
 _CLIP_MARK = "\n…\n"
 
+# The prompt_response layout under the names public sets use (GSM8K's question/answer, MetaMathQA's query/response,
+# MATH's problem/solution); Alpaca's family (Dolly: instruction/context/response) likewise.
+PAIR_FIELDS = (("prompt", "response"), ("question", "answer"), ("query", "response"), ("problem", "solution"),
+               ("input", "output"))
+ALPACA_ANSWERS = ("output", "response")
+ALPACA_INPUTS = ("input", "context")
+
 # Preference rows: the (chosen, rejected) field names (TRL and most sets; OpenAI's preference fine-tuning), and
 # where the prompt is when there is no `prompt` field: Alpaca-style rows (LLaMA-Factory's `instruction` +
 # `input`; orca_dpo_pairs' `question`; distilabel's `input`) and LLaMA-Factory's ShareGPT-style `conversations`.
@@ -117,15 +124,20 @@ def detect_layout(row: Any) -> str | None:
         return "sharegpt"
     if isinstance(row.get("messages"), list):
         return "openai"
-    if "instruction" in row and "output" in row:
+    if "instruction" in row and any(k in row for k in ALPACA_ANSWERS):
         return "alpaca"
     if "prompt" in row and "completion" in row:
         return "prompt_completion"
-    if "prompt" in row and "response" in row:
+    if _pair_fields(row) is not None:
         return "prompt_response"
     if "text" in row:
         return "text"
     return None
+
+
+def _pair_fields(row: Mapping) -> tuple[str, str] | None:
+    """The first (prompt, response) name pair of PAIR_FIELDS that the row has both fields of."""
+    return next(((p, r) for p, r in PAIR_FIELDS if p in row and r in row), None)
 
 
 def has_text(text: str) -> bool:
@@ -392,11 +404,12 @@ def parse_example(row: Any, layout: str) -> Example:
 def _parse_layout(row: Mapping, layout: str) -> Example:
     if layout == "alpaca":
         instruction = _string_field(row, "instruction")
-        extra = _string_field(row, "input", required=False)
+        extra = _string_field(row, next((k for k in ALPACA_INPUTS if k in row), "input"), required=False)
         prompt = instruction if not extra.strip() else f"{instruction}\n\n{extra}"
+        answer = next((k for k in ALPACA_ANSWERS if k in row), "output")
         turns = [*_context_turns(row), *_history(row, "history"), Turn("user", prompt),
-                 Turn("assistant", _string_field(row, "output"))]
-        return _require_response(turns, "output")
+                 Turn("assistant", _string_field(row, answer))]
+        return _require_response(turns, answer)
     if layout == "sharegpt":
         return _conversation(row, "conversations", ("from", "value"))
     if layout == "openai":
@@ -407,9 +420,10 @@ def _parse_layout(row: Mapping, layout: str) -> Example:
         turns = _preference(row, parts, _preference_prompt(row, parts), *pair)
         return _require_response(_context_turns(row) + turns, pair[0], parts)
     if layout in ("prompt_completion", "prompt_response"):
-        answer = "completion" if layout == "prompt_completion" else "response"
+        prompt, answer = ("prompt", "completion") if layout == "prompt_completion" else \
+            (_pair_fields(row) or PAIR_FIELDS[0])
         parts = _Parts()
-        turns = [*_context_turns(row), *_as_context(_side(row.get("prompt"), "prompt", "user", parts)),
+        turns = [*_context_turns(row), *_as_context(_side(row.get(prompt), prompt, "user", parts)),
                  *_side(row.get(answer), answer, "assistant", parts)]
         return _require_response(turns, answer, parts)
     if layout == "text":
