@@ -244,7 +244,7 @@ def test_a_huge_turn_is_clipped_to_its_head_and_tail_before_tokenizing() -> None
 
 
 def test_mapped_prompt_response_system() -> None:
-    fields = parse_field_map("prompt=question,response=answer,system=persona")
+    fields = parse_field_map("prompt=ask,response=reply,system=persona")
     rows = _rows("mapped.jsonl")
     ex = parse_mapped(rows[0], fields)
     assert ex.turns == (Turn("system", "You are a chemistry tutor."),

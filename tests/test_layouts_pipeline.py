@@ -21,7 +21,7 @@ from slapcli.cli import app
 
 runner = CliRunner()
 LAYOUT_DIR = Path(__file__).resolve().parent.parent / "sample_data" / "layouts"
-MAPPED = ["--fields", "prompt=question,response=answer,system=persona"]
+MAPPED = ["--fields", "prompt=ask,response=reply,system=persona"]
 
 
 def invoke(args: list) -> object:
@@ -119,14 +119,14 @@ def test_non_text_parts_are_reported_and_recorded(tmp_path: Path, models: list[s
 
 def test_fields_errors_name_the_mapped_field(tmp_path: Path, models: list[str]) -> None:
     out = tmp_path / "e.parquet"
-    r = invoke(["embed", LAYOUT_DIR / "mapped.jsonl", "-o", out, *models, "--fields", "prompt=question,response=reply"])
+    r = invoke(["embed", LAYOUT_DIR / "mapped.jsonl", "-o", out, *models, "--fields", "prompt=ask,response=answer"])
     assert r.exit_code == 2
-    assert r.stderr.strip().endswith("mapped.jsonl:1: field 'reply': missing (mapped as response by --fields)")
+    assert r.stderr.strip().endswith("mapped.jsonl:1: field 'answer': missing (mapped as response by --fields)")
     assert not out.exists()
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--fields", "prompt=question"], "--fields 'prompt=question': map exactly one of"),
+    (["--fields", "prompt=ask"], "--fields 'prompt=ask': map exactly one of"),
     (["--fields", "prompt=q,response=a", "--format", "alpaca"], "--fields and --format cannot be used together"),
 ])
 def test_bad_fields_options_fail_before_any_model_loads(tmp_path: Path, args: list[str], message: str) -> None:
