@@ -11,6 +11,7 @@ import pytest
 from slapcli.io.layouts import (
     CLIP_CHARS,
     CONTEXT_ROLE,
+    ROW_CLIP_CHARS,
     FieldError,
     Turn,
     detect_layout,
@@ -233,11 +234,26 @@ def test_a_huge_turn_is_clipped_to_its_head_and_tail_before_tokenizing() -> None
     answer = "A" * 3_000_000 + "middle" + "Z" * 3_000_000
     prompt = "q" * (CLIP_CHARS + 1)
     ex = parse_example({"instruction": prompt, "output": answer}, "alpaca")
-    assert all(len(t.text) <= CLIP_CHARS + 3 for t in ex.turns)
+    assert all(len(t.text) <= CLIP_CHARS + 80 for t in ex.turns)
     assert ex.response_text.startswith("A" * (CLIP_CHARS // 2)) and ex.response_text.endswith("Z" * (CLIP_CHARS // 2))
     assert "middle" not in ex.response_text
     short = parse_example({"instruction": "q" * CLIP_CHARS, "output": "a"}, "alpaca")
     assert short.prompt_text == "q" * CLIP_CHARS  # at the limit nothing is cut
+    other = parse_example({"instruction": prompt, "output": "A" * 3_000_000 + "MIDDLE" + "Z" * 3_000_000}, "alpaca")
+    assert other.response_text != ex.response_text  # rows that differ only in the cut part are no duplicates
+
+
+def test_a_row_of_many_turns_is_bounded_around_its_first_response() -> None:
+    messages = [{"role": "system", "content": "S" * 100}]
+    messages += [{"role": "user", "content": f"{i} " + "x" * 1000} for i in range(600)]
+    messages += [{"role": "user", "content": "the question"}, {"role": "assistant", "content": "the answer"}]
+    messages += [{"role": "user" if i % 2 else "assistant", "content": "y" * 1000} for i in range(2000)]
+    ex = parse_example({"messages": messages}, "openai")
+    assert sum(len(t.text) for t in ex.turns) <= 2 * ROW_CLIP_CHARS + 100
+    assert ex.turns[0].text == "S" * 100  # the head the encoder reads
+    texts = [t.text for t in ex.turns]
+    assert texts.index("the question") + 1 == texts.index("the answer")  # the prompt's end and the first response
+    assert ex.response_text.startswith("the answer")
 
 
 # --- field mapping -------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ order; other parts (images, audio, files) carry no text to score and are counted
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import unicodedata
@@ -60,7 +61,9 @@ WEIGHT_KEYS = ("weight", "loss_weight", "train", "training")
 # take gigabytes for nothing. The head is what the encoder and a long answer's scoring read, the tail what a
 # prompt too long for the window keeps (the proxy keeps a prompt's end). Exported rows are never cut.
 CLIP_CHARS = 1 << 16
-_CLIP_MARK = "\n…\n"
+# Turns past this many characters on either side of the first response are dropped (the proxy's window and the
+# encoder's never reach them), so a row of thousands of turns is bounded as well.
+ROW_CLIP_CHARS = 4 * CLIP_CHARS
 
 # The prompt_response layout under the names public sets use (GSM8K's question/answer, MetaMathQA's query/response,
 # MATH's problem/solution); Alpaca's family (Dolly: instruction/context/response) likewise.
@@ -149,7 +152,31 @@ def _clip(text: str) -> str:
     if len(text) <= CLIP_CHARS:
         return text
     half = CLIP_CHARS // 2
-    return text[:half] + _CLIP_MARK + text[-half:]
+    # The cut part's digest stays in the text: two rows that differ only there are no exact duplicates.
+    digest = hashlib.blake2b(text[half:-half].encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+    return f"{text[:half]}\n[… {len(text) - 2 * half:,} characters cut, blake2b {digest} …]\n{text[-half:]}"
+
+
+def _clip_row(turns: list[Turn]) -> list[Turn]:
+    """Each turn clipped; and turns beyond ROW_CLIP_CHARS before or after the first response dropped, all but the
+    first (whose head the encoder reads). A row's own turns, only fewer and shorter: what the models can see."""
+    turns = [Turn(t.role, _clip(t.text)) for t in turns]
+    if sum(len(t.text) for t in turns) <= 2 * ROW_CLIP_CHARS:
+        return turns
+    first = next(i for i, t in enumerate(turns) if t.role == "assistant")
+    before, after, size = [], [], 0
+    for turn in reversed(turns[1:first]):  # the prompt's end, the part the proxy keeps of a long prompt
+        size += len(turn.text)
+        if size > ROW_CLIP_CHARS:
+            break
+        before.append(turn)
+    size = 0
+    for turn in turns[first:]:
+        if after and size + len(turn.text) > ROW_CLIP_CHARS:
+            break
+        size += len(turn.text)
+        after.append(turn)
+    return turns[:1] + before[::-1] + after if first > 0 else after
 
 
 class _Parts:
@@ -375,7 +402,7 @@ def _preference(row: Mapping, parts: _Parts, prompt_turns: list[Turn], chosen: s
 def _require_response(turns: list[Turn], field: str, parts: _Parts | None = None) -> Example:
     if not any(t.role == "assistant" and has_text(t.text) for t in turns):
         raise FieldError(field, "no response: the row has no non-empty assistant/output text")
-    return Example(tuple(Turn(t.role, _clip(t.text)) for t in turns), parts.non_text if parts else 0)
+    return Example(tuple(_clip_row(turns)), parts.non_text if parts else 0)
 
 
 def _conversation(row: Mapping, field: str, keys: tuple[str, str]) -> Example:
