@@ -15,6 +15,7 @@ from slapcli.io.layouts import (
     FieldError,
     Turn,
     detect_layout,
+    field_map_from_dataset_info,
     has_text,
     parse_example,
     parse_field_map,
@@ -381,3 +382,42 @@ def test_a_pair_layout_error_names_the_row_field() -> None:
     with pytest.raises(FieldError) as info:
         parse_example({"instruction": "i", "response": 3}, "alpaca")
     assert info.value.field == "response"
+
+
+# LLaMA-Factory's data/dataset_info.json entries for its demo files (trimmed to the keys slap reads).
+DATASET_INFO = {
+    "alpaca_en_demo": {"file_name": "alpaca_en_demo.json"},
+    "glaive_toolcall_en_demo": {"file_name": "glaive_toolcall_en_demo.json", "formatting": "sharegpt",
+                                "columns": {"messages": "conversations", "tools": "tools"}},
+    "dpo_en_demo": {"file_name": "dpo_en_demo.json", "ranking": True, "formatting": "sharegpt",
+                    "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}},
+    "comparison_alpaca": {"file_name": "c.json", "ranking": True,
+                          "columns": {"prompt": "instruction", "query": "input", "chosen": "output_good",
+                                      "rejected": "output_bad"}},
+}
+
+
+def test_dataset_info_entries_map_like_llama_factory() -> None:
+    alpaca = field_map_from_dataset_info(DATASET_INFO, "alpaca_en_demo")
+    assert alpaca.describe() == "prompt=instruction,query=input,response=output"
+    ex = parse_mapped({"instruction": "Translate.", "input": "cat", "output": "chat"}, alpaca)
+    assert (ex.prompt_text, ex.response_text) == ("Translate.\n\ncat", "chat")
+    tools = field_map_from_dataset_info(DATASET_INFO, "glaive_toolcall_en_demo")
+    row = _rows("sharegpt_tools.jsonl")[0]
+    assert parse_mapped(row, tools).response_text == parse_example(dict(row, system=None), "sharegpt").response_text
+    dpo = field_map_from_dataset_info(DATASET_INFO, "dpo_en_demo")
+    row = {"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."},
+                             {"from": "human", "value": "Bye?"}],
+           "chosen": {"from": "gpt", "value": "Bye."}, "rejected": {"from": "gpt", "value": "No."}}
+    ex = parse_mapped(row, dpo)
+    assert roles(ex) == ["user", CONTEXT_ROLE, "user", "assistant"] and ex.response_text == "Bye."
+    ranked = field_map_from_dataset_info(DATASET_INFO, "comparison_alpaca")
+    ex = parse_mapped({"instruction": "2+2?", "input": "", "output_good": "4", "output_bad": "5"}, ranked)
+    assert (ex.prompt_text, ex.response_text) == ("2+2?", "4")
+
+
+def test_dataset_info_errors() -> None:
+    with pytest.raises(ValueError, match="no entry 'nope' \\(entries: alpaca_en_demo"):
+        field_map_from_dataset_info(DATASET_INFO, "nope")
+    with pytest.raises(ValueError, match="columns is not an object"):
+        field_map_from_dataset_info({"x": {"columns": "prompt"}}, "x")

@@ -281,3 +281,22 @@ def test_folder_output_mistakes_are_one_line_before_any_work(tmp_path: Path, mod
     r = invoke(["export", tmp_path / "w" / "selection.parquet", "-o", f"{tmp_path / 'sel'}/", "--order", "selection"])
     assert r.exit_code == 2 and "--order selection needs one output file" in r.stderr
     assert not (tmp_path / "sel").exists()
+
+
+def test_fields_from_a_llama_factory_dataset_info(tmp_path: Path, models: list[str]) -> None:
+    info = tmp_path / "dataset_info.json"
+    info.write_text(json.dumps({"qa": {"file_name": "mapped.jsonl", "columns": {
+        "prompt": "ask", "response": "reply", "system": "persona"}}}))
+    out, work = tmp_path / "pruned.jsonl", tmp_path / "work"
+    source = LAYOUT_DIR / "mapped.jsonl"
+    r = invoke(["run", source, "-o", out, "--workdir", work, *models, "-q", "--fields", f"{info}:qa"])
+    assert r.exit_code == 0, r.stderr
+    # The artifact records the mapping itself: later stages do not need the dataset_info.json any more.
+    assert read_meta(str(work / "embeddings.parquet")).source["fields"] == "prompt=ask,query=input,response=reply," \
+        "system=persona"
+    lines = source.read_bytes().splitlines()
+    assert out.read_bytes().splitlines() == [lines[i] for i in kept_rows(work / "selection.parquet")]
+    r = invoke(["embed", source, "-o", tmp_path / "e.parquet", *models, "--fields", f"{info}:other"])
+    assert r.exit_code == 2 and "no entry 'other' (entries: qa)" in r.stderr
+    r = invoke(["embed", source, "-o", tmp_path / "e.parquet", *models, "--fields", f"{tmp_path}/none.json:qa"])
+    assert r.exit_code == 2 and "cannot read" in r.stderr

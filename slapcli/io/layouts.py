@@ -487,21 +487,62 @@ def parse_field_map(spec: str) -> FieldMap:
         if role in names:
             raise ValueError(f"{role!r} is given twice")
         names[role] = name
-    shapes = ("messages" in names, "chosen" in names or "rejected" in names, "response" in names)
-    if sum(shapes) != 1:
+    return _checked_map(names)
+
+
+def _checked_map(names: dict[str, str]) -> FieldMap:
+    """A mapping of one shape: a pair (prompt, response), a conversation (messages), or a preference (chosen and
+    rejected, after a prompt or a messages prompt)."""
+    if "chosen" in names or "rejected" in names:
+        if not ("chosen" in names and "rejected" in names):
+            raise ValueError("a preference mapping needs both chosen and rejected")
+        shape, allowed = "preference", {"prompt", "query", "messages", "history", "chosen", "rejected", "system",
+                                        "tools"}
+    elif ("messages" in names) == ("response" in names):
         raise ValueError("map exactly one of: response (with prompt), messages, or chosen and rejected")
-    if shapes[1] and not ("chosen" in names and "rejected" in names):
-        raise ValueError("a preference mapping needs both chosen and rejected")
-    if shapes[2] and "prompt" not in names:
-        raise ValueError("response needs a prompt field too")
-    allowed = {"messages": {"messages", "system", "tools"},
-               "pair": {"prompt", "query", "response", "system", "tools", "history"},
-               "preference": {"prompt", "chosen", "rejected", "system", "tools"}}
-    shape = "messages" if shapes[0] else "preference" if shapes[1] else "pair"
-    extra = sorted(set(names) - allowed[shape])
+    elif "messages" in names:
+        shape, allowed = "messages", {"messages", "system", "tools"}
+    else:
+        if "prompt" not in names:
+            raise ValueError("response needs a prompt field too")
+        shape, allowed = "pair", {"prompt", "query", "response", "system", "tools", "history"}
+    extra = sorted(set(names) - allowed)
     if extra:
         raise ValueError(f"{', '.join(extra)} cannot be combined with {shape}")
+    if "prompt" in names and "messages" in names:
+        raise ValueError("the prompt is either a prompt field or a messages field, not both")
     return FieldMap(tuple(names.items()))
+
+
+def field_map_from_dataset_info(info: Mapping, name: str) -> FieldMap:
+    """The mapping of entry `name` of a LLaMA-Factory dataset_info.json (its `formatting`, `ranking` and
+    `columns`, with LLaMA-Factory's defaults); ValueError with a one-line reason."""
+    entry = info.get(name)
+    if not isinstance(entry, Mapping):
+        known = ", ".join(sorted(k for k, v in info.items() if isinstance(v, Mapping))[:8])
+        raise ValueError(f"no entry {name!r} (entries: {known}{', ...' if len(info) > 8 else ''})")
+    columns = entry.get("columns") or {}
+    if not isinstance(columns, Mapping):
+        raise ValueError(f"entry {name!r}: columns is not an object")
+    names: dict[str, str] = {}
+    if entry.get("formatting", "alpaca") == "sharegpt":
+        names["messages"] = columns.get("messages", "conversations")
+    else:
+        names["prompt"] = columns.get("prompt", "instruction")
+        names["query"] = columns.get("query", "input")
+        if not entry.get("ranking"):
+            names["response"] = columns.get("response", "output")
+        if columns.get("history"):
+            names["history"] = columns["history"]
+    if entry.get("ranking"):
+        names["chosen"] = columns.get("chosen", "chosen")
+        names["rejected"] = columns.get("rejected", "rejected")
+    for role in ("system", "tools"):
+        if columns.get(role):
+            names[role] = columns[role]
+    if not all(isinstance(v, str) and v for v in names.values()):
+        raise ValueError(f"entry {name!r}: a column name is not a string")
+    return _checked_map(names)
 
 
 def parse_mapped(row: Any, fields: FieldMap) -> Example:
@@ -518,34 +559,41 @@ def parse_mapped(row: Any, fields: FieldMap) -> Example:
         raise
 
 
-def _parse_mapped(row: Mapping, fields: FieldMap) -> Example:
-    tools = fields.get("tools")
-    context = _context_turns(row, fields.get("system"), (tools,) if tools else ())
-    parts = _Parts()
+def _mapped_prompt(row: Mapping, fields: FieldMap, parts: _Parts) -> list[Turn]:
+    """The prompt side of a mapped row: history pairs, then the messages or the prompt (+ query) field."""
+    history = _history(row, fields.get("history")) if fields.get("history") else []
     messages = fields.get("messages")
     if messages is not None:
         if not isinstance(row.get(messages), list):
             raise FieldError(messages, "missing" if row.get(messages) is None else "not a list of messages")
-        turns = _messages(row[messages], messages, parts, ("role", "content"))
-        if not turns:
+        if not row[messages]:
             raise FieldError(messages, "empty conversation")
-        return _require_response(context + turns, messages, parts)
-    chosen = fields.get("chosen")
-    if chosen is not None:
-        rejected = fields.get("rejected")
-        assert rejected is not None
-        prompt = fields.get("prompt")
-        prompt_turns = [] if prompt is None else _side(row.get(prompt), prompt, "user", parts)
-        turns = _preference(row, parts, prompt_turns, chosen, rejected)
-        return _require_response(context + turns, chosen, parts)
-    prompt, response = fields.get("prompt"), fields.get("response")
-    assert prompt is not None and response is not None
-    prompt_turns = _side(row.get(prompt), prompt, "user", parts)
+        return history + _messages(row[messages], messages, parts, ("role", "content"))
+    prompt = fields.get("prompt")
+    if prompt is None:
+        return history
+    turns = _side(row.get(prompt), prompt, "user", parts)
     query = fields.get("query")
     if query is not None and _string_field(row, query, required=False).strip():
-        if len(prompt_turns) != 1:
+        if len(turns) != 1:
             raise FieldError(prompt, "a query field needs the prompt as one string")
-        prompt_turns = [Turn("user", f"{prompt_turns[0].text}\n\n{row[query]}")]
-    history = _history(row, fields.get("history")) if fields.get("history") else []
-    turns = [*context, *history, *prompt_turns, *_side(row.get(response), response, "assistant", parts)]
+        turns = [Turn("user", f"{turns[0].text}\n\n{row[query]}")]
+    return history + turns
+
+
+def _parse_mapped(row: Mapping, fields: FieldMap) -> Example:
+    tools = fields.get("tools")
+    context = _context_turns(row, fields.get("system"), (tools,) if tools else ())
+    parts = _Parts()
+    chosen, rejected = fields.get("chosen"), fields.get("rejected")
+    if chosen is not None and rejected is not None:
+        turns = _preference(row, parts, _mapped_prompt(row, fields, parts), chosen, rejected)
+        return _require_response(context + turns, chosen, parts)
+    turns = _mapped_prompt(row, fields, parts)
+    response = fields.get("response")
+    if response is None:  # a conversation: its assistant turns are the response
+        field = fields.get("messages")
+        assert field is not None
+        return _require_response(context + turns, field, parts)
+    turns = [*context, *turns, *_side(row.get(response), response, "assistant", parts)]
     return _require_response(turns, response, parts)

@@ -40,6 +40,7 @@ from slapcli.io.layouts import (
     FieldError,
     FieldMap,
     detect_layout,
+    field_map_from_dataset_info,
     parse_example,
     parse_field_map,
     parse_mapped,
@@ -754,15 +755,34 @@ class ParsedRow:
 
 
 def field_map(fields: str | None, layout: str = "auto") -> FieldMap | None:
-    """The `--fields` option as a FieldMap (None when not given); a UsageError says what is wrong with it."""
+    """The `--fields` option as a FieldMap (None when not given); a UsageError says what is wrong with it.
+
+    `ROLE=FIELD,...`, or `dataset_info.json:NAME`: the entry NAME of a LLaMA-Factory dataset_info.json.
+    """
     if fields is None:
         return None
     if layout != "auto":
         raise UsageError("--fields and --format cannot be used together: the mapping sets the layout")
     try:
+        if "=" not in fields and ":" in fields:
+            path, _, name = fields.rpartition(":")
+            return field_map_from_dataset_info(_read_dataset_info(path), name)
         return parse_field_map(fields)
     except ValueError as e:
         raise UsageError(f"--fields {fields!r}: {e}") from None
+
+
+def _read_dataset_info(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+    except OSError as e:
+        raise ValueError(f"cannot read {path} ({e.strerror})") from None
+    except ValueError as e:  # malformed JSON, bad UTF-8
+        raise ValueError(f"{path} is not a JSON file ({e})") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{path} is not a JSON object of dataset entries")
+    return info
 
 
 def iter_examples(reader: SourceReader, layout: str = "auto", on_bad_line: str = "error",
