@@ -268,7 +268,8 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version_cal
 @app.command("embed", epilog="Example: cat data.jsonl | slap embed - -o work/embeddings.parquet")
 @_handle_errors
 def embed_cmd(
-    input: str = typer.Argument(..., help="Data file (JSON Lines, JSON array or Parquet; .gz/.zst ok) or - for stdin."),
+    input: str = typer.Argument(..., help="Data file (JSON Lines, JSON array, Parquet or Arrow; .gz/.zst ok), "
+                                          "a folder of shards, or - for stdin."),
     output: str = typer.Option(..., "--output", "-o", help="Embeddings artifact to write (.parquet)."),
     embed_model: str = typer.Option(DEFAULT_EMBED_MODEL, "--embed-model",
                                     help="Sentence encoder: the packaged default, a local folder or a hub id."),
@@ -279,9 +280,10 @@ def embed_cmd(
     fields: str | None = typer.Option(None, "--fields",
                                       help="Your own field names instead of a layout, e.g. "
                                            "prompt=question,response=answer[,system=persona]; also query, "
-                                           "history, tools, messages, chosen, rejected."),
+                                           "history, tools, messages, chosen, rejected; or "
+                                           "dataset_info.json:NAME (a LLaMA-Factory entry)."),
     input_format: str | None = typer.Option(None, "--input-format",
-                                            help="jsonl, json or parquet (default: from the file name)."),
+                                            help="jsonl, json, parquet or arrow (default: from the file name)."),
     on_bad_line: str = typer.Option("error", "--on-bad-line", help="error (stop) or skip (count and go on)."),
     max_tokens: int = typer.Option(1024, "--max-tokens", help="Proxy tokens per row; longer rows are truncated."),
     batch_size: int = typer.Option(64, "--batch-size", help="Encoder batch size."),
@@ -550,9 +552,10 @@ def run_cmd(
     fields: str | None = typer.Option(None, "--fields",
                                       help="Your own field names instead of a layout, e.g. "
                                            "prompt=question,response=answer[,system=persona]; also query, "
-                                           "history, tools, messages, chosen, rejected."),
+                                           "history, tools, messages, chosen, rejected; or "
+                                           "dataset_info.json:NAME (a LLaMA-Factory entry)."),
     input_format: str | None = typer.Option(None, "--input-format",
-                                            help="jsonl, json or parquet (default: from the file name)."),
+                                            help="jsonl, json, parquet or arrow (default: from the file name)."),
     on_bad_line: str = typer.Option("error", "--on-bad-line", help="error or skip."),
     max_tokens: int = typer.Option(1024, "--max-tokens", help="Proxy tokens per row; longer rows are truncated."),
     embed_model: str = typer.Option(DEFAULT_EMBED_MODEL, "--embed-model", help="Sentence encoder."),
