@@ -109,6 +109,16 @@ def test_legacy_function_call_and_function_role() -> None:
     assert json.loads(ex.turns[2].text)["name"] == "convert_currency"
 
 
+@pytest.mark.parametrize(("raw", "role"), [("tool", "tool"), ("function", "tool"), ("observation", "tool"),
+                                           ("ipython", "tool"), ("function_response", "tool"),
+                                           ("tool_response", "tool"), ("function_call", "assistant"),
+                                           ("tool_call", "assistant"), ("developer", "system")])
+def test_tool_calling_role_names(raw: str, role: str) -> None:
+    row = {"conversations": [{"from": "human", "value": "q"}, {"from": raw, "value": "x"},
+                             {"from": "gpt", "value": "a"}]}
+    assert parse_example(row, "sharegpt").turns[1].role == role
+
+
 def test_developer_role_is_system() -> None:
     assert roles(parse_example(_rows("openai_tools.jsonl")[5], "openai")) == ["system", "user", "assistant"]
 

@@ -46,6 +46,9 @@ ROLE_ALIASES = {
     "function": "tool",  # OpenAI's legacy name for a tool result
     "observation": "tool",  # ShareGPT tool calling: the tool's answer, input like a user turn
     "ipython": "tool",  # Llama 3's tool-result role
+    "function_response": "tool",
+    "tool_response": "tool",
+    "tool_call": "assistant",
 }
 
 TEXT_PART_TYPES = ("text", "input_text", "output_text")  # chat completions, and the Responses API's names
