@@ -53,6 +53,7 @@ ROLE_ALIASES = {
 
 TEXT_PART_TYPES = ("text", "input_text", "output_text")  # chat completions, and the Responses API's names
 MEDIA_FIELDS = ("images", "videos", "audios", "image", "video", "audio")  # media beside the text: counted too
+_MEDIA_FIELD_SET = frozenset(MEDIA_FIELDS)
 TOOLS_FIELDS = ("tools", "functions")  # a row's tool schemas, in the prompt
 SYSTEM_FIELD = "system"
 # Per message: a weight of 0 (OpenAI, LLaMA-Factory, axolotl) or a training flag of false (axolotl's `train`) marks
@@ -72,8 +73,7 @@ ROW_CLIP_CHARS = 4 * CLIP_CHARS
 # MATH's problem/solution); Alpaca's family (Dolly: instruction/context/response) likewise.
 PAIR_FIELDS = (("prompt", "response"), ("question", "answer"), ("query", "response"), ("problem", "solution"),
                ("input", "output"))
-ALPACA_ANSWERS = ("output", "response")
-ALPACA_INPUTS = ("input", "context")
+ALPACA_ANSWERS = ("output", "response")  # and Dolly's `context` for `input`
 
 # Preference rows: the (chosen, rejected) field names (TRL and most sets; OpenAI's preference fine-tuning), and
 # where the prompt is when there is no `prompt` field: Alpaca-style rows (LLaMA-Factory's `instruction` +
@@ -148,6 +148,9 @@ def _pair_fields(row: Mapping) -> tuple[str, str] | None:
 
 def has_text(text: str) -> bool:
     """Whether `text` holds anything visible: whitespace and zero-width or format characters do not count."""
+    text = text.strip()
+    if text[:1].isalnum():
+        return True  # the common case, decided without looking at every character
     return any(not c.isspace() and unicodedata.category(c) not in ("Cf", "Cc", "Zs") for c in text)
 
 
@@ -163,6 +166,9 @@ def _clip(text: str) -> str:
 def _clip_row(turns: list[Turn]) -> list[Turn]:
     """Each turn clipped; and turns beyond ROW_CLIP_CHARS before or after the first response dropped, all but the
     first (whose head the encoder reads). A row's own turns, only fewer and shorter: what the models can see."""
+    lengths = [len(t.text) for t in turns]
+    if max(lengths) <= CLIP_CHARS and sum(lengths) <= 2 * ROW_CLIP_CHARS:
+        return turns  # the common case: nothing to cut
     turns = [Turn(t.role, _clip(t.text)) for t in turns]
     if sum(len(t.text) for t in turns) <= 2 * ROW_CLIP_CHARS:
         return turns
@@ -420,6 +426,8 @@ def _conversation(row: Mapping, field: str, keys: tuple[str, str]) -> Example:
 
 def _with_media(example: Example, row: Mapping) -> Example:
     """Count a row's media columns (LLaMA-Factory's `images`, LLaVA's `image`) with its non-text parts."""
+    if not row.keys() & _MEDIA_FIELD_SET:
+        return example
     media = sum(len(v) if isinstance(v, list) else 1 for k in MEDIA_FIELDS if (v := row.get(k)) not in (None, "", []))
     return replace(example, non_text_parts=example.non_text_parts + media) if media else example
 
@@ -434,9 +442,9 @@ def parse_example(row: Any, layout: str) -> Example:
 def _parse_layout(row: Mapping, layout: str) -> Example:
     if layout == "alpaca":
         instruction = _string_field(row, "instruction")
-        extra = _string_field(row, next((k for k in ALPACA_INPUTS if k in row), "input"), required=False)
+        extra = _string_field(row, "context" if "context" in row and "input" not in row else "input", required=False)
         prompt = instruction if not extra.strip() else f"{instruction}\n\n{extra}"
-        answer = next((k for k in ALPACA_ANSWERS if k in row), "output")
+        answer = "response" if "response" in row and "output" not in row else "output"
         turns = [*_context_turns(row), *_history(row, "history"), Turn("user", prompt),
                  Turn("assistant", _string_field(row, answer))]
         return _require_response(turns, answer)
