@@ -8,10 +8,14 @@ What is prompt and what is response, in every layout:
 - `user` turns and tool results (`tool`, `function`, ShareGPT `observation`) are prompt;
 - assistant turns are response, their text followed by their tool calls (OpenAI `tool_calls`, the legacy
   `function_call`, ShareGPT `function_call` turns): calling a tool is model output, trained on like text;
-- an assistant turn with `weight` / `loss_weight` 0 is not trained on: it stays in the conversation with the
-  role `assistant_context` (prompt, not response).
+- an assistant turn with `weight` / `loss_weight` 0 (or `train: false`) is not trained on: it stays in the
+  conversation with the role `assistant_context` (prompt, not response), as do assistant turns on the prompt
+  side of a pair (a preference row's or a prompt/completion row's prompt);
+- a preference row is its prompt and its chosen answer; the rejected one is only checked to be there.
 Message `content` may be a string or a list of typed parts: text parts (`text` or `value` key) are joined in
-order; other parts (images, audio, files) carry no text to score and are counted in `Example.non_text_parts`.
+order; other parts (images, audio, files) carry no text to score and are counted in `Example.non_text_parts`,
+as are media columns beside the text. Huge turns and rows are clipped to what the models can read
+(CLIP_CHARS, ROW_CLIP_CHARS); the row itself is exported whole.
 """
 
 from __future__ import annotations
