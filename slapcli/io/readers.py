@@ -149,6 +149,10 @@ def is_stream(path: str) -> bool:
     return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
 
 
+# `train-00000-of-00004.parquet`: the split comes first in a Hugging Face hub shard's name.
+_HUB_SHARD = re.compile(r"^(.+?)-\d{5}-of-\d{5}[.]")
+
+
 def _is_shard_name(name: str) -> bool:
     return not name.startswith((".", "_")) and name.lower().endswith(SHARD_SUFFIXES)
 
@@ -162,6 +166,11 @@ def list_shards(path: str) -> list[str] | None:
         return None
     if os.path.isdir(path):
         names = sorted(n for n in os.listdir(path) if _is_shard_name(n) and os.path.isfile(os.path.join(path, n)))
+        splits = sorted({m.group(1) for n in names if (m := _HUB_SHARD.match(n))})
+        if len(splits) > 1:  # a Hugging Face snapshot's data/ with train and test shards side by side
+            raise UsageError(f"{path}: holds the splits {', '.join(splits)} (Hugging Face shard names), which are not "
+                             f"one dataset; pass one split as a quoted pattern, e.g. '{os.path.join(path, splits[-1])}"
+                             "-*'")
         if names:
             return [os.path.join(path, n) for n in names]
         below = sorted({os.path.relpath(os.path.dirname(f), path)
