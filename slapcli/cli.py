@@ -93,7 +93,15 @@ with _on_stop_signals(_exit_while_starting):
         is_stream,
         list_shards,
     )
-    from slapcli.io.writers import STDOUT, atomic_path, check_output_path, forget_written, output_lock, was_written
+    from slapcli.io.writers import (
+        MAX_NAME_BYTES,
+        STDOUT,
+        atomic_path,
+        check_output_path,
+        forget_written,
+        output_lock,
+        was_written,
+    )
     from slapcli.models import DEFAULT_EMBED_MODEL, DEFAULT_PROXY_MODEL
     from slapcli.pipeline import reuse_or_run
     from slapcli.progress import Reporter, stderr_console
@@ -433,6 +441,11 @@ def select_cmd(
         _check_range(option, value, 1)
     _check_range("--lr", lr, 0.0, low_open=True)
     _check_range("--checkpoint-minutes", checkpoint_minutes, 0.0)
+    from slapcli.replay import checkpoint_path  # here: the replay's imports are heavy and only select needs it
+
+    if len(os.fsencode(os.path.basename(checkpoint_path(output)))) > MAX_NAME_BYTES:
+        raise UsageError(f"{output}: file name too long for its resume checkpoint OUTPUT.ckpt (at most "
+                         f"{MAX_NAME_BYTES - len('.ckpt')} bytes)")
     _claim_output(output, [strata, input, embeddings, target], force, artifact=True)
     config = SelectConfig(method=method, keep=keep, budget=budget, allocation=allocation, batch_size=batch_size,
                           pool_factor=pool_factor, diversity=diversity, proj_dim=proj_dim, refresh=refresh,

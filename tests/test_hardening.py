@@ -305,7 +305,7 @@ def test_a_character_device_or_fifo_is_written_to_not_replaced(tmp_path, data, m
 
 
 @pytest.mark.parametrize("case", ["artifact-to-device", "artifact-to-stdout", "directory", "parent-is-a-file",
-                                  "name-too-long", "parquet-gz"])
+                                  "name-too-long", "checkpoint-name-too-long", "parquet-gz"])
 def test_outputs_that_cannot_be_written_are_one_line(tmp_path, data, models, case):
     _emb, strata, sel = chain(tmp_path, data, models)
     (tmp_path / "afile").write_text("x")
@@ -316,6 +316,8 @@ def test_outputs_that_cannot_be_written_are_one_line(tmp_path, data, models, cas
         "directory": (["export", sel, "-o", tmp_path / "adir", "--force"], "is a directory"),
         "parent-is-a-file": (["export", sel, "-o", tmp_path / "afile" / "out.jsonl"], "Not a directory"),
         "name-too-long": (["export", sel, "-o", tmp_path / ("n" * 300 + ".jsonl")], "file name too long"),
+        "checkpoint-name-too-long": (["select", strata, "-o", tmp_path / ("s" * 244 + ".parquet"), *proxy(models)],
+                                     "too long for its resume checkpoint"),
         "parquet-gz": (["export", sel, "-o", tmp_path / "out.parquet.gz"], "drop the compression suffix"),
     }[case]
     before = listing(tmp_path)
