@@ -7,6 +7,7 @@ Exit codes: 0 done, 1 runtime failure, 2 usage or data error, 130 interrupted (C
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import glob
 import json
@@ -81,7 +82,7 @@ with _on_stop_signals(_exit_while_starting):
     from slapcli import __version__
     from slapcli.artifacts import read_meta, recorded_inputs
     from slapcli.embed import EmbedConfig, embed
-    from slapcli.errors import EXIT_INTERRUPTED, SlapError, UsageError
+    from slapcli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, SlapError, UsageError
     from slapcli.export import ORDERS, ExportConfig, export
     from slapcli.io.layouts import LAYOUTS
     from slapcli.io.readers import (
@@ -126,6 +127,9 @@ app = typer.Typer(
 F = TypeVar("F", bound=Callable[..., Any])
 
 DEFAULT_WORKDIR = "slap_work"
+# OS errors that are about the machine rather than a bug: one line and exit 1, not a traceback.
+_ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG, errno.EACCES,
+                                 errno.EPERM, errno.EMFILE, errno.ENFILE})
 
 SCREEN = typer.Option(StratifyConfig.screen, "--screen/--no-screen",
                       help="Drop answers that ignore their prompt, stop mid-sentence or repeat themselves (found with "
@@ -179,6 +183,16 @@ def _handle_errors(func: F) -> F:
                 devnull = os.open(os.devnull, os.O_WRONLY)
                 os.dup2(devnull, sys.stdout.fileno())
                 raise typer.Exit(0) from None
+            except OSError as e:
+                if e.errno not in _ENVIRONMENT_ERRNOS:
+                    raise
+                # The machine, not slap or the data: a full disk, a quota, a read-only or failing file system,
+                # a file we may not read. Temporary files are gone by now; a rerun resumes.
+                output = kwargs.get("output")
+                where = e.filename or (output if isinstance(output, str) and output != STDOUT else None)
+                console.print(f"error: {where + ': ' if where else ''}{e.strerror or e}; nothing was written",
+                              markup=False, soft_wrap=True)
+                raise typer.Exit(EXIT_FAILURE) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -338,6 +338,14 @@ def test_a_long_legal_output_name_works(tmp_path, data, models):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_full_disk_is_one_line(tmp_path, data, models):
+    _emb, _strata, sel = chain(tmp_path, data, models)
+    r = invoke(["export", sel, "-o", "/dev/full"])  # every write fails with ENOSPC
+    assert r.exit_code == 1
+    assert one_line(r) == "error: /dev/full: No space left on device; nothing was written"
+
+
 # --- 7. a damaged selection or artifact is refused ----------------------------------------------------------------
 
 
