@@ -258,3 +258,6 @@ def test_a_hub_folder_with_several_splits_is_refused_with_the_pattern_to_pass(tm
     with pytest.raises(UsageError, match=r"holds the splits test, train .*'.*/train-\*'"):
         SourceReader(str(tmp_path))
     assert len(read(str(tmp_path / "train-*"))[1]) == 10
+    (tmp_path / "test-00000-of-00001.parquet").rename(tmp_path / "test_sft-00000-of-00001-5e2e4b3c.parquet")
+    with pytest.raises(UsageError, match="holds the splits test_sft, train "):
+        SourceReader(str(tmp_path))

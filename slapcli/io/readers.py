@@ -149,8 +149,9 @@ def is_stream(path: str) -> bool:
     return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
 
 
-# `train-00000-of-00004.parquet`: the split comes first in a Hugging Face hub shard's name.
-_HUB_SHARD = re.compile(r"^(.+?)-\d{5}-of-\d{5}[.]")
+# `train-00000-of-00004.parquet` (or `train_sft-00000-of-00003-5e2e4b3c.parquet`): the split comes first in a
+# Hugging Face hub shard's name.
+_HUB_SHARD = re.compile(r"^(.+?)-\d{5}-of-\d{5}[-.]")
 
 
 def _is_shard_name(name: str) -> bool:
