@@ -154,6 +154,18 @@ def is_stream(path: str) -> bool:
 _HUB_SHARD = re.compile(r"^(.+?)-\d{5}-of-\d{5}[-.]")
 
 
+_SPLIT_NAMES = frozenset({"train", "test", "validation", "valid", "val", "dev", "eval"})
+
+
+def _split_of(name: str) -> tuple[str, str] | None:
+    """(split, glob pattern of its files) when a data file's name says which split it holds, else None."""
+    hub = _HUB_SHARD.match(name)
+    if hub:
+        return hub.group(1), f"{hub.group(1)}-*"
+    stem = name.split(".")[0]
+    return (stem, f"{stem}.*") if stem.lower() in _SPLIT_NAMES else None
+
+
 def _is_shard_name(name: str) -> bool:
     return not name.startswith((".", "_")) and name.lower().endswith(SHARD_SUFFIXES)
 
@@ -167,11 +179,11 @@ def list_shards(path: str) -> list[str] | None:
         return None
     if os.path.isdir(path):
         names = sorted(n for n in os.listdir(path) if _is_shard_name(n) and os.path.isfile(os.path.join(path, n)))
-        splits = sorted({m.group(1) for n in names if (m := _HUB_SHARD.match(n))})
-        if len(splits) > 1:  # a Hugging Face snapshot's data/ with train and test shards side by side
-            raise UsageError(f"{path}: holds the splits {', '.join(splits)} (Hugging Face shard names), which are not "
-                             f"one dataset; pass one split as a quoted pattern, e.g. '{os.path.join(path, splits[-1])}"
-                             "-*'")
+        splits = {split: pattern for n in names if (found := _split_of(n)) for split, pattern in [found]}
+        if len(splits) > 1:  # e.g. a Hugging Face snapshot's data/ with train and test shards side by side
+            last = sorted(splits)[-1]
+            raise UsageError(f"{path}: holds the splits {', '.join(sorted(splits))}, which are not one dataset; "
+                             f"pass one split as a quoted pattern, e.g. '{os.path.join(path, splits[last])}'")
         if names:
             return [os.path.join(path, n) for n in names]
         below = sorted({os.path.relpath(os.path.dirname(f), path)
