@@ -78,6 +78,7 @@ with _on_stop_signals(_exit_while_starting):
     import typer
     from rich.console import Console
     from rich.markup import escape
+    from typer.core import TyperGroup
 
     from slapcli import __version__
     from slapcli.artifacts import read_meta, recorded_inputs
@@ -112,7 +113,33 @@ with _on_stop_signals(_exit_while_starting):
     from slapcli.stratify import ALLOCATIONS, StratifyConfig, stratify
     from slapcli.summary import artifact_summary, describe_artifact, is_artifact, print_diagnosis, selection_summary
 
+# Click's own exceptions, found through one typer exports (typer vendors click in some versions, imports it in
+# others): a usage mistake caught by the parser (a missing -o, `--keep abc`, an unknown option).
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+class _OneLineUsageErrors(TyperGroup):
+    """The parser's usage errors as one line on stderr and exit code 2, like every other mistake (typer prints
+    the usage, a hint and a boxed message)."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            # Not standalone: typer returns the exit code of a typer.Exit instead of calling sys.exit itself.
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except _CLICK_ERROR as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # `slap` alone: the help, as before
+                e.show()
+            else:
+                where = f" (see {e.ctx.command_path} --help)" if getattr(e, "ctx", None) is not None else ""
+                stderr_console().print(f"error: {e.format_message()}{where}", markup=False, soft_wrap=True)
+            sys.exit(e.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineUsageErrors,
     name="slap",
     help="Prune an instruction-tuning dataset to a coreset with SLAP (Stratified Loss-based Pruning).\n\n"
          "Pipeline: slap embed DATA -o e.parquet; slap stratify e.parquet -o s.parquet; "

@@ -230,6 +230,21 @@ def test_bad_options_are_one_line_before_any_model(tmp_path, data, monkeypatch, 
         sorted(os.listdir(tmp_path)) == ["artifact.parquet", "data.jsonl"]
 
 
+@pytest.mark.parametrize(("args", "words"), [
+    (["run", "{data}"], "Missing option '--output'"),
+    (["run", "{data}", "-o", "out.jsonl", "--keep", "abc"], "Invalid value for '--keep'"),
+    (["export", "sel.parquet", "-o", "out.jsonl", "--oder", "source"], "No such option: --oder"),
+    (["frobnicate"], "No such command 'frobnicate'"),
+])
+def test_parser_mistakes_are_one_line_too(tmp_path, data, monkeypatch, args, words):
+    monkeypatch.chdir(tmp_path)
+    r = invoke([a.format(data=data) for a in args])
+    assert r.exit_code == 2
+    line = one_line(r)
+    assert line.startswith("error: ") and words in line and line.endswith("--help)")
+    assert sorted(os.listdir(tmp_path)) in (["data.jsonl"], ["data.jsonl", "slap-cache"])
+
+
 def test_a_budget_above_the_rows_warns_and_a_share_of_no_row_is_refused(tmp_path, data, models):
     emb = tmp_path / "e.parquet"
     assert invoke(["embed", data, "-o", emb, *models, "-q"]).exit_code == 0
