@@ -486,6 +486,9 @@ def test_outputs_get_the_umask_permissions(tmp_path, data, models, umask):
         output_mode.cache_clear()
     for path in (emb, sel, tmp_path / "kept.jsonl"):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
+    os.chmod(tmp_path / "kept.jsonl", 0o640)  # a file replaced with --force keeps the mode it was given
+    assert invoke(["export", sel, "-o", tmp_path / "kept.jsonl", "--force"]).exit_code == 0
+    assert stat.S_IMODE(os.stat(tmp_path / "kept.jsonl").st_mode) == 0o640
 
 
 def test_run_says_where_its_work_folder_is_and_what_it_replaces(tmp_path, data, models, monkeypatch):

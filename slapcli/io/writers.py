@@ -144,7 +144,13 @@ def temp_path_beside(output: str) -> str:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(companion_path(output, ".")), suffix=".tmp", dir=folder)
     try:
-        os.fchmod(fd, output_mode())
+        # A file replaced with --force keeps its permissions; a new one gets the umask's.
+        try:
+            old = os.stat(output)
+            mode = stat.S_IMODE(old.st_mode) if stat.S_ISREG(old.st_mode) else output_mode()
+        except OSError:
+            mode = output_mode()
+        os.fchmod(fd, mode)
     finally:
         os.close(fd)
     return tmp
