@@ -486,9 +486,13 @@ def test_outputs_get_the_umask_permissions(tmp_path, data, models, umask):
         output_mode.cache_clear()
     for path in (emb, sel, tmp_path / "kept.jsonl"):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
-    os.chmod(tmp_path / "kept.jsonl", 0o640)  # a file replaced with --force keeps the mode it was given
+    # A file replaced with --force keeps the mode it was given.
+    os.chmod(tmp_path / "kept.jsonl", 0o640)
     assert invoke(["export", sel, "-o", tmp_path / "kept.jsonl", "--force"]).exit_code == 0
     assert stat.S_IMODE(os.stat(tmp_path / "kept.jsonl").st_mode) == 0o640
+    os.chmod(emb, 0o600)
+    assert invoke(["embed", data, "-o", emb, "--force", *models, "-q"]).exit_code == 0
+    assert stat.S_IMODE(os.stat(emb).st_mode) == 0o600
 
 
 def test_run_says_where_its_work_folder_is_and_what_it_replaces(tmp_path, data, models, monkeypatch):

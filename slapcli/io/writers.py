@@ -144,13 +144,7 @@ def temp_path_beside(output: str) -> str:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(companion_path(output, ".")), suffix=".tmp", dir=folder)
     try:
-        # A file replaced with --force keeps its permissions; a new one gets the umask's.
-        try:
-            old = os.stat(output)
-            mode = stat.S_IMODE(old.st_mode) if stat.S_ISREG(old.st_mode) else output_mode()
-        except OSError:
-            mode = output_mode()
-        os.fchmod(fd, mode)
+        os.fchmod(fd, output_mode())
     finally:
         os.close(fd)
     return tmp
@@ -163,6 +157,10 @@ def discard(tmp: str) -> None:
 
 def replace_into(tmp: str, output: str) -> None:
     """Rename the finished `tmp` over `output`, remembering which file that was (see `was_written`)."""
+    with contextlib.suppress(OSError):  # a file replaced with --force keeps its permissions
+        old = os.stat(output)
+        if stat.S_ISREG(old.st_mode):
+            os.chmod(tmp, stat.S_IMODE(old.st_mode))
     info = os.stat(tmp)
     _written[os.path.abspath(output)] = (info.st_dev, info.st_ino)
     os.replace(tmp, output)
