@@ -317,6 +317,11 @@ def test_a_character_device_or_fifo_is_written_to_not_replaced(tmp_path, data, m
     assert got == [(tmp_path / "kept.jsonl").read_bytes()]
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    dangling = tmp_path / "dangling.jsonl"
+    dangling.symlink_to(tmp_path / "nowhere.jsonl")  # a link to nothing is still there: replaced only with --force
+    r = invoke(["export", sel, "-o", dangling])
+    assert r.exit_code == 2 and "exists; pass --force" in one_line(r)
+    assert dangling.is_symlink()
 
 
 @pytest.mark.parametrize("case", ["artifact-to-device", "artifact-to-stdout", "directory", "parent-is-a-file",

@@ -104,7 +104,7 @@ def check_output_path(output: str, inputs: Sequence[str | None], force: bool, ar
     if mode is not None and not stat.S_ISREG(mode):
         raise UsageError(f"{output}: not a regular file (a block device or socket); give a file name")
     _check_folder(output)
-    if mode is not None and not force:
+    if (mode is not None or os.path.islink(output)) and not force:  # a dangling symlink is there too
         raise UsageError(f"{output}: exists; pass --force to overwrite it")
 
 
