@@ -645,6 +645,7 @@ def run_cmd(
         _claims[-1].enter_context(output_lock(path))
     if is_stream(input):  # stdin, a FIFO, <(...): read once, into the work folder, for every stage
         input = _copy_stdin(stdin_copy, input)
+        _claims[-1].push(_drop_on_error(stdin_copy))
     embed_config = EmbedConfig(embed_model=embed_model, proxy_model=proxy_model, layout=layout,
                                input_format=input_format, on_bad_line=on_bad_line, max_tokens=max_tokens,
                                device=device, fields=fields)
@@ -673,6 +674,19 @@ def _check_artifact_path(path: str) -> None:
     """A work-folder artifact is replaced by the stage that makes it: it may only be a file (or nothing yet)."""
     if os.path.lexists(path) and not os.path.isfile(path):
         raise UsageError(f"{path}: not a regular file; the work folder must hold only slapcli artifacts there")
+
+
+def _drop_on_error(path: str) -> Callable[..., bool]:
+    """An exit callback removing `path` when the command fails on bad data or options: a copy of stdin that
+    led to an error is nothing a rerun could use, so it is not left behind (an interrupt keeps it)."""
+
+    def drop(exc_type: object, exc: BaseException | None, tb: object) -> bool:
+        if isinstance(exc, SlapError):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        return False  # the error goes on
+
+    return drop
 
 
 def _copy_stdin(copy: str, source: str = STDIN) -> str:

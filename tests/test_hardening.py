@@ -142,6 +142,15 @@ def test_a_missing_input_is_one_line_before_any_model(tmp_path, monkeypatch, com
     assert set(listing(tmp_path)) <= {"slap-cache"}
 
 
+def test_run_on_bad_stdin_leaves_no_work_folder(tmp_path, models):
+    bad = b'{"instruction": "a", "output": "b"}\n{"instruction": "a"\n'
+    r = runner.invoke(cli.app, ["run", "-", "-o", str(tmp_path / "out.jsonl"), "--workdir", str(tmp_path / "w"),
+                                *models, "-q"], input=bad, catch_exceptions=False)
+    assert r.exit_code == 2
+    assert "input.stdin:2: malformed JSON" in one_line(r)
+    assert set(listing(tmp_path)) <= {"slap-cache"}  # neither the copy of stdin nor the folder stays
+
+
 # --- 3. artifacts record the absolute source path -----------------------------------------------------------------
 
 
