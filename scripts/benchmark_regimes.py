@@ -7,7 +7,8 @@
 - **targeted**: the shared mix as the pool, a `--target` dev file of `--target-rows` rows of one domain (disjoint
   from pool and held-out), held-out rows of that domain only; keeps 0.1-0.3; baselines random, `nearest`, and the
   domain oracle (random rows of the pool's target-domain rows, same size).
-- **clean** is `benchmark_quality.py` itself.
+- **clean**: the same draw undamaged (benchmark_quality.py's protocol, here with the seeds and report of the
+  other two regimes): the default must be no worse than random.
 
 Every method with a random choice runs `--seeds` selection seeds and every subset `--train-seeds` shuffles
 (3 and 3). With `--equal-steps M,...`, those methods' subsets are also trained for as many optimizer steps as
@@ -73,7 +74,7 @@ def build_noisy(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     pool = damage.make_noisy_pool(train, args.damaged_share, args.data_seed, args.kinds)
     write_jsonl(workdir / "train.jsonl", pool)
     write_jsonl(workdir / "heldout.jsonl", heldout)
-    return {**info, "train_rows": len(pool), "regime": "noisy", "damaged_share": args.damaged_share,
+    return {**info, "train_rows": len(pool), "regime": args.regime, "damaged_share": args.damaged_share,
             "kinds": args.kinds or "all, equal",
             "pool_damage": dict(Counter(r.get("damage", "clean") for r in pool))}
 
@@ -178,7 +179,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
     lines = [f"# Quality, {regime} regime (data seed {data['seed']})", "",
              f"Written by `scripts/benchmark_regimes.py` on {results['finished']} (commit `{results['commit'][:10]}`).",
              "", "```sh", results["command"], "```", "", "## Data", ""]
-    if regime == "noisy":
+    if regime in ("clean", "noisy"):
         lines.append(f"{data['train_rows']} training rows of the shared mix, {data['damaged_share']:.0%} damaged "
                      f"({', '.join(f'{k} {v}' for k, v in sorted(data['pool_damage'].items()))}); held-out: "
                      f"{data['heldout_per_domain']} clean rows per domain.")
@@ -224,7 +225,7 @@ def parse_kinds(text: str) -> dict[str, float] | None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("regime", choices=["noisy", "targeted"])
+    p.add_argument("regime", choices=["clean", "noisy", "targeted"])
     p.add_argument("--workdir", type=Path, required=True)
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--train-rows", type=int, default=300)
@@ -249,9 +250,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-4)
     args = p.parse_args(argv)
-    args.keeps = args.keeps or ([0.7] if args.regime == "noisy" else [0.1, 0.2, 0.3])
-    args.methods = [m for m in (args.methods or ("stratified,slap" if args.regime == "noisy"
-                                                 else "nearest,slap")).split(",") if m]
+    if args.regime == "clean":
+        args.damaged_share = 0.0
+    args.keeps = args.keeps or ([0.1, 0.2, 0.3] if args.regime == "targeted" else [0.7])
+    args.methods = [m for m in (args.methods or ("nearest,slap" if args.regime == "targeted"
+                                                 else "stratified,slap")).split(",") if m]
     return args
 
 
@@ -261,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir.resolve()
     for sub in ("logs", "selections", "runs"):
         (workdir / sub).mkdir(parents=True, exist_ok=True)
-    data = build_noisy(args, workdir) if args.regime == "noisy" else build_targeted(args, workdir)
+    data = build_targeted(args, workdir) if args.regime == "targeted" else build_noisy(args, workdir)
     train, heldout = workdir / "train.jsonl", workdir / "heldout.jsonl"
     bq.log(f"{args.regime}: {data['train_rows']} pool rows -> {workdir}")
 
@@ -291,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join([".venv/bin/python", "scripts/benchmark_regimes.py", *(argv or sys.argv[1:])]),
         "commit": bq.git("rev-parse", "HEAD"), "machine": bq.machine_info(), "selections": selections,
         "recipe": bq.recipe_of(args)}
-    labels = pool_labels(train, "damage", "clean") if args.regime == "noisy" else pool_labels(train, "domain", "all")
+    labels = pool_labels(train, "domain", "all") if args.regime == "targeted" else pool_labels(train, "damage", "clean")
     if args.regime == "noisy":
         results["damage"] = damage_table(selections, labels)
     n = len(labels)

@@ -192,9 +192,13 @@ def read_meta(path: str, expect_kind: str | None = None) -> ArtifactMeta:
         raise DataError(f"damaged artifact: its slapcli metadata does not fit ({e})", path) from None
     _check_meta(meta, schema, path)
     if expect_kind is not None and meta.kind != expect_kind:
-        raise DataError(f"expected a {expect_kind} artifact, got a {meta.kind} artifact "
-                        f"(made by `slap {meta.command}`)", path)
+        raise DataError(f"expected {_article(expect_kind)} {expect_kind} artifact, got {_article(meta.kind)} "
+                        f"{meta.kind} artifact (made by `slap {meta.command}`)", path)
     return meta
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
 
 
 def _check_meta(meta: ArtifactMeta, schema: pa.Schema, path: str) -> None:

@@ -15,6 +15,7 @@ from slapcli.signals import STOP_SIGNALS, exit_at_once, finished, importing, on_
 # A Ctrl-C or SIGTERM while the CLI starts gets the same one line and exit code as during a command.
 with on_stop_signals(exit_at_once):
     import contextlib
+    import errno
     import functools
     import glob
     import json
@@ -30,6 +31,7 @@ with on_stop_signals(exit_at_once):
     import typer
     from rich.console import Console
     from rich.markup import escape
+    from typer.core import TyperGroup
 
     from slapcli import __version__
     from slapcli.budgets import ALLOCATIONS
@@ -43,7 +45,7 @@ with on_stop_signals(exit_at_once):
         SelectConfig,
         StratifyConfig,
     )
-    from slapcli.errors import EXIT_INTERRUPTED, SlapError, Stopped, UsageError
+    from slapcli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, SlapError, Stopped, UsageError
     from slapcli.io.layouts import LAYOUTS
     from slapcli.io.readers import (
         BAD_LINE_POLICIES,
@@ -54,11 +56,45 @@ with on_stop_signals(exit_at_once):
         is_stream,
         list_shards,
     )
-    from slapcli.io.writers import STDOUT, atomic_path, check_output_path, forget_written, output_lock, was_written
+    from slapcli.io.writers import (
+        MAX_NAME_BYTES,
+        STDOUT,
+        atomic_path,
+        check_output_path,
+        forget_written,
+        output_lock,
+        was_written,
+    )
     from slapcli.methods.registry import method_names, methods_help, methods_where
     from slapcli.progress import Reporter, stderr_console
 
+# Click's own exceptions, found through one typer exports (typer vendors click in some versions, imports it in
+# others): a usage mistake caught by the parser (a missing -o, `--keep abc`, an unknown option).
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+class _OneLineUsageErrors(TyperGroup):
+    """The parser's usage errors as one line on stderr and exit code 2, like every other mistake (typer prints
+    the usage, a hint and a boxed message)."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            # Not standalone: typer returns the exit code of a typer.Exit instead of calling sys.exit itself.
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except _CLICK_ERROR as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # `slap` alone: the help, as before
+                e.show()
+            else:
+                where = f" (see {e.ctx.command_path} --help)" if getattr(e, "ctx", None) is not None else ""
+                stderr_console().print(f"error: {e.format_message()}{where}", markup=False, soft_wrap=True)
+            sys.exit(e.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineUsageErrors,
     name="slap",
     help="Prune an instruction-tuning dataset to a coreset with SLAP (Stratified Loss-based Pruning).\n\n"
          "Pipeline: slap embed DATA -o e.parquet; slap stratify e.parquet -o s.parquet; "
@@ -73,6 +109,9 @@ app = typer.Typer(
 F = TypeVar("F", bound=Callable[..., Any])
 
 DEFAULT_WORKDIR = "slap_work"
+# OS errors that are about the machine rather than a bug: one line and exit 1, not a traceback.
+_ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG, errno.EACCES,
+                                 errno.EPERM, errno.EMFILE, errno.ENFILE})
 
 SCREEN = typer.Option(StratifyConfig.screen, "--screen/--no-screen",
                       help="Drop answers that ignore their prompt, stop mid-sentence or repeat themselves (found with "
@@ -131,6 +170,16 @@ def _handle_errors(func: F) -> F:
                 devnull = os.open(os.devnull, os.O_WRONLY)
                 os.dup2(devnull, sys.stdout.fileno())
                 raise typer.Exit(0) from None
+            except OSError as e:
+                if e.errno not in _ENVIRONMENT_ERRNOS:
+                    raise
+                # The machine, not slap or the data: a full disk, a quota, a read-only or failing file system,
+                # a file we may not read. Temporary files are gone by now; a rerun resumes.
+                output = kwargs.get("output")
+                where = e.filename or (output if isinstance(output, str) and output != STDOUT else None)
+                console.print(f"error: {where + ': ' if where else ''}{e.strerror or e}; nothing was written",
+                              markup=False, soft_wrap=True)
+                raise typer.Exit(EXIT_FAILURE) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -230,7 +279,8 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version_cal
 @app.command("embed", epilog="Example: cat data.jsonl | slap embed - -o work/embeddings.parquet")
 @_handle_errors
 def embed_cmd(
-    input: str = typer.Argument(..., help="Data file (JSON Lines, JSON array or Parquet; .gz/.zst ok) or - for stdin."),
+    input: str = typer.Argument(..., help="Data file (JSON Lines, JSON array, Parquet or Arrow; .gz/.zst ok), "
+                                          "a folder of shards, or - for stdin."),
     output: str = typer.Option(..., "--output", "-o", help="Embeddings artifact to write (.parquet)."),
     embed_model: str = typer.Option(EmbedConfig.embed_model, "--embed-model",
                                     help="Sentence encoder: the packaged default, a local folder or a hub id."),
@@ -241,9 +291,10 @@ def embed_cmd(
     fields: str | None = typer.Option(None, "--fields",
                                       help="Your own field names instead of a layout, e.g. "
                                            "prompt=question,response=answer[,system=persona]; also query, "
-                                           "history, tools, messages, chosen, rejected."),
+                                           "history, tools, messages, chosen, rejected; or "
+                                           "dataset_info.json:NAME (a LLaMA-Factory entry)."),
     input_format: str | None = typer.Option(None, "--input-format",
-                                            help="jsonl, json or parquet (default: from the file name)."),
+                                            help="jsonl, json, parquet or arrow (default: from the file name)."),
     on_bad_line: str = typer.Option(EmbedConfig.on_bad_line, "--on-bad-line",
                                     help="error (stop) or skip (count and go on)."),
     max_tokens: int = typer.Option(EmbedConfig.max_tokens, "--max-tokens",
@@ -404,6 +455,7 @@ def select_cmd(
     """Stage 3: choose the coreset batch by batch (the proxy-training replay for --method slap)."""
     with importing():
         from slapcli.artifacts import read_meta
+        from slapcli.replay import checkpoint_path
         from slapcli.select import select
         from slapcli.summary import selection_summary
     _check_input(strata)
@@ -418,6 +470,9 @@ def select_cmd(
         _check_range(option, value, 1)
     _check_range("--lr", lr, 0.0, low_open=True)
     _check_range("--checkpoint-minutes", checkpoint_minutes, 0.0)
+    if len(os.fsencode(os.path.basename(checkpoint_path(output)))) > MAX_NAME_BYTES:
+        raise UsageError(f"{output}: file name too long for its resume checkpoint OUTPUT.ckpt (at most "
+                         f"{MAX_NAME_BYTES - len('.ckpt')} bytes)")
     _claim_output(output, [strata, input, embeddings, target], force, artifact=True)
     config = SelectConfig(method=method, keep=keep, budget=budget, allocation=allocation, batch_size=batch_size,
                           pool_factor=pool_factor, diversity=diversity, proj_dim=proj_dim, refresh=refresh,
@@ -546,9 +601,10 @@ def run_cmd(
     fields: str | None = typer.Option(None, "--fields",
                                       help="Your own field names instead of a layout, e.g. "
                                            "prompt=question,response=answer[,system=persona]; also query, "
-                                           "history, tools, messages, chosen, rejected."),
+                                           "history, tools, messages, chosen, rejected; or "
+                                           "dataset_info.json:NAME (a LLaMA-Factory entry)."),
     input_format: str | None = typer.Option(None, "--input-format",
-                                            help="jsonl, json or parquet (default: from the file name)."),
+                                            help="jsonl, json, parquet or arrow (default: from the file name)."),
     on_bad_line: str = typer.Option(EmbedConfig.on_bad_line, "--on-bad-line", help="error or skip."),
     max_tokens: int = typer.Option(EmbedConfig.max_tokens, "--max-tokens",
                                    help="Proxy tokens per row; longer rows are truncated."),
@@ -594,6 +650,7 @@ def run_cmd(
         _claims[-1].enter_context(output_lock(path))
     if is_stream(input):  # stdin, a FIFO, <(...): read once, into the work folder, for every stage
         input = _copy_stdin(stdin_copy, input)
+        _claims[-1].push(_drop_on_error(stdin_copy))
     embed_config = EmbedConfig(embed_model=embed_model, proxy_model=proxy_model, layout=layout,
                                input_format=input_format, on_bad_line=on_bad_line, max_tokens=max_tokens,
                                device=device, fields=fields)
@@ -623,6 +680,19 @@ def _check_artifact_path(path: str) -> None:
     """A work-folder artifact is replaced by the stage that makes it: it may only be a file (or nothing yet)."""
     if os.path.lexists(path) and not os.path.isfile(path):
         raise UsageError(f"{path}: not a regular file; the work folder must hold only slapcli artifacts there")
+
+
+def _drop_on_error(path: str) -> Callable[..., bool]:
+    """An exit callback removing `path` when the command fails on bad data or options: a copy of stdin that
+    led to an error is nothing a rerun could use, so it is not left behind (an interrupt keeps it)."""
+
+    def drop(exc_type: object, exc: BaseException | None, tb: object) -> bool:
+        if isinstance(exc, SlapError):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        return False  # the error goes on
+
+    return drop
 
 
 def _copy_stdin(copy: str, source: str = STDIN) -> str:

@@ -163,7 +163,9 @@ def _read_json(path: str) -> Any:
 
 def embed(input_path: str, output_path: str, config: EmbedConfig, reporter: Reporter) -> ArtifactMeta:
     """Read `input_path`, write the embeddings artifact to `output_path`, return its metadata."""
-    field_map(config.fields, config.layout)  # a bad --fields fails before any model loads
+    # A bad --fields fails before any model loads; the artifact records the mapping itself (not a dataset_info.json
+    # path), so later stages parse the same way from anywhere.
+    mapping = field_map(config.fields, config.layout)
     device = pick_device(config.device)
     embed_ref = resolve_model(config.embed_model)
     proxy_ref = resolve_model(config.proxy_model)
@@ -237,7 +239,8 @@ def embed(input_path: str, output_path: str, config: EmbedConfig, reporter: Repo
             command="embed",
             config=meta_config,
             source={"path": reader.path, "fingerprint": reader.fingerprint.to_dict(), "container": reader.container,
-                    "compression": reader.compression, "layout": config.layout, "fields": config.fields,
+                    "compression": reader.compression, "layout": config.layout,
+                    "fields": mapping.describe() if mapping is not None else None,
                     "stream": reader.stream, "shards": reader.shard_fingerprints},
             stats={"records": stats.records, "rows": rows_out, "bad_skipped": stats.bad_skipped,
                    "bad_examples": stats.bad_examples, "truncated": truncated, "dim": dim,

@@ -34,6 +34,7 @@ from slapcli.artifacts import check_source, read_meta, read_table
 from slapcli.config import ORDERS, ExportConfig
 from slapcli.errors import DataError, UsageError
 from slapcli.io.readers import SourceReader, container_from_name, record_value
+from slapcli.io.shards import export_shards, is_folder_output
 from slapcli.io.writers import STDOUT, atomic_path, compressed, compression_from_name, open_output
 from slapcli.progress import ProgressTask, Reporter
 from slapcli.source import source_path, verify_source
@@ -74,6 +75,14 @@ def export(selection_path: str, output: str, config: ExportConfig, reporter: Rep
             raise DataError(f"the selection keeps {n_kept:,} rows but only {found:,} of them are in the source "
                             f"{src}: the selection is damaged or was not made from this data", selection_path)
 
+    if is_folder_output(output):  # -o DIR/: one file per shard of a folder input (slapcli.io.shards)
+        if config.order != "source":
+            raise UsageError(f"{output}: --order selection needs one output file; a folder keeps each shard's order")
+        with SourceReader(src, container) as reader, \
+                reporter.progress(f"export {reader.name}", reader.total_bytes, unit="bytes") as bar:
+            written = export_shards(reader, ranks, output, all_found,
+                                    lambda done, rows: bar.update(completed=done, rows_done=rows))
+        return ExportResult(written, int(meta.stats.get("rows", len(table))))
     with SourceReader(src, container) as reader, \
             reporter.progress(f"export {reader.name}", reader.total_bytes, unit="bytes") as bar:
         if container_out == "parquet":

@@ -139,7 +139,16 @@ def test_a_missing_input_is_one_line_before_any_model(tmp_path, monkeypatch, com
     r = invoke(args)
     assert r.exit_code == 2
     assert one_line(r) == f"error: {nosuch}: no such file"  # not the model, which would fail if it were loaded
-    assert listing(tmp_path) == ["slap-cache"] or listing(tmp_path) == []
+    assert set(listing(tmp_path)) <= {"slap-cache"}
+
+
+def test_run_on_bad_stdin_leaves_no_work_folder(tmp_path, models):
+    bad = b'{"instruction": "a", "output": "b"}\n{"instruction": "a"\n'
+    r = runner.invoke(cli.app, ["run", "-", "-o", str(tmp_path / "out.jsonl"), "--workdir", str(tmp_path / "w"),
+                                *models, "-q"], input=bad, catch_exceptions=False)
+    assert r.exit_code == 2
+    assert "input.stdin:2: malformed JSON" in one_line(r)
+    assert set(listing(tmp_path)) <= {"slap-cache"}  # neither the copy of stdin nor the folder stays
 
 
 # --- 3. artifacts record the absolute source path -----------------------------------------------------------------
@@ -218,16 +227,34 @@ def test_bad_options_are_one_line_before_any_model(tmp_path, data, monkeypatch, 
     fake = tmp_path / "artifact.parquet"
     fake.write_bytes(b"not read: the options are checked first")
     args = [a.format(data=data, fake=fake, out="out") for a in template]
+    command = args[0]
     # Models that do not exist: a command that got as far as loading one would fail on that instead.
-    models = ["--proxy-model", "no-such-model"] + (["--embed-model", "no-such-model"]
-                                                   if args[0] in ("embed", "run") else [])
-    r = invoke([*args, *([] if args[0] == "export" else models), "--workdir", "wk"] if args[0] == "run"
-               else [*args, *([] if args[0] == "export" else models)])
+    if command != "export":
+        args += ["--proxy-model", "no-such-model"]
+    if command in ("embed", "run"):
+        args += ["--embed-model", "no-such-model"]
+    if command == "run":
+        args += ["--workdir", "wk"]
+    r = invoke(args)
     assert r.exit_code == 2
     line = one_line(r)
     assert line.startswith("error: ") and option in line
-    assert sorted(os.listdir(tmp_path)) == sorted(["artifact.parquet", "data.jsonl", "slap-cache"]) or \
-        sorted(os.listdir(tmp_path)) == ["artifact.parquet", "data.jsonl"]
+    assert sorted(set(os.listdir(tmp_path)) - {"slap-cache"}) == ["artifact.parquet", "data.jsonl"]
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["run", "{data}"], "Missing option '--output'"),
+    (["run", "{data}", "-o", "out.jsonl", "--keep", "abc"], "Invalid value for '--keep'"),
+    (["export", "sel.parquet", "-o", "out.jsonl", "--oder", "source"], "No such option: --oder"),
+    (["frobnicate"], "No such command 'frobnicate'"),
+])
+def test_parser_mistakes_are_one_line_too(tmp_path, data, monkeypatch, args, words):
+    monkeypatch.chdir(tmp_path)
+    r = invoke([a.format(data=data) for a in args])
+    assert r.exit_code == 2
+    line = one_line(r)
+    assert line.startswith("error: ") and words in line and line.endswith("--help)")
+    assert set(os.listdir(tmp_path)) - {"slap-cache"} == {"data.jsonl"}
 
 
 def test_a_budget_above_the_rows_warns_and_a_share_of_no_row_is_refused(tmp_path, data, models):
@@ -302,10 +329,15 @@ def test_a_character_device_or_fifo_is_written_to_not_replaced(tmp_path, data, m
     assert got == [(tmp_path / "kept.jsonl").read_bytes()]
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    dangling = tmp_path / "dangling.jsonl"
+    dangling.symlink_to(tmp_path / "nowhere.jsonl")  # a link to nothing is still there: replaced only with --force
+    r = invoke(["export", sel, "-o", dangling])
+    assert r.exit_code == 2 and "exists; pass --force" in one_line(r)
+    assert dangling.is_symlink()
 
 
 @pytest.mark.parametrize("case", ["artifact-to-device", "artifact-to-stdout", "directory", "parent-is-a-file",
-                                  "name-too-long", "parquet-gz"])
+                                  "name-too-long", "checkpoint-name-too-long", "parquet-gz"])
 def test_outputs_that_cannot_be_written_are_one_line(tmp_path, data, models, case):
     _emb, strata, sel = chain(tmp_path, data, models)
     (tmp_path / "afile").write_text("x")
@@ -316,6 +348,8 @@ def test_outputs_that_cannot_be_written_are_one_line(tmp_path, data, models, cas
         "directory": (["export", sel, "-o", tmp_path / "adir", "--force"], "is a directory"),
         "parent-is-a-file": (["export", sel, "-o", tmp_path / "afile" / "out.jsonl"], "Not a directory"),
         "name-too-long": (["export", sel, "-o", tmp_path / ("n" * 300 + ".jsonl")], "file name too long"),
+        "checkpoint-name-too-long": (["select", strata, "-o", tmp_path / ("s" * 244 + ".parquet"), *proxy(models)],
+                                     "too long for its resume checkpoint"),
         "parquet-gz": (["export", sel, "-o", tmp_path / "out.parquet.gz"], "drop the compression suffix"),
     }[case]
     before = listing(tmp_path)
@@ -334,6 +368,14 @@ def test_a_long_legal_output_name_works(tmp_path, data, models):
     out = tmp_path / ("x" * 244 + ".jsonl")
     assert invoke(["export", sel, "-o", out, "-q"]).exit_code == 0
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_full_disk_is_one_line(tmp_path, data, models):
+    _emb, _strata, sel = chain(tmp_path, data, models)
+    r = invoke(["export", sel, "-o", "/dev/full"])  # every write fails with ENOSPC
+    assert r.exit_code == 1
+    assert one_line(r) == "error: /dev/full: No space left on device; nothing was written"
 
 
 # --- 7. a damaged selection or artifact is refused ----------------------------------------------------------------
@@ -463,6 +505,13 @@ def test_outputs_get_the_umask_permissions(tmp_path, data, models, umask):
         output_mode.cache_clear()
     for path in (emb, sel, tmp_path / "kept.jsonl"):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
+    # A file replaced with --force keeps the mode it was given.
+    os.chmod(tmp_path / "kept.jsonl", 0o640)
+    assert invoke(["export", sel, "-o", tmp_path / "kept.jsonl", "--force"]).exit_code == 0
+    assert stat.S_IMODE(os.stat(tmp_path / "kept.jsonl").st_mode) == 0o640
+    os.chmod(emb, 0o600)
+    assert invoke(["embed", data, "-o", emb, "--force", *models, "-q"]).exit_code == 0
+    assert stat.S_IMODE(os.stat(emb).st_mode) == 0o600
 
 
 def test_run_says_where_its_work_folder_is_and_what_it_replaces(tmp_path, data, models, monkeypatch):

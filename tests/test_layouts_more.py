@@ -11,9 +11,11 @@ import pytest
 from slapcli.io.layouts import (
     CLIP_CHARS,
     CONTEXT_ROLE,
+    ROW_CLIP_CHARS,
     FieldError,
     Turn,
     detect_layout,
+    field_map_from_dataset_info,
     has_text,
     parse_example,
     parse_field_map,
@@ -107,6 +109,16 @@ def test_legacy_function_call_and_function_role() -> None:
     assert json.loads(ex.turns[2].text)["name"] == "convert_currency"
 
 
+@pytest.mark.parametrize(("raw", "role"), [("tool", "tool"), ("function", "tool"), ("observation", "tool"),
+                                           ("ipython", "tool"), ("function_response", "tool"),
+                                           ("tool_response", "tool"), ("function_call", "assistant"),
+                                           ("tool_call", "assistant"), ("developer", "system")])
+def test_tool_calling_role_names(raw: str, role: str) -> None:
+    row = {"conversations": [{"from": "human", "value": "q"}, {"from": raw, "value": "x"},
+                             {"from": "gpt", "value": "a"}]}
+    assert parse_example(row, "sharegpt").turns[1].role == role
+
+
 def test_developer_role_is_system() -> None:
     assert roles(parse_example(_rows("openai_tools.jsonl")[5], "openai")) == ["system", "user", "assistant"]
 
@@ -159,6 +171,13 @@ def test_every_turn_weight_zero_is_no_response() -> None:
     row = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a", "weight": 0}]}
     with pytest.raises(FieldError, match="no response"):
         parse_example(row, "sharegpt")
+
+
+@pytest.mark.parametrize("flag", [{"train": False}, {"training": False}, {"weight": 0.0}])
+def test_a_training_flag_of_false_is_prompt(flag: dict) -> None:
+    row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "draft", **flag},
+                        {"role": "user", "content": "again"}, {"role": "assistant", "content": "final", "train": True}]}
+    assert parse_example(row, "openai").response_text == "final"
 
 
 def test_weight_must_be_a_number() -> None:
@@ -226,18 +245,33 @@ def test_a_huge_turn_is_clipped_to_its_head_and_tail_before_tokenizing() -> None
     answer = "A" * 3_000_000 + "middle" + "Z" * 3_000_000
     prompt = "q" * (CLIP_CHARS + 1)
     ex = parse_example({"instruction": prompt, "output": answer}, "alpaca")
-    assert all(len(t.text) <= CLIP_CHARS + 3 for t in ex.turns)
+    assert all(len(t.text) <= CLIP_CHARS + 80 for t in ex.turns)
     assert ex.response_text.startswith("A" * (CLIP_CHARS // 2)) and ex.response_text.endswith("Z" * (CLIP_CHARS // 2))
     assert "middle" not in ex.response_text
     short = parse_example({"instruction": "q" * CLIP_CHARS, "output": "a"}, "alpaca")
     assert short.prompt_text == "q" * CLIP_CHARS  # at the limit nothing is cut
+    other = parse_example({"instruction": prompt, "output": "A" * 3_000_000 + "MIDDLE" + "Z" * 3_000_000}, "alpaca")
+    assert other.response_text != ex.response_text  # rows that differ only in the cut part are no duplicates
+
+
+def test_a_row_of_many_turns_is_bounded_around_its_first_response() -> None:
+    messages = [{"role": "system", "content": "S" * 100}]
+    messages += [{"role": "user", "content": f"{i} " + "x" * 1000} for i in range(600)]
+    messages += [{"role": "user", "content": "the question"}, {"role": "assistant", "content": "the answer"}]
+    messages += [{"role": "user" if i % 2 else "assistant", "content": "y" * 1000} for i in range(2000)]
+    ex = parse_example({"messages": messages}, "openai")
+    assert sum(len(t.text) for t in ex.turns) <= 2 * ROW_CLIP_CHARS + 100
+    assert ex.turns[0].text == "S" * 100  # the head the encoder reads
+    texts = [t.text for t in ex.turns]
+    assert texts.index("the question") + 1 == texts.index("the answer")  # the prompt's end and the first response
+    assert ex.response_text.startswith("the answer")
 
 
 # --- field mapping -------------------------------------------------------------------------------------------------
 
 
 def test_mapped_prompt_response_system() -> None:
-    fields = parse_field_map("prompt=question,response=answer,system=persona")
+    fields = parse_field_map("prompt=ask,response=reply,system=persona")
     rows = _rows("mapped.jsonl")
     ex = parse_mapped(rows[0], fields)
     assert ex.turns == (Turn("system", "You are a chemistry tutor."),
@@ -335,3 +369,65 @@ def test_openai_preference_without_messages_names_the_field() -> None:
     with pytest.raises(FieldError) as info:
         parse_example({"input": {}, "preferred_output": [], "non_preferred_output": []}, "preference")
     assert info.value.field == "input.messages"
+
+
+@pytest.mark.parametrize(("row", "layout", "prompt", "response"), [
+    ({"question": "2+2?", "answer": "#### 4"}, "prompt_response", "2+2?", "#### 4"),  # GSM8K
+    ({"query": "3*3?", "response": "9", "type": "MATH"}, "prompt_response", "3*3?", "9"),  # MetaMathQA
+    ({"problem": "x+1=2", "solution": "x=1", "level": "1"}, "prompt_response", "x+1=2", "x=1"),  # MATH
+    ({"input": "Hi", "output": "Hello"}, "prompt_response", "Hi", "Hello"),
+    ({"instruction": "Summarise.", "context": "A long text.", "response": "Short.", "category": "summarization"},
+     "alpaca", "Summarise.\n\nA long text.", "Short."),  # databricks-dolly-15k
+])
+def test_common_public_names_are_detected(row: dict, layout: str, prompt: str, response: str) -> None:
+    assert detect_layout(row) == layout
+    ex = parse_example(row, layout)
+    assert (ex.prompt_text, ex.response_text) == (prompt, response)
+
+
+def test_a_pair_layout_error_names_the_row_field() -> None:
+    with pytest.raises(FieldError) as info:
+        parse_example({"question": "q", "answer": ""}, "prompt_response")
+    assert info.value.field == "answer"
+    with pytest.raises(FieldError) as info:
+        parse_example({"instruction": "i", "response": 3}, "alpaca")
+    assert info.value.field == "response"
+
+
+# LLaMA-Factory's data/dataset_info.json entries for its demo files (trimmed to the keys slap reads).
+DATASET_INFO = {
+    "alpaca_en_demo": {"file_name": "alpaca_en_demo.json"},
+    "glaive_toolcall_en_demo": {"file_name": "glaive_toolcall_en_demo.json", "formatting": "sharegpt",
+                                "columns": {"messages": "conversations", "tools": "tools"}},
+    "dpo_en_demo": {"file_name": "dpo_en_demo.json", "ranking": True, "formatting": "sharegpt",
+                    "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}},
+    "comparison_alpaca": {"file_name": "c.json", "ranking": True,
+                          "columns": {"prompt": "instruction", "query": "input", "chosen": "output_good",
+                                      "rejected": "output_bad"}},
+}
+
+
+def test_dataset_info_entries_map_like_llama_factory() -> None:
+    alpaca = field_map_from_dataset_info(DATASET_INFO, "alpaca_en_demo")
+    assert alpaca.describe() == "prompt=instruction,query=input,response=output"
+    ex = parse_mapped({"instruction": "Translate.", "input": "cat", "output": "chat"}, alpaca)
+    assert (ex.prompt_text, ex.response_text) == ("Translate.\n\ncat", "chat")
+    tools = field_map_from_dataset_info(DATASET_INFO, "glaive_toolcall_en_demo")
+    row = _rows("sharegpt_tools.jsonl")[0]
+    assert parse_mapped(row, tools).response_text == parse_example(dict(row, system=None), "sharegpt").response_text
+    dpo = field_map_from_dataset_info(DATASET_INFO, "dpo_en_demo")
+    row = {"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."},
+                             {"from": "human", "value": "Bye?"}],
+           "chosen": {"from": "gpt", "value": "Bye."}, "rejected": {"from": "gpt", "value": "No."}}
+    ex = parse_mapped(row, dpo)
+    assert roles(ex) == ["user", CONTEXT_ROLE, "user", "assistant"] and ex.response_text == "Bye."
+    ranked = field_map_from_dataset_info(DATASET_INFO, "comparison_alpaca")
+    ex = parse_mapped({"instruction": "2+2?", "input": "", "output_good": "4", "output_bad": "5"}, ranked)
+    assert (ex.prompt_text, ex.response_text) == ("2+2?", "4")
+
+
+def test_dataset_info_errors() -> None:
+    with pytest.raises(ValueError, match="no entry 'nope' \\(entries: alpaca_en_demo"):
+        field_map_from_dataset_info(DATASET_INFO, "nope")
+    with pytest.raises(ValueError, match="columns is not an object"):
+        field_map_from_dataset_info({"x": {"columns": "prompt"}}, "x")

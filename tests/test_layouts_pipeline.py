@@ -21,7 +21,7 @@ from slapcli.cli import app
 
 runner = CliRunner()
 LAYOUT_DIR = Path(__file__).resolve().parent.parent / "sample_data" / "layouts"
-MAPPED = ["--fields", "prompt=question,response=answer,system=persona"]
+MAPPED = ["--fields", "prompt=ask,response=reply,system=persona"]
 
 
 def invoke(args: list) -> object:
@@ -119,14 +119,14 @@ def test_non_text_parts_are_reported_and_recorded(tmp_path: Path, models: list[s
 
 def test_fields_errors_name_the_mapped_field(tmp_path: Path, models: list[str]) -> None:
     out = tmp_path / "e.parquet"
-    r = invoke(["embed", LAYOUT_DIR / "mapped.jsonl", "-o", out, *models, "--fields", "prompt=question,response=reply"])
+    r = invoke(["embed", LAYOUT_DIR / "mapped.jsonl", "-o", out, *models, "--fields", "prompt=ask,response=answer"])
     assert r.exit_code == 2
-    assert r.stderr.strip().endswith("mapped.jsonl:1: field 'reply': missing (mapped as response by --fields)")
+    assert r.stderr.strip().endswith("mapped.jsonl:1: field 'answer': missing (mapped as response by --fields)")
     assert not out.exists()
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--fields", "prompt=question"], "--fields 'prompt=question': map exactly one of"),
+    (["--fields", "prompt=ask"], "--fields 'prompt=ask': map exactly one of"),
     (["--fields", "prompt=q,response=a", "--format", "alpaca"], "--fields and --format cannot be used together"),
 ])
 def test_bad_fields_options_fail_before_any_model_loads(tmp_path: Path, args: list[str], message: str) -> None:
@@ -234,3 +234,69 @@ def test_a_folder_of_mixed_containers(tmp_path: Path, models: list[str]) -> None
     records = source_records(folder)
     assert [json.loads(x) for x in out.read_bytes().splitlines()] == [records[i] for i in kept_rows(
         work / "selection.parquet")]
+
+
+# --- export -o DIR/: one file per shard --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["hub_parquet", "spark_jsonl", "save_to_disk"])
+def test_a_folder_exports_one_file_per_shard(tmp_path: Path, models: list[str], name: str) -> None:
+    source = LAYOUT_DIR / name
+    out, work = tmp_path / "pruned", tmp_path / "work"
+    r = invoke(["run", source, "-o", f"{out}/", "--workdir", work, *models, "-q"])
+    assert r.exit_code == 0, r.stderr
+    shards = sorted(p.name for p in source.iterdir()
+                    if p.name.endswith((".parquet", ".arrow", ".jsonl", ".gz", ".zst")) and p.name[0] not in "._")
+    assert sorted(p.name for p in out.iterdir()) == shards
+    kept, start, total = set(kept_rows(work / "selection.parquet")), 0, 0
+    for shard in shards:
+        records = source_records(source / shard)
+        expected = [rec for i, rec in enumerate(records) if start + i in kept]
+        assert source_records(out / shard) == expected, shard
+        if shard.endswith(".jsonl"):  # the same bytes, line for line
+            lines = (source / shard).read_bytes().splitlines()
+            assert (out / shard).read_bytes().splitlines() == [x for i, x in enumerate(lines) if start + i in kept]
+        if shard.endswith(".parquet"):
+            assert pq.read_schema(out / shard).equals(pq.read_schema(source / shard), check_metadata=True)
+        start += len(records)
+        total += len(expected)
+    assert total == len(kept)
+    r = invoke(["embed", out, "-o", tmp_path / "again.parquet", *models, "-q"])  # slap reads what it wrote
+    assert r.exit_code == 0, r.stderr
+    assert read_meta(str(tmp_path / "again.parquet")).stats["rows"] == len(kept)
+
+
+def test_folder_output_mistakes_are_one_line_before_any_work(tmp_path: Path, models: list[str]) -> None:
+    r = invoke(["run", LAYOUT_DIR / "alpaca.jsonl", "-o", f"{tmp_path / 'out'}/", "--workdir", tmp_path / "w",
+                *models, "-q"])
+    assert r.exit_code == 2 and "writes one file per shard of a folder input" in r.stderr
+    assert not (tmp_path / "w").exists() and not (tmp_path / "out").exists()
+    (tmp_path / "out").mkdir()
+    r = invoke(["run", LAYOUT_DIR / "spark_jsonl", "-o", f"{tmp_path / 'out'}/", "--workdir", tmp_path / "w",
+                *models, "-q", "--force"])
+    assert r.exit_code == 2 and "exists; -o DIR/ writes a new folder" in r.stderr
+    r = invoke(["run", LAYOUT_DIR / "spark_jsonl", "-o", tmp_path / "one.jsonl", "--workdir", tmp_path / "w",
+                *models, "-q"])
+    assert r.exit_code == 0, r.stderr
+    r = invoke(["export", tmp_path / "w" / "selection.parquet", "-o", f"{tmp_path / 'sel'}/", "--order", "selection"])
+    assert r.exit_code == 2 and "--order selection needs one output file" in r.stderr
+    assert not (tmp_path / "sel").exists()
+
+
+def test_fields_from_a_llama_factory_dataset_info(tmp_path: Path, models: list[str]) -> None:
+    info = tmp_path / "dataset_info.json"
+    info.write_text(json.dumps({"qa": {"file_name": "mapped.jsonl", "columns": {
+        "prompt": "ask", "response": "reply", "system": "persona"}}}))
+    out, work = tmp_path / "pruned.jsonl", tmp_path / "work"
+    source = LAYOUT_DIR / "mapped.jsonl"
+    r = invoke(["run", source, "-o", out, "--workdir", work, *models, "-q", "--fields", f"{info}:qa"])
+    assert r.exit_code == 0, r.stderr
+    # The artifact records the mapping itself: later stages do not need the dataset_info.json any more.
+    assert read_meta(str(work / "embeddings.parquet")).source["fields"] == "prompt=ask,query=input,response=reply," \
+        "system=persona"
+    lines = source.read_bytes().splitlines()
+    assert out.read_bytes().splitlines() == [lines[i] for i in kept_rows(work / "selection.parquet")]
+    r = invoke(["embed", source, "-o", tmp_path / "e.parquet", *models, "--fields", f"{info}:other"])
+    assert r.exit_code == 2 and "no entry 'other' (entries: qa)" in r.stderr
+    r = invoke(["embed", source, "-o", tmp_path / "e.parquet", *models, "--fields", f"{tmp_path}/none.json:qa"])
+    assert r.exit_code == 2 and "cannot read" in r.stderr

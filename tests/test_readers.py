@@ -74,7 +74,7 @@ ALPACA_LINE = b'{"instruction": "Name a fruit.", "input": "", "output": "Apple."
 
 @pytest.mark.parametrize("name", sorted(p.name for p in LAYOUT_DIR.iterdir()))
 def test_every_layout_sample_reads(name: str) -> None:
-    fields = "prompt=question,response=answer,system=persona" if name == "mapped.jsonl" else None
+    fields = "prompt=ask,response=reply,system=persona" if name == "mapped.jsonl" else None
     reader, rows = read_all(LAYOUT_DIR / name, fields=fields)
     assert 5 <= len(rows) <= (10 if (LAYOUT_DIR / name).is_dir() else 8)
     assert reader.fingerprint == file_fingerprint(str(LAYOUT_DIR / name))

@@ -249,3 +249,23 @@ def test_an_integer_under_the_limit_reads(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
     path.write_bytes(b'{"instruction": "i", "output": "o", "n": ' + b"9" * 4000 + b"}\n")
     assert record_value(read(path)[1][0].record)["n"] == int("9" * 4000)
+
+
+def test_a_hub_folder_with_several_splits_is_refused_with_the_pattern_to_pass(tmp_path: Path) -> None:
+    for name in ("train-00000-of-00002.parquet", "train-00001-of-00002.parquet"):
+        (tmp_path / name).write_bytes((LAYOUT_DIR / "hub_parquet" / name).read_bytes())
+    (tmp_path / "test-00000-of-00001.parquet").write_bytes((LAYOUT_DIR / "alpaca.parquet").read_bytes())
+    with pytest.raises(UsageError, match=r"holds the splits test, train, .*'.*/train-\*'"):
+        SourceReader(str(tmp_path))
+    assert len(read(str(tmp_path / "train-*"))[1]) == 10
+    (tmp_path / "test-00000-of-00001.parquet").rename(tmp_path / "test_sft-00000-of-00001-5e2e4b3c.parquet")
+    with pytest.raises(UsageError, match="holds the splits test_sft, train, "):
+        SourceReader(str(tmp_path))
+
+
+def test_a_folder_of_train_and_test_files_is_refused(tmp_path: Path) -> None:
+    for name in ("train.jsonl", "test.jsonl"):
+        (tmp_path / name).write_bytes(line(ROW) + b"\n")
+    with pytest.raises(UsageError, match=r"holds the splits test, train, .*'.*/train\.\*'"):
+        SourceReader(str(tmp_path))
+    assert len(read(str(tmp_path / "train.*"))[1]) == 1

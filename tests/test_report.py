@@ -116,6 +116,24 @@ def test_examples_per_reason_draws_only_pruned_rows_of_that_reason():
     assert out["duplicate"].tolist() == [2, 6]
 
 
+def test_one_reasons_examples_do_not_depend_on_the_other_reasons():
+    reason = np.array(["budget"] * 30 + ["cut_off"] * 30, dtype=object)
+    kept = np.zeros(60, dtype=bool)
+    both = numbers.examples_per_reason(reason, kept, 3, seed=0)
+    alone = numbers.examples_per_reason(reason[30:], kept[30:], 3, seed=0)
+    assert (both["cut_off"] - 30).tolist() == alone["cut_off"].tolist()
+    assert both["budget"].tolist() != numbers.examples_per_reason(reason, kept, 3, seed=1)["budget"].tolist()
+
+
+def test_each_reason_has_its_own_colour_and_none_is_kept_green():
+    from slapcli.report.figures import reason_colours
+
+    reasons = ["budget", "duplicate", "hardest", "cut_off", "ignores_prompt", "repetitive", "near_duplicate"]
+    colours = reason_colours(reasons)
+    assert len(set(colours.values())) == len(reasons) and KEPT_COLOUR not in colours.values()
+    assert reason_colours(["repetitive", "budget"])["budget"] == colours["budget"]
+
+
 def test_most_and_least_valuable_are_kept_scored_rows_without_overlap():
     gain = np.array([5.0, 1.0, np.nan, 9.0, -2.0, 7.0])
     kept = np.array([True, True, True, False, True, True])

@@ -8,14 +8,19 @@ What is prompt and what is response, in every layout:
 - `user` turns and tool results (`tool`, `function`, ShareGPT `observation`) are prompt;
 - assistant turns are response, their text followed by their tool calls (OpenAI `tool_calls`, the legacy
   `function_call`, ShareGPT `function_call` turns): calling a tool is model output, trained on like text;
-- an assistant turn with `weight` / `loss_weight` 0 is not trained on: it stays in the conversation with the
-  role `assistant_context` (prompt, not response).
+- an assistant turn with `weight` / `loss_weight` 0 (or `train: false`) is not trained on: it stays in the
+  conversation with the role `assistant_context` (prompt, not response), as do assistant turns on the prompt
+  side of a pair (a preference row's or a prompt/completion row's prompt);
+- a preference row is its prompt and its chosen answer; the rejected one is only checked to be there.
 Message `content` may be a string or a list of typed parts: text parts (`text` or `value` key) are joined in
-order; other parts (images, audio, files) carry no text to score and are counted in `Example.non_text_parts`.
+order; other parts (images, audio, files) carry no text to score and are counted in `Example.non_text_parts`,
+as are media columns beside the text. Huge turns and rows are clipped to what the models can read
+(CLIP_CHARS, ROW_CLIP_CHARS); the row itself is exported whole.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import unicodedata
@@ -45,20 +50,34 @@ ROLE_ALIASES = {
     "function": "tool",  # OpenAI's legacy name for a tool result
     "observation": "tool",  # ShareGPT tool calling: the tool's answer, input like a user turn
     "ipython": "tool",  # Llama 3's tool-result role
+    "function_response": "tool",
+    "tool_response": "tool",
+    "tool_call": "assistant",
 }
 
 TEXT_PART_TYPES = ("text", "input_text", "output_text")  # chat completions, and the Responses API's names
 MEDIA_FIELDS = ("images", "videos", "audios", "image", "video", "audio")  # media beside the text: counted too
+_MEDIA_FIELD_SET = frozenset(MEDIA_FIELDS)
 TOOLS_FIELDS = ("tools", "functions")  # a row's tool schemas, in the prompt
 SYSTEM_FIELD = "system"
-WEIGHT_KEYS = ("weight", "loss_weight")  # per message: 0 = not trained on
+# Per message: a weight of 0 (OpenAI, LLaMA-Factory, axolotl) or a training flag of false (axolotl's `train`) marks
+# a turn that is not trained on.
+WEIGHT_KEYS = ("weight", "loss_weight", "train", "training")
 
 # A turn longer than this is cut to its first and last CLIP_CHARS // 2 characters before anyone tokenizes it:
 # the proxy reads at most --max-tokens (1,024 by default) and the encoder 256, so one 20 MB row would otherwise
 # take gigabytes for nothing. The head is what the encoder and a long answer's scoring read, the tail what a
 # prompt too long for the window keeps (the proxy keeps a prompt's end). Exported rows are never cut.
 CLIP_CHARS = 1 << 16
-_CLIP_MARK = "\n…\n"
+# Turns past this many characters on either side of the first response are dropped (the proxy's window and the
+# encoder's never reach them), so a row of thousands of turns is bounded as well.
+ROW_CLIP_CHARS = 4 * CLIP_CHARS
+
+# The prompt_response layout under the names public sets use (GSM8K's question/answer, MetaMathQA's query/response,
+# MATH's problem/solution); Alpaca's family (Dolly: instruction/context/response) likewise.
+PAIR_FIELDS = (("prompt", "response"), ("question", "answer"), ("query", "response"), ("problem", "solution"),
+               ("input", "output"))
+ALPACA_ANSWERS = ("output", "response")  # and Dolly's `context` for `input`
 
 # Preference rows: the (chosen, rejected) field names (TRL and most sets; OpenAI's preference fine-tuning), and
 # where the prompt is when there is no `prompt` field: Alpaca-style rows (LLaMA-Factory's `instruction` +
@@ -115,19 +134,27 @@ def detect_layout(row: Any) -> str | None:
         return "sharegpt"
     if isinstance(row.get("messages"), list):
         return "openai"
-    if "instruction" in row and "output" in row:
+    if "instruction" in row and any(k in row for k in ALPACA_ANSWERS):
         return "alpaca"
     if "prompt" in row and "completion" in row:
         return "prompt_completion"
-    if "prompt" in row and "response" in row:
+    if _pair_fields(row) is not None:
         return "prompt_response"
     if "text" in row:
         return "text"
     return None
 
 
+def _pair_fields(row: Mapping) -> tuple[str, str] | None:
+    """The first (prompt, response) name pair of PAIR_FIELDS that the row has both fields of."""
+    return next(((p, r) for p, r in PAIR_FIELDS if p in row and r in row), None)
+
+
 def has_text(text: str) -> bool:
     """Whether `text` holds anything visible: whitespace and zero-width or format characters do not count."""
+    text = text.strip()
+    if text[:1].isalnum():
+        return True  # the common case, decided without looking at every character
     return any(not c.isspace() and unicodedata.category(c) not in ("Cf", "Cc", "Zs") for c in text)
 
 
@@ -135,7 +162,34 @@ def _clip(text: str) -> str:
     if len(text) <= CLIP_CHARS:
         return text
     half = CLIP_CHARS // 2
-    return text[:half] + _CLIP_MARK + text[-half:]
+    # The cut part's digest stays in the text: two rows that differ only there are no exact duplicates.
+    digest = hashlib.blake2b(text[half:-half].encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+    return f"{text[:half]}\n[… {len(text) - 2 * half:,} characters cut, blake2b {digest} …]\n{text[-half:]}"
+
+
+def _clip_row(turns: list[Turn]) -> list[Turn]:
+    """Each turn clipped; and turns beyond ROW_CLIP_CHARS before or after the first response dropped, all but the
+    first (whose head the encoder reads). A row's own turns, only fewer and shorter: what the models can see."""
+    lengths = [len(t.text) for t in turns]
+    if max(lengths) <= CLIP_CHARS and sum(lengths) <= 2 * ROW_CLIP_CHARS:
+        return turns  # the common case: nothing to cut
+    turns = [Turn(t.role, _clip(t.text)) for t in turns]
+    if sum(len(t.text) for t in turns) <= 2 * ROW_CLIP_CHARS:
+        return turns
+    first = next(i for i, t in enumerate(turns) if t.role == "assistant")
+    before, after, size = [], [], 0
+    for turn in reversed(turns[1:first]):  # the prompt's end, the part the proxy keeps of a long prompt
+        size += len(turn.text)
+        if size > ROW_CLIP_CHARS:
+            break
+        before.append(turn)
+    size = 0
+    for turn in turns[first:]:
+        if after and size + len(turn.text) > ROW_CLIP_CHARS:
+            break
+        size += len(turn.text)
+        after.append(turn)
+    return turns[:1] + before[::-1] + after if first > 0 else after
 
 
 class _Parts:
@@ -211,8 +265,8 @@ def _is_untrained(item: Mapping, where: str) -> bool:
         weight = item.get(key)
         if weight is None:
             continue
-        if not isinstance(weight, (int, float)):
-            raise FieldError(f"{where}.{key}", f"expected a number, got {type(weight).__name__}")
+        if not isinstance(weight, (int, float)):  # a bool is an int: false is 0
+            raise FieldError(f"{where}.{key}", f"expected a number or true/false, got {type(weight).__name__}")
         return weight == 0
     return False
 
@@ -361,7 +415,7 @@ def _preference(row: Mapping, parts: _Parts, prompt_turns: list[Turn], chosen: s
 def _require_response(turns: list[Turn], field: str, parts: _Parts | None = None) -> Example:
     if not any(t.role == "assistant" and has_text(t.text) for t in turns):
         raise FieldError(field, "no response: the row has no non-empty assistant/output text")
-    return Example(tuple(Turn(t.role, _clip(t.text)) for t in turns), parts.non_text if parts else 0)
+    return Example(tuple(_clip_row(turns)), parts.non_text if parts else 0)
 
 
 def _conversation(row: Mapping, field: str, keys: tuple[str, str]) -> Example:
@@ -376,6 +430,8 @@ def _conversation(row: Mapping, field: str, keys: tuple[str, str]) -> Example:
 
 def _with_media(example: Example, row: Mapping) -> Example:
     """Count a row's media columns (LLaMA-Factory's `images`, LLaVA's `image`) with its non-text parts."""
+    if not row.keys() & _MEDIA_FIELD_SET:
+        return example
     media = sum(len(v) if isinstance(v, list) else 1 for k in MEDIA_FIELDS if (v := row.get(k)) not in (None, "", []))
     return replace(example, non_text_parts=example.non_text_parts + media) if media else example
 
@@ -390,11 +446,12 @@ def parse_example(row: Any, layout: str) -> Example:
 def _parse_layout(row: Mapping, layout: str) -> Example:
     if layout == "alpaca":
         instruction = _string_field(row, "instruction")
-        extra = _string_field(row, "input", required=False)
+        extra = _string_field(row, "context" if "context" in row and "input" not in row else "input", required=False)
         prompt = instruction if not extra.strip() else f"{instruction}\n\n{extra}"
+        answer = "response" if "response" in row and "output" not in row else "output"
         turns = [*_context_turns(row), *_history(row, "history"), Turn("user", prompt),
-                 Turn("assistant", _string_field(row, "output"))]
-        return _require_response(turns, "output")
+                 Turn("assistant", _string_field(row, answer))]
+        return _require_response(turns, answer)
     if layout == "sharegpt":
         return _conversation(row, "conversations", ("from", "value"))
     if layout == "openai":
@@ -405,9 +462,10 @@ def _parse_layout(row: Mapping, layout: str) -> Example:
         turns = _preference(row, parts, _preference_prompt(row, parts), *pair)
         return _require_response(_context_turns(row) + turns, pair[0], parts)
     if layout in ("prompt_completion", "prompt_response"):
-        answer = "completion" if layout == "prompt_completion" else "response"
+        prompt, answer = ("prompt", "completion") if layout == "prompt_completion" else \
+            (_pair_fields(row) or PAIR_FIELDS[0])
         parts = _Parts()
-        turns = [*_context_turns(row), *_as_context(_side(row.get("prompt"), "prompt", "user", parts)),
+        turns = [*_context_turns(row), *_as_context(_side(row.get(prompt), prompt, "user", parts)),
                  *_side(row.get(answer), answer, "assistant", parts)]
         return _require_response(turns, answer, parts)
     if layout == "text":
@@ -444,21 +502,62 @@ def parse_field_map(spec: str) -> FieldMap:
         if role in names:
             raise ValueError(f"{role!r} is given twice")
         names[role] = name
-    shapes = ("messages" in names, "chosen" in names or "rejected" in names, "response" in names)
-    if sum(shapes) != 1:
+    return _checked_map(names)
+
+
+def _checked_map(names: dict[str, str]) -> FieldMap:
+    """A mapping of one shape: a pair (prompt, response), a conversation (messages), or a preference (chosen and
+    rejected, after a prompt or a messages prompt)."""
+    if "chosen" in names or "rejected" in names:
+        if not ("chosen" in names and "rejected" in names):
+            raise ValueError("a preference mapping needs both chosen and rejected")
+        shape, allowed = "preference", {"prompt", "query", "messages", "history", "chosen", "rejected", "system",
+                                        "tools"}
+    elif ("messages" in names) == ("response" in names):
         raise ValueError("map exactly one of: response (with prompt), messages, or chosen and rejected")
-    if shapes[1] and not ("chosen" in names and "rejected" in names):
-        raise ValueError("a preference mapping needs both chosen and rejected")
-    if shapes[2] and "prompt" not in names:
-        raise ValueError("response needs a prompt field too")
-    allowed = {"messages": {"messages", "system", "tools"},
-               "pair": {"prompt", "query", "response", "system", "tools", "history"},
-               "preference": {"prompt", "chosen", "rejected", "system", "tools"}}
-    shape = "messages" if shapes[0] else "preference" if shapes[1] else "pair"
-    extra = sorted(set(names) - allowed[shape])
+    elif "messages" in names:
+        shape, allowed = "messages", {"messages", "system", "tools"}
+    else:
+        if "prompt" not in names:
+            raise ValueError("response needs a prompt field too")
+        shape, allowed = "pair", {"prompt", "query", "response", "system", "tools", "history"}
+    extra = sorted(set(names) - allowed)
     if extra:
         raise ValueError(f"{', '.join(extra)} cannot be combined with {shape}")
+    if "prompt" in names and "messages" in names:
+        raise ValueError("the prompt is either a prompt field or a messages field, not both")
     return FieldMap(tuple(names.items()))
+
+
+def field_map_from_dataset_info(info: Mapping, name: str) -> FieldMap:
+    """The mapping of entry `name` of a LLaMA-Factory dataset_info.json (its `formatting`, `ranking` and
+    `columns`, with LLaMA-Factory's defaults); ValueError with a one-line reason."""
+    entry = info.get(name)
+    if not isinstance(entry, Mapping):
+        known = ", ".join(sorted(k for k, v in info.items() if isinstance(v, Mapping))[:8])
+        raise ValueError(f"no entry {name!r} (entries: {known}{', ...' if len(info) > 8 else ''})")
+    columns = entry.get("columns") or {}
+    if not isinstance(columns, Mapping):
+        raise ValueError(f"entry {name!r}: columns is not an object")
+    names: dict[str, str] = {}
+    if entry.get("formatting", "alpaca") == "sharegpt":
+        names["messages"] = columns.get("messages", "conversations")
+    else:
+        names["prompt"] = columns.get("prompt", "instruction")
+        names["query"] = columns.get("query", "input")
+        if not entry.get("ranking"):
+            names["response"] = columns.get("response", "output")
+        if columns.get("history"):
+            names["history"] = columns["history"]
+    if entry.get("ranking"):
+        names["chosen"] = columns.get("chosen", "chosen")
+        names["rejected"] = columns.get("rejected", "rejected")
+    for role in ("system", "tools"):
+        if columns.get(role):
+            names[role] = columns[role]
+    if not all(isinstance(v, str) and v for v in names.values()):
+        raise ValueError(f"entry {name!r}: a column name is not a string")
+    return _checked_map(names)
 
 
 def parse_mapped(row: Any, fields: FieldMap) -> Example:
@@ -475,34 +574,41 @@ def parse_mapped(row: Any, fields: FieldMap) -> Example:
         raise
 
 
-def _parse_mapped(row: Mapping, fields: FieldMap) -> Example:
-    tools = fields.get("tools")
-    context = _context_turns(row, fields.get("system"), (tools,) if tools else ())
-    parts = _Parts()
+def _mapped_prompt(row: Mapping, fields: FieldMap, parts: _Parts) -> list[Turn]:
+    """The prompt side of a mapped row: history pairs, then the messages or the prompt (+ query) field."""
+    history = _history(row, fields.get("history")) if fields.get("history") else []
     messages = fields.get("messages")
     if messages is not None:
         if not isinstance(row.get(messages), list):
             raise FieldError(messages, "missing" if row.get(messages) is None else "not a list of messages")
-        turns = _messages(row[messages], messages, parts, ("role", "content"))
-        if not turns:
+        if not row[messages]:
             raise FieldError(messages, "empty conversation")
-        return _require_response(context + turns, messages, parts)
-    chosen = fields.get("chosen")
-    if chosen is not None:
-        rejected = fields.get("rejected")
-        assert rejected is not None
-        prompt = fields.get("prompt")
-        prompt_turns = [] if prompt is None else _side(row.get(prompt), prompt, "user", parts)
-        turns = _preference(row, parts, prompt_turns, chosen, rejected)
-        return _require_response(context + turns, chosen, parts)
-    prompt, response = fields.get("prompt"), fields.get("response")
-    assert prompt is not None and response is not None
-    prompt_turns = _side(row.get(prompt), prompt, "user", parts)
+        return history + _messages(row[messages], messages, parts, ("role", "content"))
+    prompt = fields.get("prompt")
+    if prompt is None:
+        return history
+    turns = _side(row.get(prompt), prompt, "user", parts)
     query = fields.get("query")
     if query is not None and _string_field(row, query, required=False).strip():
-        if len(prompt_turns) != 1:
+        if len(turns) != 1:
             raise FieldError(prompt, "a query field needs the prompt as one string")
-        prompt_turns = [Turn("user", f"{prompt_turns[0].text}\n\n{row[query]}")]
-    history = _history(row, fields.get("history")) if fields.get("history") else []
-    turns = [*context, *history, *prompt_turns, *_side(row.get(response), response, "assistant", parts)]
+        turns = [Turn("user", f"{turns[0].text}\n\n{row[query]}")]
+    return history + turns
+
+
+def _parse_mapped(row: Mapping, fields: FieldMap) -> Example:
+    tools = fields.get("tools")
+    context = _context_turns(row, fields.get("system"), (tools,) if tools else ())
+    parts = _Parts()
+    chosen, rejected = fields.get("chosen"), fields.get("rejected")
+    if chosen is not None and rejected is not None:
+        turns = _preference(row, parts, _mapped_prompt(row, fields, parts), chosen, rejected)
+        return _require_response(context + turns, chosen, parts)
+    turns = _mapped_prompt(row, fields, parts)
+    response = fields.get("response")
+    if response is None:  # a conversation: its assistant turns are the response
+        field = fields.get("messages")
+        assert field is not None
+        return _require_response(context + turns, field, parts)
+    turns = [*context, *turns, *_side(row.get(response), response, "assistant", parts)]
     return _require_response(turns, response, parts)

@@ -40,6 +40,7 @@ from slapcli.io.layouts import (
     FieldError,
     FieldMap,
     detect_layout,
+    field_map_from_dataset_info,
     parse_example,
     parse_field_map,
     parse_mapped,
@@ -148,6 +149,23 @@ def is_stream(path: str) -> bool:
     return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
 
 
+# `train-00000-of-00004.parquet` (or `train_sft-00000-of-00003-5e2e4b3c.parquet`): the split comes first in a
+# Hugging Face hub shard's name.
+_HUB_SHARD = re.compile(r"^(.+?)-\d{5}-of-\d{5}[-.]")
+
+
+_SPLIT_NAMES = frozenset({"train", "test", "validation", "valid", "val", "dev", "eval"})
+
+
+def _split_of(name: str) -> tuple[str, str] | None:
+    """(split, glob pattern of its files) when a data file's name says which split it holds, else None."""
+    hub = _HUB_SHARD.match(name)
+    if hub:
+        return hub.group(1), f"{hub.group(1)}-*"
+    stem = name.split(".")[0]
+    return (stem, f"{stem}.*") if stem.lower() in _SPLIT_NAMES else None
+
+
 def _is_shard_name(name: str) -> bool:
     return not name.startswith((".", "_")) and name.lower().endswith(SHARD_SUFFIXES)
 
@@ -161,6 +179,11 @@ def list_shards(path: str) -> list[str] | None:
         return None
     if os.path.isdir(path):
         names = sorted(n for n in os.listdir(path) if _is_shard_name(n) and os.path.isfile(os.path.join(path, n)))
+        splits = {split: pattern for n in names if (found := _split_of(n)) for split, pattern in [found]}
+        if len(splits) > 1:  # e.g. a Hugging Face snapshot's data/ with train and test shards side by side
+            last = sorted(splits)[-1]
+            raise UsageError(f"{path}: holds the splits {', '.join(sorted(splits))}, which are not one dataset; "
+                             f"pass one split as a quoted pattern, e.g. '{os.path.join(path, splits[last])}'")
         if names:
             return [os.path.join(path, n) for n in names]
         below = sorted({os.path.relpath(os.path.dirname(f), path)
@@ -754,15 +777,34 @@ class ParsedRow:
 
 
 def field_map(fields: str | None, layout: str = "auto") -> FieldMap | None:
-    """The `--fields` option as a FieldMap (None when not given); a UsageError says what is wrong with it."""
+    """The `--fields` option as a FieldMap (None when not given); a UsageError says what is wrong with it.
+
+    `ROLE=FIELD,...`, or `dataset_info.json:NAME`: the entry NAME of a LLaMA-Factory dataset_info.json.
+    """
     if fields is None:
         return None
     if layout != "auto":
         raise UsageError("--fields and --format cannot be used together: the mapping sets the layout")
     try:
+        if "=" not in fields and ":" in fields:
+            path, _, name = fields.rpartition(":")
+            return field_map_from_dataset_info(_read_dataset_info(path), name)
         return parse_field_map(fields)
     except ValueError as e:
         raise UsageError(f"--fields {fields!r}: {e}") from None
+
+
+def _read_dataset_info(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+    except OSError as e:
+        raise ValueError(f"cannot read {path} ({e.strerror})") from None
+    except ValueError as e:  # malformed JSON, bad UTF-8
+        raise ValueError(f"{path} is not a JSON file ({e})") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{path} is not a JSON object of dataset entries")
+    return info
 
 
 def iter_examples(reader: SourceReader, layout: str = "auto", on_bad_line: str = "error",

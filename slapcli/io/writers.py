@@ -13,6 +13,7 @@ import contextlib
 import errno
 import fcntl
 import functools
+import glob
 import gzip
 import hashlib
 import os
@@ -65,7 +66,8 @@ def check_output_path(output: str, inputs: Sequence[str | None], force: bool, ar
     written to directly, except for artifacts, which are files); an existing file only with --force; and the
     folder must be one that can hold it.
     """
-    if not output or output.endswith(os.sep):
+    folder_output = bool(output) and output.endswith(("/", os.sep)) and not artifact  # export -o DIR/
+    if not output or (output.endswith(os.sep) and not folder_output):
         raise UsageError(f"-o {output!r}: give a file name")
     if output == STDOUT:
         if artifact:
@@ -76,6 +78,14 @@ def check_output_path(output: str, inputs: Sequence[str | None], force: bool, ar
         if source and source != STDOUT and same_file(source, output):
             where = "" if os.path.normpath(source) == os.path.normpath(output) else f" ({source})"
             raise UsageError(f"{output}: the output path is the input path{where}; choose another output")
+    if folder_output:  # one file per shard of a folder input (slapcli.io.shards), into a new folder
+        if not any(source and (os.path.isdir(source) or glob.has_magic(source)) for source in inputs):
+            raise UsageError(f"-o {output!r}: a folder output writes one file per shard of a folder input; the "
+                             "input is one file, so give a file name")
+        if os.path.lexists(output.rstrip("/" + os.sep)):
+            raise UsageError(f"{output}: exists; -o DIR/ writes a new folder (remove it, or give another name)")
+        _check_folder(output.rstrip("/" + os.sep))
+        return
     name = os.path.basename(os.path.abspath(output))
     if len(os.fsencode(name)) > MAX_NAME_BYTES:
         raise UsageError(f"{output}: file name too long ({len(os.fsencode(name))} bytes, at most {MAX_NAME_BYTES})")
@@ -94,7 +104,7 @@ def check_output_path(output: str, inputs: Sequence[str | None], force: bool, ar
     if mode is not None and not stat.S_ISREG(mode):
         raise UsageError(f"{output}: not a regular file (a block device or socket); give a file name")
     _check_folder(output)
-    if mode is not None and not force:
+    if (mode is not None or os.path.islink(output)) and not force:  # a dangling symlink is there too
         raise UsageError(f"{output}: exists; pass --force to overwrite it")
 
 
@@ -147,6 +157,10 @@ def discard(tmp: str) -> None:
 
 def replace_into(tmp: str, output: str) -> None:
     """Rename the finished `tmp` over `output`, remembering which file that was (see `was_written`)."""
+    with contextlib.suppress(OSError):  # a file replaced with --force keeps its permissions
+        old = os.stat(output)
+        if stat.S_ISREG(old.st_mode):
+            os.chmod(tmp, stat.S_IMODE(old.st_mode))
     info = os.stat(tmp)
     _written[os.path.abspath(output)] = (info.st_dev, info.st_ino)
     os.replace(tmp, output)

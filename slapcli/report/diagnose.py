@@ -131,29 +131,29 @@ def _artifact_rows(path: str, kind: str, data_path: str, reader: SourceReader, r
 def diagnose(path: str, config: DiagnoseConfig, reporter: Reporter) -> Diagnosis:
     if not 0.0 < config.near_duplicate <= 1.0:
         raise UsageError("--near-duplicate must be in (0, 1]")
-    encoder = None if config.embeddings else _Encoder(config, reporter)
     index, lines, hashes, kinds, vectors, texts = [], [], [], [], [], []
     layout = f"--fields {config.fields}" if config.fields else config.layout
     stats = ReadStats()
-    with SourceReader(path, config.input_format) as reader, \
-            reporter.progress(f"inspect {reader.name}", reader.total_bytes, unit="bytes") as bar:
-        # Bad rows are counted, not fatal: a diagnosis should say how many there are.
-        for parsed in iter_examples(reader, config.layout, "skip", stats, config.fields):
-            example = parsed.example
-            if not index and layout == "auto":
-                layout = detect_layout(record_value(parsed.record)) or layout
-            index.append(parsed.record.index)
-            lines.append(parsed.record.line)
-            hashes.append(content_hash(example))
-            kinds.append(damage_kinds(example.response_text))
-            if encoder is not None:
-                texts.append(example.full_text)
-                if len(texts) == config.chunk_rows:
-                    vectors.append(encoder(texts))
-                    texts = []
-            bar.update(completed=reader.bytes_read, rows_done=len(index))
-        if encoder is not None and texts:
-            vectors.append(encoder(texts))
+    with SourceReader(path, config.input_format) as reader:  # a missing file fails here, before any model loads
+        encoder = None if config.embeddings else _Encoder(config, reporter)
+        with reporter.progress(f"inspect {reader.name}", reader.total_bytes, unit="bytes") as bar:
+            # Bad rows are counted, not fatal: a diagnosis should say how many there are.
+            for parsed in iter_examples(reader, config.layout, "skip", stats, config.fields):
+                example = parsed.example
+                if not index and layout == "auto":
+                    layout = detect_layout(record_value(parsed.record)) or layout
+                index.append(parsed.record.index)
+                lines.append(parsed.record.line)
+                hashes.append(content_hash(example))
+                kinds.append(damage_kinds(example.response_text))
+                if encoder is not None:
+                    texts.append(example.full_text)
+                    if len(texts) == config.chunk_rows:
+                        vectors.append(encoder(texts))
+                        texts = []
+                bar.update(completed=reader.bytes_read, rows_done=len(index))
+            if encoder is not None and texts:
+                vectors.append(encoder(texts))
         rows = np.asarray(index, dtype=np.int64)
         if config.embeddings:
             _artifact_rows(config.embeddings, "embeddings", path, reader, rows)

@@ -15,7 +15,8 @@ from slapcli.report.numbers import GroupShare, StepCurve
 
 KEPT_COLOUR = "#2f9e44"
 REASON_COLOURS = {"budget": "#adb5bd", "duplicate": "#f08c00", "hardest": "#e03131"}
-OTHER_COLOURS = ("#1971c2", "#9c36b5", "#0c8599", "#5c940d")
+# Other reasons (the damage screen's, future ones) in order of name; no green, which means kept.
+OTHER_COLOURS = ("#1971c2", "#9c36b5", "#e64980", "#0c8599", "#5f3dc4", "#f59f00")
 PRUNED_COLOUR = "#868e96"
 DPI = 100
 
@@ -42,8 +43,10 @@ def png_bytes(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def reason_colour(reason: str, index: int = 0) -> str:
-    return REASON_COLOURS.get(reason, OTHER_COLOURS[index % len(OTHER_COLOURS)])
+def reason_colours(reasons: list[str]) -> dict[str, str]:
+    """A colour per pruning reason: fixed ones for budget, duplicate and hardest, a distinct one for the rest."""
+    others = sorted(r for r in set(reasons) if r not in REASON_COLOURS)
+    return {r: REASON_COLOURS.get(r) or OTHER_COLOURS[others.index(r) % len(OTHER_COLOURS)] for r in set(reasons)}
 
 
 def kept_share_figure(by_cluster: GroupShare, by_bin: GroupShare | None, overall: float) -> Any:
@@ -74,9 +77,10 @@ def map_figure(xy: np.ndarray, label: np.ndarray, method: str) -> Any:
     fig = _figure(7.5, 6)
     ax = fig.subplots()
     names = sorted(set(label.tolist()), key=lambda s: (s != "kept", s))
-    for i, name in enumerate(names):
+    colours = {"kept": KEPT_COLOUR, **reason_colours([n for n in names if n != "kept"])}
+    for name in names:
         mask = label == name
-        colour = KEPT_COLOUR if name == "kept" else reason_colour(name, i)
+        colour = colours[name]
         ax.scatter(xy[mask, 0], xy[mask, 1], s=9 if len(xy) < 5000 else 2, c=colour, alpha=0.8,
                    label=f"{name if name == 'kept' else 'pruned: ' + name} ({int(mask.sum()):,})", linewidths=0)
     ax.set_xlabel(f"{method} 1")
@@ -88,7 +92,7 @@ def map_figure(xy: np.ndarray, label: np.ndarray, method: str) -> Any:
 
 def distributions_figure(panels: list[tuple[str, np.ndarray, np.ndarray]]) -> Any:
     """One histogram per (title, kept values, pruned values); a panel without pruned values shows kept only."""
-    cols = min(3, len(panels))
+    cols = 4 if len(panels) in (7, 8) else min(3, len(panels))  # no row with a lone panel
     rows = -(-len(panels) // cols)
     fig = _figure(4 * cols, 3 * rows)
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False).ravel())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,13 +118,17 @@ def sample_positions(n: int, limit: int, seed: int) -> np.ndarray:
 
 
 def examples_per_reason(reason: np.ndarray, kept: np.ndarray, n: int, seed: int) -> dict[str, np.ndarray]:
-    """Up to n positions of pruned rows for each pruning reason, drawn with `seed`, sorted."""
+    """Up to n positions of pruned rows for each pruning reason, drawn with `seed`, sorted.
+
+    Each reason draws from its own stream (seed and the reason's name), so one reason's examples do not change
+    when another reason appears or disappears.
+    """
     reason = np.asarray(reason, dtype=object)
     kept = np.asarray(kept, dtype=bool)
-    rng = np.random.default_rng(seed)
     out = {}
     for r in sorted({str(x) for x in reason[~kept]}):
         pos = np.flatnonzero((reason == r) & ~kept)
+        rng = np.random.default_rng([seed, zlib.crc32(r.encode())])
         out[r] = np.sort(rng.choice(pos, size=min(n, len(pos)), replace=False))
     return out
 

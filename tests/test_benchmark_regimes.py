@@ -1,0 +1,66 @@
+"""The regimes benchmark's own pieces (scripts/benchmark_regimes.py): data builders, drop table, equal steps."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import benchmark_regimes as br
+
+
+def args(**kw) -> argparse.Namespace:
+    base = br.parse_args(["noisy", "--workdir", "unused", "--train-rows", "40", "--heldout-per-domain", "5"])
+    for k, v in kw.items():
+        setattr(base, k, v)
+    return base
+
+
+def test_noisy_pool_is_damaged_and_heldout_clean(tmp_path: Path) -> None:
+    info = br.build_noisy(args(damaged_share=0.25), tmp_path)
+    pool = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    held = [json.loads(line) for line in (tmp_path / "heldout.jsonl").read_text().splitlines()]
+    assert len(pool) == 40 and sum("damage" in r for r in pool) == 10
+    assert not any("damage" in r for r in held) and len(held) == 10
+    assert info["pool_damage"]["clean"] == 30
+    pool_answers = {r["output"] for r in pool}
+    assert not any(r["output"] in pool_answers for r in held)
+
+
+def test_targeted_dev_and_heldout_are_the_target_domain_and_never_in_the_pool(tmp_path: Path) -> None:
+    a = br.parse_args(["targeted", "--workdir", "unused", "--train-rows", "40", "--heldout-per-domain", "5",
+                       "--target-rows", "6"])
+    info = br.build_targeted(a, tmp_path)
+    read = lambda name: [json.loads(x) for x in (tmp_path / name).read_text().splitlines()]  # noqa: E731
+    pool, held, dev = read("train.jsonl"), read("heldout.jsonl"), read("target.jsonl")
+    assert {r["domain"] for r in held} == {r["domain"] for r in dev} == {"code"}
+    assert len(dev) == 6 and len(held) == 5 and info["target_domain"] == "code"
+    key = lambda r: (r["instruction"], r["input"], r["output"])  # noqa: E731
+    assert not ({key(r) for r in dev} & {key(r) for r in pool}) and not ({key(r) for r in held} & {key(r) for r in dev})
+
+
+def test_damage_table_counts_dropped_shares_per_kind(tmp_path: Path) -> None:
+    labels = np.array(["clean"] * 6 + ["cut_off"] * 2 + ["near_copy"] * 2)
+    path = tmp_path / "sel.parquet"
+    kept = [True] * 5 + [False] + [False, True] + [False, False]
+    pq.write_table(pa.table({"row": list(range(10)), "kept": kept}), path)
+    table = br.damage_table({"x": {"label": "m", "keep": 0.6, "seed": 0, "path": str(path)}}, labels)
+    entry = table["m@0.60"]
+    assert entry["dropped"] == pytest.approx({"clean": 1 / 6, "cut_off": 0.5, "near_copy": 1.0})
+    assert entry["dropped_damaged_non_copy"] == 0.5
+
+
+def test_equal_steps_trainer_cycles_the_subset_for_exactly_the_steps() -> None:
+    trainer = br.EqualStepsTrainer.__new__(br.EqualStepsTrainer)
+    trainer.args = argparse.Namespace(batch_size=4, epochs=1)
+    trainer.steps = 7
+    batches = list(trainer.batches(np.arange(10), np.random.default_rng(0)))
+    assert len(batches) == 7 and trainer.total_steps(10) == 7
+    assert sorted(r for b in batches[:3] for r in b) == list(range(10))  # one whole pass before any row repeats
