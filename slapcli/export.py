@@ -1,9 +1,10 @@
 """Stage 4, export: write the kept rows exactly as they were in the input.
 
 The output's name decides its container, as it does for inputs, so a file slap writes is a file slap reads:
-`.parquet` Parquet, `.json` a JSON array, anything else (`.jsonl`, `.ndjson`, stdout) JSON Lines; `.gz` / `.zst`
-compress it. JSON Lines input gives the same bytes, line for line (as array elements in a `.json`); other
-inputs give each row's compact JSON. `order="selection"` writes rows in the order `select` chose them.
+`.parquet` Parquet, `.arrow` an Arrow IPC file, `.json` a JSON array, anything else (`.jsonl`, `.ndjson`,
+stdout) JSON Lines; `.gz` / `.zst` compress it. JSON Lines input gives the same bytes, line for line (as
+array elements in a `.json`); other inputs give each row's compact JSON. `order="selection"` writes rows in the
+order `select` chose them.
 
 The selection is checked against its own metadata first (rows unique and in range, the kept count), and every
 kept row must be found in the source: a damaged selection is refused, never exported short.
@@ -39,6 +40,7 @@ from slapcli.io.writers import STDOUT, atomic_path, compressed, compression_from
 from slapcli.progress import ProgressTask, Reporter
 from slapcli.source import source_path, verify_source
 
+TABLE_CONTAINERS = ("parquet", "arrow")  # outputs written as typed columns (the rest are JSON text)
 ROW_GROUP_ROWS = 4096  # kept rows per Parquet row group, and at most per chunk held in memory
 CHUNK_BYTES = 32 << 20  # a chunk of long JSON rows closes early, at this many input bytes
 SPOOL_BATCH_ROWS = 256  # selection order reads each spooled run back this many rows at a time
@@ -85,10 +87,10 @@ def export(selection_path: str, output: str, config: ExportConfig, reporter: Rep
         return ExportResult(written, int(meta.stats.get("rows", len(table))))
     with SourceReader(src, container) as reader, \
             reporter.progress(f"export {reader.name}", reader.total_bytes, unit="bytes") as bar:
-        if container_out == "parquet":
+        if container_out in TABLE_CONTAINERS:
             chunks = _parquet_chunks(reader, ranks, bar) if container == "parquet" and not reader.stream \
                 else _json_chunks(reader, ranks, bar)
-            written = _export_parquet(chunks, n_kept, output, config.order, reader.name, all_found)
+            written = _export_table(chunks, n_kept, output, config.order, reader.name, all_found, container_out)
         else:
             with open_output(output) as sink, compressed(sink, compression) as stream:
                 rows = _JsonRows(stream, array=container_out == "json")
@@ -102,12 +104,12 @@ def export(selection_path: str, output: str, config: ExportConfig, reporter: Rep
 
 
 def output_format(output: str) -> tuple[str, str | None]:
-    """The container (jsonl, json, parquet) and compression an output name asks for; stdout is JSON Lines."""
+    """The container (jsonl, json, parquet, arrow) and compression an output name asks for; stdout is JSON Lines."""
     if output == STDOUT:
         return "jsonl", None
     container, compression = container_from_name(output) or "jsonl", compression_from_name(output)
-    if container == "parquet" and compression is not None:
-        raise UsageError(f"{output}: Parquet compresses its own columns; drop the compression suffix")
+    if container in TABLE_CONTAINERS and compression is not None:
+        raise UsageError(f"{output}: a {container} file is not compressed as a whole; drop the compression suffix")
     return container, compression
 
 
@@ -189,9 +191,9 @@ def _export_jsonl(reader: SourceReader, ranks: np.ndarray, n_kept: int, sink: _J
     return written
 
 
-def _export_parquet(chunks: Iterator[Chunk], n_kept: int, output: str, order: str, name: str,
-                    all_found: Callable[[int], None]) -> int:
-    with atomic_path(output) as tmp, _ParquetSink(tmp, name) as sink:
+def _export_table(chunks: Iterator[Chunk], n_kept: int, output: str, order: str, name: str,
+                  all_found: Callable[[int], None], container: str) -> int:
+    with atomic_path(output) as tmp, _TableSink(tmp, name, container) as sink:
         if order == "source":
             for table, _ in chunks:
                 sink.write(table)
@@ -201,28 +203,30 @@ def _export_parquet(chunks: Iterator[Chunk], n_kept: int, output: str, order: st
     return sink.rows
 
 
-class _ParquetSink:
-    """A ParquetWriter opened on the first table, whose schema it keeps, writing bounded row groups."""
+class _TableSink:
+    """A Parquet or Arrow IPC file writer opened on the first table, whose schema it keeps, writing bounded row
+    groups (record batches)."""
 
-    def __init__(self, path: str, name: str) -> None:
-        self.path, self.name = path, name
+    def __init__(self, path: str, name: str, container: str = "parquet") -> None:
+        self.path, self.name, self.container = path, name, container
         self.rows = 0
-        self._writer: pq.ParquetWriter | None = None
+        self._writer: pq.ParquetWriter | ipc.RecordBatchFileWriter | None = None
 
-    def __enter__(self) -> _ParquetSink:
+    def __enter__(self) -> _TableSink:
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
         if self._writer is None:
             if exc_type is not None:
                 return
-            self._open(pa.schema([]))  # nothing kept: still a valid (empty) Parquet file
+            self._open(pa.schema([]))  # nothing kept: still a valid (empty) file
         assert self._writer is not None
         self._writer.close()
 
     def _open(self, schema: pa.Schema) -> None:
         try:
-            self._writer = pq.ParquetWriter(self.path, schema)
+            self._writer = ipc.new_file(self.path, schema) if self.container == "arrow" \
+                else pq.ParquetWriter(self.path, schema)
         except pa.ArrowNotImplementedError as e:  # e.g. a field that is always {}: Parquet has no empty struct
             raise DataError(f"the rows cannot be stored as Parquet ({e}); {_TO_JSONL}", self.name) from None
 
@@ -230,7 +234,10 @@ class _ParquetSink:
         if self._writer is None:
             self._open(table.schema)
         assert self._writer is not None
-        self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+        if isinstance(self._writer, pq.ParquetWriter):
+            self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+        else:
+            self._writer.write_table(table, max_chunksize=ROW_GROUP_ROWS)
         self.rows += table.num_rows
 
 
@@ -380,7 +387,7 @@ def _fits(have: pa.DataType, want: pa.DataType) -> bool:
     return False
 
 
-def _write_in_rank_order(chunks: Iterator[Chunk], n_kept: int, sink: _ParquetSink,
+def _write_in_rank_order(chunks: Iterator[Chunk], n_kept: int, sink: _TableSink,
                          all_found: Callable[[int], None]) -> None:
     """Selection order in bounded memory: an external merge by rank.
 

@@ -272,7 +272,7 @@ def test_a_budget_above_the_rows_warns_and_a_share_of_no_row_is_refused(tmp_path
 # --- 5. the output's extension decides its container ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["pruned.json", "pruned.jsonl", "pruned.ndjson", "pruned.parquet",
+@pytest.mark.parametrize("name", ["pruned.json", "pruned.jsonl", "pruned.ndjson", "pruned.parquet", "pruned.arrow",
                                   "pruned.jsonl.gz", "pruned.json.zst"])
 def test_what_slap_writes_slap_reads(tmp_path, models, name):
     array = tmp_path / "arr.json"
@@ -290,6 +290,8 @@ def test_what_slap_writes_slap_reads(tmp_path, models, name):
         rows = json.loads(raw)
     elif name.endswith(".parquet"):
         rows = pq.read_table(out).to_pylist()
+    elif name.endswith(".arrow"):
+        rows = pa.ipc.open_file(out).read_all().to_pylist()
     else:
         rows = [json.loads(line) for line in raw.splitlines()]
     assert len(rows) == ROWS // 2 and all(row in make_rows(ROWS) for row in rows)
