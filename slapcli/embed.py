@@ -17,8 +17,9 @@ import hashlib
 import json
 import os
 import shutil
+from collections import deque
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,7 @@ import torch
 from slapcli import __version__
 from slapcli.artifacts import ArtifactMeta, ArtifactWriter, embeddings_schema
 from slapcli.config import EmbedConfig
+from slapcli.engine import ENGINES, Engine
 from slapcli.errors import DataError, SlapError
 from slapcli.io.layouts import Example
 from slapcli.io.readers import ParsedRow, ReadStats, SourceReader, field_map, file_fingerprint, iter_examples
@@ -161,7 +163,51 @@ def _read_json(path: str) -> Any:
         return None
 
 
-def embed(input_path: str, output_path: str, config: EmbedConfig, reporter: Reporter) -> ArtifactMeta:
+@dataclass(frozen=True)
+class EmbedWork:
+    """What `embed_chunk` needs besides its rows: the settings and the loaded models."""
+
+    config: EmbedConfig
+    enc_tokenizer: Any
+    encoder: torch.nn.Module
+    proxy_tokenizer: Any
+    device: torch.device
+
+    @property
+    def dim(self) -> int:
+        return int(self.encoder.config.hidden_size)
+
+
+def embed_chunk(work: EmbedWork, chunk: list[ParsedRow]) -> pa.Table:
+    """A chunk of rows to their rows of the embeddings artifact (the per-chunk work an engine runs)."""
+    config = work.config
+    examples = [row.example for row in chunk]
+    hashes = [content_hash(e) for e in examples]
+    # Exact duplicates get the same vector and counts: the models run once per distinct content.
+    first: dict[str, int] = {}
+    for i, h in enumerate(hashes):
+        first.setdefault(h, i)
+    distinct = sorted(first.values())
+    slot = {i: k for k, i in enumerate(distinct)}
+    copy_of = [slot[first[h]] for h in hashes]
+    unique = [examples[i] for i in distinct]
+    vectors = encode_texts(work.enc_tokenizer, work.encoder, [e.full_text for e in unique], config.batch_size,
+                           config.encoder_max_tokens, work.device)[copy_of]
+    unique_tokens = encode_examples(work.proxy_tokenizer, unique, config.max_tokens)
+    tokens = [unique_tokens[k] for k in copy_of]
+    return pa.table({
+        "row": pa.array([r.record.index for r in chunk], pa.int64()),
+        "line": pa.array([r.record.line for r in chunk], pa.int64()),
+        "content_hash": pa.array(hashes, pa.string()),
+        "n_prompt_tokens": pa.array([t.n_prompt_tokens for t in tokens], pa.int32()),
+        "n_response_tokens": pa.array([t.n_response_tokens for t in tokens], pa.int32()),
+        "truncated": pa.array([t.truncated for t in tokens], pa.bool_()),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), work.dim),
+    }).cast(embeddings_schema(work.dim))
+
+
+def embed(input_path: str, output_path: str, config: EmbedConfig, reporter: Reporter,
+          engine: Engine = ENGINES["local"]) -> ArtifactMeta:
     """Read `input_path`, write the embeddings artifact to `output_path`, return its metadata."""
     # A bad --fields fails before any model loads; the artifact records the mapping itself (not a dataset_info.json
     # path), so later stages parse the same way from anywhere.
@@ -171,36 +217,11 @@ def embed(input_path: str, output_path: str, config: EmbedConfig, reporter: Repo
     proxy_ref = resolve_model(config.proxy_model)
     reporter.log(f"loading encoder {embed_ref.spec} and proxy tokenizer {proxy_ref.spec}")
     enc_tokenizer, encoder = load_encoder(embed_ref, device)
-    proxy_tokenizer = load_tokenizer(proxy_ref)
-    dim = int(encoder.config.hidden_size)
+    work = EmbedWork(config, enc_tokenizer, encoder, load_tokenizer(proxy_ref), device)
+    dim = work.dim
     schema = embeddings_schema(dim)
     meta_config = {**asdict(config), "embed_model_identity": embed_ref.identity,
                    "proxy_model_identity": proxy_ref.identity}
-    def embed_chunk(chunk: list[ParsedRow]) -> pa.Table:
-        examples = [row.example for row in chunk]
-        hashes = [content_hash(e) for e in examples]
-        # Exact duplicates get the same vector and counts: the models run once per distinct content.
-        first: dict[str, int] = {}
-        for i, h in enumerate(hashes):
-            first.setdefault(h, i)
-        distinct = sorted(first.values())
-        slot = {i: k for k, i in enumerate(distinct)}
-        copy_of = [slot[first[h]] for h in hashes]
-        unique = [examples[i] for i in distinct]
-        vectors = encode_texts(enc_tokenizer, encoder, [e.full_text for e in unique], config.batch_size,
-                               config.encoder_max_tokens, device)[copy_of]
-        unique_tokens = encode_examples(proxy_tokenizer, unique, config.max_tokens)
-        tokens = [unique_tokens[k] for k in copy_of]
-        return pa.table({
-            "row": pa.array([r.record.index for r in chunk], pa.int64()),
-            "line": pa.array([r.record.line for r in chunk], pa.int64()),
-            "content_hash": pa.array(hashes, pa.string()),
-            "n_prompt_tokens": pa.array([t.n_prompt_tokens for t in tokens], pa.int32()),
-            "n_response_tokens": pa.array([t.n_response_tokens for t in tokens], pa.int32()),
-            "truncated": pa.array([t.truncated for t in tokens], pa.bool_()),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim),
-        }).cast(schema)
-
     stats = ReadStats()
     rows_out = truncated = n_parts = 0
     with SourceReader(input_path, config.input_format) as reader, \
@@ -215,15 +236,28 @@ def embed(input_path: str, output_path: str, config: EmbedConfig, reporter: Repo
         }, config.resume, reporter)
         try:
             rows = iter_examples(reader, config.layout, config.on_bad_line, stats, config.fields)
-            for index, chunk in enumerate(_chunks(rows, config.chunk_rows)):
-                table = parts.load(index, [r.record.index for r in chunk])
-                if table is None:
-                    table = embed_chunk(chunk)
-                    parts.save(index, table)
+            waiting: deque[int] = deque()  # indices of the chunks handed to the engine, in order
+
+            def done(index: int, table: pa.Table) -> None:
+                nonlocal truncated, rows_out, n_parts
                 truncated += sum(table.column("truncated").to_pylist())
-                rows_out += len(chunk)
-                n_parts = index + 1
+                rows_out += table.num_rows
+                n_parts = max(n_parts, index + 1)
                 bar.update(completed=reader.bytes_read, rows_done=rows_out)
+
+            def to_embed() -> Iterator[list[ParsedRow]]:
+                for index, chunk in enumerate(_chunks(rows, config.chunk_rows)):
+                    table = parts.load(index, [r.record.index for r in chunk])
+                    if table is None:
+                        waiting.append(index)
+                        yield chunk
+                    else:  # finished by a killed run
+                        done(index, table)
+
+            for table in engine.map(embed_chunk, work, to_embed()):
+                index = waiting.popleft()
+                parts.save(index, table)
+                done(index, table)
             assert reader.fingerprint is not None
             if source_fp is not None and reader.fingerprint != source_fp:
                 raise DataError("the file changed while it was read; run again on a file nobody is writing to",

@@ -6,15 +6,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
 
 from slapcli.artifacts import ArtifactMeta
+from slapcli.engine import ENGINES, Engine
 from slapcli.io.layouts import Example
-from slapcli.io.readers import file_fingerprint
+from slapcli.io.readers import ParsedRow, file_fingerprint
 from slapcli.io.writers import atomic_path
 from slapcli.models import cache_dir, load_causal_lm, pick_device, pick_dtype, resolve_model
 from slapcli.progress import Reporter
@@ -33,13 +37,36 @@ class LossPass:
     label: str = "proxy loss"
 
 
+LOSS_CHUNK_ROWS = 1024  # source rows per chunk of a loss pass (what an engine maps over)
+
+
+@dataclass(frozen=True)
+class LossWork:
+    """What `chunk_loss_terms` needs besides its rows: the pass, the loaded proxy, the row view and a progress hook."""
+
+    loss_pass: LossPass
+    tokenizer: Any
+    model: nn.Module
+    device: torch.device
+    view: Callable[[Example], Example] | None = None
+    advance: Callable[[int], None] | None = None  # called per batch: a bar that moves, not one that jumps per chunk
+
+
+def chunk_loss_terms(work: LossWork, chunk: list[ParsedRow]) -> np.ndarray:
+    """A chunk of source rows to their loss terms [rows, len(LOSS_TERMS)] (the per-chunk work an engine runs)."""
+    examples = [r.example if work.view is None else work.view(r.example) for r in chunk]
+    return compute_loss_terms(work.model, work.tokenizer, examples, work.loss_pass.max_tokens,
+                              work.loss_pass.batch_size, work.device, progress_callback=work.advance)
+
+
 def proxy_losses(meta: ArtifactMeta, src: str, name: str, wanted_rows: np.ndarray, loss_pass: LossPass,
-                 reporter: Reporter, view: Callable[[Example], Example] | None = None) -> tuple[np.ndarray, str]:
+                 reporter: Reporter, view: Callable[[Example], Example] | None = None,
+                 engine: Engine = ENGINES["local"]) -> tuple[np.ndarray, str]:
     """Each wanted row's loss terms under the untrained proxy (the policy at step 0), in `wanted_rows` order:
     [rows, len(LOSS_TERMS)] (mean response loss, end-token loss, second-half loss; slapcli.proxy).
 
     `view` rewrites each row before scoring (IFD scores the response without its prompt). Rows are read from
-    the source again, streaming, and scored 1024 at a time. Returns the terms and the model's identity.
+    the source again, streaming, and scored LOSS_CHUNK_ROWS at a time. Returns the terms and the model's identity.
     """
     device = pick_device(loss_pass.device)
     ref = resolve_model(loss_pass.proxy_model)
@@ -48,28 +75,31 @@ def proxy_losses(meta: ArtifactMeta, src: str, name: str, wanted_rows: np.ndarra
     wanted = set(wanted_rows.tolist())
     position = {r: i for i, r in enumerate(wanted_rows.tolist())}
     losses = np.full((len(wanted_rows), len(LOSS_TERMS)), np.nan, dtype=np.float32)
-    chunk: list[Any] = []
     done = 0
     with reporter.progress(loss_pass.label, len(wanted_rows)) as bar:
-        def flush() -> None:
-            examples = [r.example if view is None else view(r.example) for r in chunk]
-            def advance(n: int) -> None:  # per batch: a bar that moves, not one that jumps every 1024 rows
-                nonlocal done
-                done += n
-                bar.update(advance=n, rows_done=done)
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            bar.update(advance=n, rows_done=done)
 
-            values = compute_loss_terms(model, tokenizer, examples, loss_pass.max_tokens, loss_pass.batch_size, device,
-                                    progress_callback=advance)
-            for r, v in zip(chunk, values, strict=True):
+        chunks: deque[list[ParsedRow]] = deque()  # handed to the engine, waiting for their terms
+
+        def to_score() -> Iterator[list[ParsedRow]]:
+            chunk: list[ParsedRow] = []
+            for row in iter_source_rows(meta, src, name, wanted):
+                chunk.append(row)
+                if len(chunk) == LOSS_CHUNK_ROWS:
+                    chunks.append(chunk)
+                    yield chunk
+                    chunk = []
+            if chunk:
+                chunks.append(chunk)
+                yield chunk
+
+        work = LossWork(loss_pass, tokenizer, model, device, view, advance)
+        for values in engine.map(chunk_loss_terms, work, to_score()):
+            for r, v in zip(chunks.popleft(), values, strict=True):
                 losses[position[r.record.index]] = v
-            chunk.clear()
-
-        for row in iter_source_rows(meta, src, name, wanted):
-            chunk.append(row)
-            if len(chunk) == 1024:
-                flush()
-        if chunk:
-            flush()
     return losses, ref.identity
 
 
