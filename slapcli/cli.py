@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fnmatch
 import functools
 import glob
 import json
@@ -240,8 +241,31 @@ def _claim_output(output: str, inputs: list[str | None], force: bool, artifact: 
     so no output ever replaces data something was made from, with or without --force.
     """
     recorded = [path for source in inputs if source and _is_artifact_name(source) for path in recorded_inputs(source)]
-    check_output_path(output, [*inputs, *recorded], force, artifact=artifact)
+    sources = [path for path in (*inputs, *recorded) if path and path != STDIN]
+    shards = [shard for path in sources for shard in _shards_of(path)]
+    check_output_path(output, [*sources, *shards], force, artifact=artifact)
+    if output != STDOUT:
+        for folder in sources:
+            if _would_be_a_shard_of(output, folder):
+                raise UsageError(f"{output}: inside the data folder or pattern {folder}, where a later read would take "
+                                 "it for one more shard of the data; choose an output outside it")
     _claims[-1].enter_context(output_lock(output))
+
+
+def _shards_of(path: str) -> list[str]:
+    """The data files of a folder or glob pattern input (none for a file): each is an input as well."""
+    if not (os.path.isdir(path) or glob.has_magic(path)):
+        return []
+    with contextlib.suppress(SlapError):
+        return list_shards(path) or []
+    return []
+
+
+def _would_be_a_shard_of(output: str, data: str) -> bool:
+    """Whether `output` lies in folder `data`, or matches pattern `data`, where reading the data again finds it."""
+    if os.path.isdir(data):
+        return os.path.realpath(output).startswith(os.path.join(os.path.realpath(data), ""))
+    return glob.has_magic(data) and fnmatch.fnmatch(os.path.abspath(output), os.path.abspath(data))
 
 
 def _is_artifact_name(path: str) -> bool:
