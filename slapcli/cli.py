@@ -164,7 +164,9 @@ SCREEN = typer.Option(StratifyConfig.screen, "--screen/--no-screen",
                            "the proxy; one more proxy pass). Never below the budget.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars or log lines (errors still print).")
 FORCE = typer.Option(False, "--force", "-f", help="Overwrite the output if it exists.")
-SEED = typer.Option(0, "--seed", help="Seed for every random choice; the same seed gives the same bytes.")
+# [0, 2^31): numpy refuses a negative seed and faiss's k-means takes a C int.
+SEED = typer.Option(0, "--seed", min=0, max=2**31 - 1,
+                    help="Seed for every random choice; the same seed gives the same bytes.")
 DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (auto: CUDA with bf16 when present).")
 PROXY = typer.Option(DEFAULT_PROXY_MODEL, "--proxy-model",
                      help="Proxy causal LM: the packaged default, a local Hugging Face folder, a .gguf file "
@@ -297,15 +299,20 @@ def _check_choice(option: str, value: str | None, choices: tuple[str, ...] | lis
 
 def _check_range(option: str, value: float | None, low: float, high: float = math.inf,
                  low_open: bool = False, high_open: bool = False) -> None:
-    """`value` (when given) within [low, high], with open ends as asked; NaN is never in range."""
+    """`value` (when given) finite and within [low, high], with open ends as asked; NaN is never in range."""
     if value is None:
         return
     above = value > low if low_open else value >= low
     below = value < high if high_open else value <= high
-    if not (above and below):
+    if not (above and below and math.isfinite(value)):
         left, right = "(" if low_open else "[", ")" if high_open else "]"
-        bounds = f">= {low:g}" if high == math.inf and not low_open else \
-            f"> {low:g}" if high == math.inf else f"in {left}{low:g}, {high:g}{right}"
+        if high != math.inf:
+            bounds = f"in {left}{low:g}, {high:g}{right}"
+        elif low == -math.inf:
+            bounds = "a finite number"
+        else:
+            finite = "" if math.isfinite(value) else "a finite number "
+            bounds = f"{finite}{'>' if low_open else '>='} {low:g}"
         raise UsageError(f"{option} {value:g}: must be {bounds}")
 
 
@@ -506,6 +513,9 @@ def select_cmd(
         _check_range(option, value, 1)
     _check_range("--lr", lr, 0.0, low_open=True)
     _check_range("--checkpoint-minutes", checkpoint_minutes, 0.0)
+    _check_range("--eta-scale", eta_scale, 0.0, low_open=True)
+    _check_range("--length-prior", length_prior, 0.0)
+    _check_range("--diversity", diversity, -math.inf)  # any finite weight
     from slapcli.replay import checkpoint_path  # here: the replay's imports are heavy and only select needs it
 
     if len(os.fsencode(os.path.basename(checkpoint_path(output)))) > MAX_NAME_BYTES:
