@@ -16,6 +16,7 @@ from slapcli.signals import STOP_SIGNALS, exit_at_once, finished, importing, on_
 with on_stop_signals(exit_at_once):
     import contextlib
     import errno
+    import fnmatch
     import functools
     import glob
     import json
@@ -118,7 +119,8 @@ SCREEN = typer.Option(StratifyConfig.screen, "--screen/--no-screen",
                            "the proxy; one more proxy pass). Never below the budget.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars or log lines (errors still print).")
 FORCE = typer.Option(False, "--force", "-f", help="Overwrite the output if it exists.")
-SEED = typer.Option(SelectConfig.seed, "--seed",
+# [0, 2^31): numpy refuses a negative seed and faiss's k-means takes a C int.
+SEED = typer.Option(SelectConfig.seed, "--seed", min=0, max=2**31 - 1,
                     help="Seed for every random choice; the same seed gives the same bytes.")
 DEVICE = typer.Option(EmbedConfig.device, "--device",
                       help="auto, cpu, cuda or cuda:N (auto: CUDA with bf16 when present).")
@@ -202,8 +204,31 @@ def _claim_output(output: str, inputs: list[str | None], force: bool, artifact: 
     from slapcli.artifacts import recorded_inputs  # pyarrow: only once a command runs
 
     recorded = [path for source in inputs if source and _is_artifact_name(source) for path in recorded_inputs(source)]
-    check_output_path(output, [*inputs, *recorded], force, artifact=artifact)
+    sources = [path for path in (*inputs, *recorded) if path and path != STDIN]
+    shards = [shard for path in sources for shard in _shards_of(path)]
+    check_output_path(output, [*sources, *shards], force, artifact=artifact)
+    if output != STDOUT:
+        for folder in sources:
+            if _would_be_a_shard_of(output, folder):
+                raise UsageError(f"{output}: inside the data folder or pattern {folder}, where a later read would take "
+                                 "it for one more shard of the data; choose an output outside it")
     _claims[-1].enter_context(output_lock(output))
+
+
+def _shards_of(path: str) -> list[str]:
+    """The data files of a folder or glob pattern input (none for a file): each is an input as well."""
+    if not (os.path.isdir(path) or glob.has_magic(path)):
+        return []
+    with contextlib.suppress(SlapError):
+        return list_shards(path) or []
+    return []
+
+
+def _would_be_a_shard_of(output: str, data: str) -> bool:
+    """Whether `output` lies in folder `data`, or matches pattern `data`, where reading the data again finds it."""
+    if os.path.isdir(data):
+        return os.path.realpath(output).startswith(os.path.join(os.path.realpath(data), ""))
+    return glob.has_magic(data) and fnmatch.fnmatch(os.path.abspath(output), os.path.abspath(data))
 
 
 def _is_artifact_name(path: str) -> bool:
@@ -235,15 +260,20 @@ def _check_choice(option: str, value: str | None, choices: tuple[str, ...] | lis
 
 def _check_range(option: str, value: float | None, low: float, high: float = math.inf,
                  low_open: bool = False, high_open: bool = False) -> None:
-    """`value` (when given) within [low, high], with open ends as asked; NaN is never in range."""
+    """`value` (when given) finite and within [low, high], with open ends as asked; NaN is never in range."""
     if value is None:
         return
     above = value > low if low_open else value >= low
     below = value < high if high_open else value <= high
-    if not (above and below):
+    if not (above and below and math.isfinite(value)):
         left, right = "(" if low_open else "[", ")" if high_open else "]"
-        bounds = f">= {low:g}" if high == math.inf and not low_open else \
-            f"> {low:g}" if high == math.inf else f"in {left}{low:g}, {high:g}{right}"
+        if high != math.inf:
+            bounds = f"in {left}{low:g}, {high:g}{right}"
+        elif low == -math.inf:
+            bounds = "a finite number"
+        else:
+            finite = "" if math.isfinite(value) else "a finite number "
+            bounds = f"{finite}{'>' if low_open else '>='} {low:g}"
         raise UsageError(f"{option} {value:g}: must be {bounds}")
 
 
@@ -470,6 +500,9 @@ def select_cmd(
         _check_range(option, value, 1)
     _check_range("--lr", lr, 0.0, low_open=True)
     _check_range("--checkpoint-minutes", checkpoint_minutes, 0.0)
+    _check_range("--eta-scale", eta_scale, 0.0, low_open=True)
+    _check_range("--length-prior", length_prior, 0.0)
+    _check_range("--diversity", diversity, -math.inf)  # any finite weight
     if len(os.fsencode(os.path.basename(checkpoint_path(output)))) > MAX_NAME_BYTES:
         raise UsageError(f"{output}: file name too long for its resume checkpoint OUTPUT.ckpt (at most "
                          f"{MAX_NAME_BYTES - len('.ckpt')} bytes)")

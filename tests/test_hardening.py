@@ -124,6 +124,24 @@ def test_no_command_writes_over_its_source_or_upstream(tmp_path, data, models, m
     assert listing(tmp_path / "work") == ["e.parquet", "s.parquet", "sel.parquet"]
 
 
+@pytest.mark.parametrize("target", ["a-shard", "inside-the-folder", "matching-the-pattern"])
+def test_no_output_over_or_among_the_shards_of_a_folder_input(tmp_path, models, target):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    rows = [json.dumps(r).encode() + b"\n" for r in make_rows(ROWS)]
+    (shards / "part-0.jsonl").write_bytes(b"".join(rows[:12]))
+    (shards / "part-1.jsonl").write_bytes(b"".join(rows[12:]))
+    before = {p.name: p.read_bytes() for p in shards.iterdir()}
+    data = str(shards / "part-*.jsonl") if target == "matching-the-pattern" else shards
+    out = {"a-shard": shards / "part-1.jsonl", "inside-the-folder": shards / "pruned.jsonl",
+           "matching-the-pattern": shards / "part-9.jsonl"}[target]
+    r = invoke(["run", data, "-o", out, "--force", "--workdir", tmp_path / "w", *models])
+    assert r.exit_code == 2
+    line = one_line(r)
+    assert ("the output path is the input path" in line) if target == "a-shard" else ("one more shard" in line)
+    assert {p.name: p.read_bytes() for p in shards.iterdir()} == before and not (tmp_path / "w").exists()
+
+
 # --- 2. a missing input: one line before any model loads, and no work folder ----------------------------------
 
 
@@ -210,6 +228,10 @@ OPTION_CASES = [
     (["select", "{fake}", "-o", "{out}.parquet", "--batch-size", "0"], "--batch-size"),
     (["select", "{fake}", "-o", "{out}.parquet", "--max-tokens", "0"], "--max-tokens"),
     (["select", "{fake}", "-o", "{out}.parquet", "--keep", "-0.1"], "--keep"),
+    (["select", "{fake}", "-o", "{out}.parquet", "--lr", "inf"], "--lr inf: must be a finite number > 0"),
+    (["select", "{fake}", "-o", "{out}.parquet", "--diversity", "nan"], "--diversity"),
+    (["select", "{fake}", "-o", "{out}.parquet", "--seed", "-1"], "--seed"),
+    (["stratify", "{fake}", "-o", "{out}.parquet", "--seed", "99999999999"], "--seed"),
     (["export", "{fake}", "-o", "{out}.jsonl", "--order", "random"], "--order"),
     (["run", "{data}", "-o", "{out}.jsonl", "--method", "foo"], "--method"),
     (["run", "{data}", "-o", "{out}.jsonl", "--keep", "0"], "--keep"),
