@@ -105,7 +105,7 @@ with _on_stop_signals(_exit_while_starting):
         output_lock,
         was_written,
     )
-    from slapcli.models import DEFAULT_EMBED_MODEL, DEFAULT_PROXY_MODEL
+    from slapcli.models import DEFAULT_EMBED_MODEL, DEFAULT_PROXY_MODEL, pick_device
     from slapcli.pipeline import reuse_or_run
     from slapcli.progress import Reporter, stderr_console
     from slapcli.report.build import ReportConfig, build_report
@@ -167,7 +167,20 @@ FORCE = typer.Option(False, "--force", "-f", help="Overwrite the output if it ex
 # [0, 2^31): numpy refuses a negative seed and faiss's k-means takes a C int.
 SEED = typer.Option(0, "--seed", min=0, max=2**31 - 1,
                     help="Seed for every random choice; the same seed gives the same bytes.")
-DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (auto: CUDA with bf16 when present).")
+
+
+def _check_device(value: str) -> str:
+    """A device this machine has, checked while the options are parsed (before any data is read)."""
+    if value.strip().lower() != "auto":
+        try:
+            pick_device(value)
+        except UsageError as e:
+            raise typer.BadParameter(str(e)) from None
+    return value
+
+
+DEVICE = typer.Option("auto", "--device", callback=_check_device,
+                      help="auto, cpu, cuda or cuda:N (auto: CUDA with bf16 when present).")
 PROXY = typer.Option(DEFAULT_PROXY_MODEL, "--proxy-model",
                      help="Proxy causal LM: the packaged default, a local Hugging Face folder, a .gguf file "
                           "or a hub id.")

@@ -216,6 +216,7 @@ OPTION_CASES = [
     (["embed", "{data}", "-o", "{out}.parquet", "--format", "csv"], "--format"),
     (["embed", "{data}", "-o", "{out}.parquet", "--on-bad-line", "ignore"], "--on-bad-line"),
     (["embed", "{data}", "-o", "{out}.parquet", "--input-format", "xml"], "--input-format"),
+    (["embed", "{data}", "-o", "{out}.parquet", "--device", "nosuch"], "unknown device 'nosuch'"),
     (["stratify", "{fake}", "-o", "{out}.parquet", "--keep", "1.5"], "--keep"),
     (["stratify", "{fake}", "-o", "{out}.parquet", "--keep", "0"], "--keep"),
     (["stratify", "{fake}", "-o", "{out}.parquet", "--keep", "nan"], "--keep"),
