@@ -277,9 +277,10 @@ def _shards_of(path: str) -> list[str]:
 
 
 def _would_be_a_shard_of(output: str, data: str) -> bool:
-    """Whether `output` lies in folder `data`, or matches pattern `data`, where reading the data again finds it."""
+    """Whether `output` lies in folder `data` (its top level: where the shards are looked for), or matches pattern
+    `data`, so that reading the data again would find it."""
     if os.path.isdir(data):
-        return os.path.realpath(output).startswith(os.path.join(os.path.realpath(data), ""))
+        return os.path.dirname(os.path.realpath(output)) == os.path.realpath(data)
     return glob.has_magic(data) and fnmatch.fnmatch(os.path.abspath(output), os.path.abspath(data))
 
 
