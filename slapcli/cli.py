@@ -122,7 +122,21 @@ FORCE = typer.Option(False, "--force", "-f", help="Overwrite the output if it ex
 # [0, 2^31): numpy refuses a negative seed and faiss's k-means takes a C int.
 SEED = typer.Option(SelectConfig.seed, "--seed", min=0, max=2**31 - 1,
                     help="Seed for every random choice; the same seed gives the same bytes.")
-DEVICE = typer.Option(EmbedConfig.device, "--device",
+
+
+def _check_device(value: str) -> str:
+    """A device this machine has, checked while the options are parsed (before any data is read)."""
+    if value.strip().lower() != "auto":
+        with importing():
+            from slapcli.models import pick_device  # torch: only for a device other than auto
+        try:
+            pick_device(value)
+        except UsageError as e:
+            raise typer.BadParameter(str(e)) from None
+    return value
+
+
+DEVICE = typer.Option(EmbedConfig.device, "--device", callback=_check_device,
                       help="auto, cpu, cuda or cuda:N (auto: CUDA with bf16 when present).")
 # Panels of `select --help` that a user does not need: tuning the replay, and the ablations the benchmarks run.
 REPLAY_PANEL = "Replay tuning"
@@ -225,9 +239,10 @@ def _shards_of(path: str) -> list[str]:
 
 
 def _would_be_a_shard_of(output: str, data: str) -> bool:
-    """Whether `output` lies in folder `data`, or matches pattern `data`, where reading the data again finds it."""
+    """Whether `output` lies in folder `data` (its top level: where the shards are looked for), or matches pattern
+    `data`, so that reading the data again would find it."""
     if os.path.isdir(data):
-        return os.path.realpath(output).startswith(os.path.join(os.path.realpath(data), ""))
+        return os.path.dirname(os.path.realpath(output)) == os.path.realpath(data)
     return glob.has_magic(data) and fnmatch.fnmatch(os.path.abspath(output), os.path.abspath(data))
 
 

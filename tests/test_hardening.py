@@ -6,6 +6,7 @@ stderr and that nothing is left behind: the cases of the issue, worst first.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import gzip
 import json
@@ -216,6 +217,7 @@ OPTION_CASES = [
     (["embed", "{data}", "-o", "{out}.parquet", "--format", "csv"], "--format"),
     (["embed", "{data}", "-o", "{out}.parquet", "--on-bad-line", "ignore"], "--on-bad-line"),
     (["embed", "{data}", "-o", "{out}.parquet", "--input-format", "xml"], "--input-format"),
+    (["embed", "{data}", "-o", "{out}.parquet", "--device", "nosuch"], "unknown device 'nosuch'"),
     (["stratify", "{fake}", "-o", "{out}.parquet", "--keep", "1.5"], "--keep"),
     (["stratify", "{fake}", "-o", "{out}.parquet", "--keep", "0"], "--keep"),
     (["stratify", "{fake}", "-o", "{out}.parquet", "--keep", "nan"], "--keep"),
@@ -469,6 +471,19 @@ def test_a_second_writer_of_the_same_output_is_refused(tmp_path, data, models, c
     r = invoke([*args, "-q"])  # once it is gone, the command runs, and leaves no lock behind
     assert r.exit_code == 0, r.stderr
     assert not [p for p in tmp_path.rglob(".*.lock")]
+
+
+def test_a_file_system_without_locks_still_gets_its_output(tmp_path, data, models, monkeypatch):
+    _emb, _strata, sel = chain(tmp_path, data, models)
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)  # as on some NFS mounts
+    r = invoke(["export", sel, "-o", tmp_path / "kept.jsonl"])
+    assert r.exit_code == 0, r.stderr
+    assert len((tmp_path / "kept.jsonl").read_bytes().splitlines()) == ROWS // 2
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_a_run_holds_its_work_folder(tmp_path, data, models):

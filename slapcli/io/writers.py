@@ -30,6 +30,7 @@ MAX_NAME_BYTES = 255  # one file name on ext4, xfs, btrfs, tmpfs, APFS
 # Room a hidden companion needs around the output's name: "." + ".parts"/".lock" + mkstemp's "." + 8 chars + ".tmp".
 _COMPANION_ROOM = 24
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+_NO_LOCKS = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP})
 
 # Outputs renamed into place by this process: absolute path -> (device, inode) of the file renamed there, so that
 # a signal arriving just after the rename can tell that the output is complete (see `was_written`).
@@ -257,6 +258,8 @@ def output_lock(output: str) -> Iterator[None]:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
+                if e.errno in _NO_LOCKS:  # a file system without locks (some NFS mounts): write unguarded
+                    break
                 os.close(fd)
                 if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise UsageError(f"{output}: another slap command is writing it (lock {path}); wait for it "
