@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import re
@@ -296,7 +297,9 @@ def ensure_gguf_converted(ref: ModelRef) -> Path:
     if _cache_complete(final):
         return final
     _require_gguf_packages()
-    with quiet_transformers():
+    # transformers draws its own tqdm bar while it de-quantises, past its logging switch: kept off our stderr,
+    # where the CLI's bars and log lines are.
+    with quiet_transformers(), contextlib.redirect_stderr(io.StringIO()):
         try:
             return _build_atomically(final, ref, lambda out: _convert_gguf(ref, out))
         except (OSError, ValueError, KeyError, RuntimeError) as e:
