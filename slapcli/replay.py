@@ -34,6 +34,8 @@ from slapcli.slapmath import (
     curvature_diagonal,
     greedy_batch,
     score_step,
+    score_unit,
+    single_scores,
     stratified_sample,
     update_curvature,
 )
@@ -223,15 +225,13 @@ class _ReplayStep:
         if not config.curvature:  # first-order + diversity only
             h = torch.zeros_like(h)
         eta = config.eta_scale * score_step(config.eta, pool_feats, target, h)
-        singles = eta * (pool_feats @ target) - 0.5 * eta**2 * (pool_feats.pow(2) @ h)
-        spread = float(singles.std()) if len(singles) > 1 else 0.0
-        score_unit = spread if spread > 0 else 1.0  # diversity and length prior are in these units
-        gamma = config.diversity * score_unit
+        unit = score_unit(single_scores(pool_feats, target, h, eta))  # diversity and length prior are in these units
+        gamma = config.diversity * unit
         b = min(config.batch_size, pool.left)
         groups, caps = pool.caps(candidates)
         content = None
         if config.length_prior:
-            content = config.length_prior * score_unit * torch.from_numpy(
+            content = config.length_prior * unit * torch.from_numpy(
                 response_content(self.encoded, candidates, self.reference_tokens))
         result = greedy_batch(pool_feats, target, h, eta, gamma, torch.from_numpy(self.embeddings[candidates]),
                               torch.from_numpy(self.scales[candidates]), b, config.diversity_clip,

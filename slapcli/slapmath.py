@@ -359,6 +359,18 @@ def target_newton_eta(target: Tensor, h: Tensor) -> float:
     return float(target @ target) / quad if quad > 0 else 1.0
 
 
+def single_scores(pool_feats: Tensor, target: Tensor, h: Tensor, eta: float) -> Tensor:
+    """Each candidate's batch score alone, U({g}) = eta <g*, g> - eta^2/2 g^T diag(h) g, per row of `pool_feats`."""
+    return eta * (pool_feats @ target) - 0.5 * eta**2 * (pool_feats.pow(2) @ h)
+
+
+def score_unit(singles: Tensor) -> float:
+    """The pool's score spread (std of its single scores; 1 when they do not vary): the unit in which the
+    diversity weight and the length prior are given, so they mean the same at any scale of the features."""
+    spread = float(singles.std()) if len(singles) > 1 else 0.0
+    return spread if spread > 0 else 1.0
+
+
 def score_step(rule: str, pool_feats: Tensor, target: Tensor, h: Tensor) -> float:
     """The eta of the batch score under `--eta`: "target" (Newton step along g*) or "row" (median per-row)."""
     if rule == "target":

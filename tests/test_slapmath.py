@@ -26,6 +26,8 @@ from slapcli.slapmath import (
     normalize_features,
     project_linear_grads,
     relative_diversity,
+    score_unit,
+    single_scores,
     split_projection_dim,
     stratum_nn_scale,
     update_curvature,
@@ -555,3 +557,17 @@ def test_weighted_budget_follows_weights_within_sizes(seed: int) -> None:
                 assert np.all(np.abs(alloc[free] - quota) < 1.0 + 1e-9)
     with pytest.raises(ValueError):
         weighted_budget(sizes, -weights - 1, 3)
+
+
+def test_single_scores_are_the_batch_score_of_each_row_alone():
+    gen = torch.Generator().manual_seed(5)
+    feats = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    target = torch.randn(4, generator=gen, dtype=torch.float64)
+    h = torch.rand(4, generator=gen, dtype=torch.float64)
+    emb, scale = torch.randn(1, 3, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    singles = single_scores(feats, target, h, 0.7)
+    expected = [batch_utility(feats[i:i + 1], target, h, 0.7, 0.0, emb, scale)["total"] for i in range(6)]
+    torch.testing.assert_close(singles, torch.tensor(expected, dtype=torch.float64))
+    assert score_unit(singles) == pytest.approx(float(torch.tensor(expected).std()))
+    assert score_unit(singles[:1]) == 1.0 and score_unit(torch.zeros(3, dtype=torch.float64)) == 1.0
+
