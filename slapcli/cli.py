@@ -66,7 +66,7 @@ with on_stop_signals(exit_at_once):
         output_lock,
         was_written,
     )
-    from slapcli.methods.registry import method_names, methods_help, methods_where
+    from slapcli.methods.registry import method_entry, method_names, methods_help, methods_where
     from slapcli.progress import Reporter, stderr_console
 
 # Click's own exceptions, found through one typer exports (typer vendors click in some versions, imports it in
@@ -271,6 +271,14 @@ def _check_input(path: str | None, option: str = "", data: bool = False) -> None
 def _check_choice(option: str, value: str | None, choices: tuple[str, ...] | list[str]) -> None:
     if value is not None and value not in choices:
         raise UsageError(f"{option} {value!r}: expected one of {', '.join(choices)}")
+
+
+def _check_method(method: str, target: str | None) -> None:
+    """A registered method, with a --target when it needs one: before any model loads (in `run`, before embed)."""
+    _check_choice("--method", method, method_names())
+    if method_entry(method).needs.target == "required" and not target:
+        raise UsageError(f"--method {method} needs a --target dev file (rows like the downstream task): "
+                         "give --target FILE")
 
 
 def _check_range(option: str, value: float | None, low: float, high: float = math.inf,
@@ -507,7 +515,7 @@ def select_cmd(
     _check_input(input, "--input")
     _check_input(embeddings, "--embeddings")
     _check_input(target, "--target")
-    _check_choice("--method", method, method_names())
+    _check_method(method, target)
     _check_budget(keep, budget)
     _check_choice("--allocation", allocation, ALLOCATIONS)
     for option, value in (("--batch-size", batch_size), ("--pool-factor", pool_factor), ("--proj-dim", proj_dim),
@@ -680,7 +688,7 @@ def run_cmd(
     _check_input(input, data=True)
     _check_input(target, "--target")
     _check_budget(keep, budget)
-    _check_choice("--method", method, method_names())
+    _check_method(method, target)
     _check_read_options(layout, input_format, on_bad_line, max_tokens)
     field_map(fields, layout)
     _check_choice("--order", order, ORDERS)

@@ -38,7 +38,8 @@ def check_config(config: SelectConfig) -> None:
     except KeyError as e:
         raise UsageError(str(e.args[0])) from None
     if entry.needs.target == "required" and not config.target:
-        raise UsageError(f"--method {config.method} takes the rows nearest to a --target dev file: give --target FILE")
+        raise UsageError(f"--method {config.method} needs a --target dev file (rows like the downstream task): "
+                         "give --target FILE")
     if config.batch_size < 1 or config.pool_factor < 1:
         raise UsageError("--batch-size and --pool-factor must be >= 1")
     if config.refresh < 1 or config.target_refresh < 1:

@@ -79,3 +79,14 @@ def test_a_new_method_is_one_function_and_one_registry_line(strata: Path, tmp_pa
 def test_a_method_that_needs_a_target_is_refused_without_one(strata: Path, tmp_path: Path):
     with pytest.raises(UsageError, match=r"--method nearest .* give --target FILE"):
         select(str(strata), str(tmp_path / "sel.parquet"), SelectConfig(method="nearest"), QUIET)
+
+
+def test_run_refuses_a_method_that_needs_a_target_before_any_work(tmp_path: Path):
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"instruction": "Q", "output": "A"}) + "\n")
+    work = tmp_path / "work"
+    r = CliRunner().invoke(app, ["run", str(data), "-o", str(tmp_path / "out.jsonl"), "--method", "nearest",
+                                 "--workdir", str(work)])
+    assert r.exit_code == 2
+    assert "--method nearest needs a --target dev file" in r.output
+    assert not work.exists() and not (tmp_path / "out.jsonl").exists()
