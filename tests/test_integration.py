@@ -72,7 +72,11 @@ def test_four_commands_with_the_default_models(tmp_path, shared_cache):
     assert r.exit_code == 0, r.stderr
     assert "GGUF tensors" not in r.stderr  # the first load converts the proxy: transformers' own bar stays off
     s = pq.read_table(strata)
-    assert s["pruned"].to_pylist() == [None] * 30  # no duplicates in these rows
+    # No copies among these rows; the damage screen may flag a rare outlier (on these 30 rows it flags one list
+    # of "Don't ..." tips as repetitive: its second half is far easier than its first), never many.
+    pruned = [p for p in s["pruned"].to_pylist() if p is not None]
+    assert set(pruned) <= {"ignores_prompt", "cut_off", "repetitive"} and len(pruned) <= 3
+    assert s["direct_loss"].null_count == 0 and s["screen_score"].null_count == 0
     losses = s["loss"].to_pylist()
     assert all(x is not None and math.isfinite(x) and x > 0 for x in losses)
     assert [p for p in (shared_cache / "gguf").iterdir() if p.is_dir()]  # the proxy was converted into our cache
