@@ -252,6 +252,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.regime == "clean":
         args.damaged_share = 0.0
+    # benchmark_quality's recipe fields this script does not vary (its run files and keys read them).
+    args.bf16, args.schedule, args.warmup = False, "constant", 0.0
     args.keeps = args.keeps or ([0.1, 0.2, 0.3] if args.regime == "targeted" else [0.7])
     args.methods = [m for m in (args.methods or ("nearest,slap" if args.regime == "targeted"
                                                  else "stratified,slap")).split(",") if m]
@@ -335,7 +337,6 @@ def main(argv: list[str] | None = None) -> int:
         pending.sort(key=lambda p: -len(p[1]))
         bq.log(f"training {len(pending)} runs in {args.jobs} process(es)")
         recipe = copy.copy(args)
-        recipe.bf16, recipe.schedule, recipe.warmup = False, "constant", 0.0
         with ProcessPoolExecutor(max_workers=max(1, min(args.jobs, len(pending) or 1)),
                                  mp_context=get_context("spawn"), initializer=_init,
                                  initargs=(recipe, workdir, full_steps)) as pool:
