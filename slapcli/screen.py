@@ -136,11 +136,13 @@ def near_duplicates(embeddings: np.ndarray, cluster: np.ndarray, eligible: np.nd
     return out
 
 
-def restore_order(suspicion: np.ndarray, flagged: np.ndarray) -> np.ndarray:
-    """Flagged positions, least suspicious first: the order in which they come back when the budget needs more
-    rows than the screen left (screened rows never shrink the budget)."""
-    positions = np.flatnonzero(flagged)
-    return positions[np.lexsort((positions, suspicion[positions]))]
+def restore_order(suspicion: np.ndarray, flagged: np.ndarray, near_copy: np.ndarray) -> np.ndarray:
+    """The order in which screened rows come back when the budget needs more rows than the screen left (screened
+    rows never shrink the budget): flagged rows least suspicious first, then near-copies in row order (a copy
+    adds least of all)."""
+    positions = np.flatnonzero(flagged & ~near_copy)
+    by_suspicion = positions[np.lexsort((positions, suspicion[positions]))]
+    return np.concatenate([by_suspicion, np.flatnonzero(near_copy)])
 
 
 def without_prompt(example: Example) -> Example:

@@ -144,9 +144,7 @@ def screened_rows_back(table: pa.Table, screened: np.ndarray, short: int) -> np.
     score = table["screen_score"].to_numpy(zero_copy_only=False).astype(np.float64) \
         if "screen_score" in table.column_names else np.zeros(len(screened))
     near = pc.fill_null(pc.equal(table["pruned"], "near_duplicate"), False).to_numpy(zero_copy_only=False)
-    order = np.concatenate([restore_order(np.nan_to_num(score, nan=np.inf), screened & ~near),
-                            np.flatnonzero(screened & near)])
-    back[order[:short]] = True
+    back[restore_order(np.nan_to_num(score, nan=np.inf), screened, screened & near)[:short]] = True
     return back
 
 

@@ -171,8 +171,8 @@ def stratify(embeddings_path: str, output_path: str, config: StratifyConfig, rep
     # suspicious flagged rows come back first, then near-copies (in row order).
     short = m - int(eligible.sum())
     if short > 0:
-        back = np.concatenate([restore_order(np.nan_to_num(suspicion, nan=np.inf), np.logical_or.reduce(
-            [np.zeros(n, dtype=bool), *screened.values()])), np.flatnonzero(is_near)])[:short]
+        flagged = np.logical_or.reduce([np.zeros(n, dtype=bool), *screened.values()])
+        back = restore_order(np.nan_to_num(suspicion, nan=np.inf), flagged, is_near)[:short]
         eligible[back] = True
         for mask in (*screened.values(), is_near):
             mask[back] = False

@@ -131,7 +131,8 @@ def test_near_copies_in_one_cluster_keep_their_first_row() -> None:
     assert got.tolist() == [-1, 0, -1, -1]  # row 3 is a copy but in another cluster
 
 
-def test_restore_order_is_least_suspicious_first() -> None:
-    suspicion = np.array([9.0, 4.0, 0.0, 4.0, 7.0])
-    flagged = np.array([True, True, False, True, True])
-    assert restore_order(suspicion, flagged).tolist() == [1, 3, 4, 0]
+def test_restore_order_is_least_suspicious_first_then_near_copies() -> None:
+    suspicion = np.array([9.0, 4.0, 0.0, 4.0, 7.0, np.inf])
+    flagged = np.array([True, True, False, True, True, False])
+    near = np.array([False, False, False, False, False, True])
+    assert restore_order(suspicion, flagged, near).tolist() == [1, 3, 4, 0, 5]
