@@ -9,7 +9,10 @@ valuable rows (both are poorly predicted). Two questions the proxy can answer ca
   rows whose IFD >= 1). An answer that belongs to another prompt, a refusal that fits any prompt, or text that
   predicts itself gains little or nothing from its prompt.
 - Does the answer end where it ends? `end_loss` = the loss of the end-of-turn token after the last answer: an
-  instruct model finds the end of a complete answer likely and the end of a cut-off sentence very unlikely.
+  instruct model finds the end of a complete answer likely and the end of a cut-off sentence very unlikely. Being
+  unusual for the pool is not enough: a complete answer that ends without punctuation (a list, code, one word) is
+  a less likely end than a sentence, an outlier on a clean pool, yet the model still gives its end a fair chance.
+  A cut-off answer is also flagged only where the model gives its end less than one chance in a million.
 - Is the answer's second half new, or a copy of its first? `tail_loss` / the first half's loss: an answer stuck
   repeating its opening is copied by the model at almost no loss, so its second half is far easier than its
   first (a ratio, so a predictable answer, e.g. code, is not taken for a repetitive one).
@@ -38,6 +41,11 @@ OUTLIER_Z = 3.5
 SCREEN_REASONS = ("ignores_prompt", "cut_off", "repetitive")
 # The tail of a short answer is a few tokens (often just its end token): too few to call it repetitive.
 MIN_TAIL_TOKENS = 16
+# An end-of-turn token the proxy gives less than one chance in a million (loss > ln 1e6 = 13.8 nats) is a stop
+# the model would not make. A round number, not fitted; for scale, on two 300-row draws of the shared mix the
+# complete answers that the z-score alone flagged (ending in code, a list, a number) sat at 7-21 nats (all but 3
+# below 15.1) and answers cut off mid-sentence at 18-34 nats (all but 2).
+CUT_OFF_MIN_END_LOSS = float(np.log(1e6))
 
 
 @dataclass(frozen=True)
@@ -80,12 +88,15 @@ def modified_z(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
 def screen_scores(signals: ScreenSignals, eligible: np.ndarray) -> dict[str, np.ndarray]:
     """Per reason, a suspicion score in outlier units (above OUTLIER_Z = flagged): the z-score oriented so that
     larger is worse. `ignores_prompt` also counts any row whose prompt does not help at all (gain <= 0, IFD >= 1)
-    as flagged, whatever the spread of the rest."""
+    as flagged, whatever the spread of the rest; `cut_off` counts only rows whose end the proxy finds less likely
+    than CUT_OFF_MIN_END_LOSS allows (their score is capped just below the cut otherwise)."""
     gain = signals.prompt_gain
     z_gain = -modified_z(gain, eligible)
     z_gain = np.where(eligible & (gain <= 0), np.maximum(z_gain, OUTLIER_Z + 1e-6), z_gain)
     long_enough = eligible & (signals.response_tokens >= 2 * MIN_TAIL_TOKENS)
-    return {"ignores_prompt": z_gain, "cut_off": modified_z(signals.end_loss, eligible),
+    z_end = modified_z(signals.end_loss, eligible)
+    z_end = np.where(signals.end_loss < CUT_OFF_MIN_END_LOSS, np.minimum(z_end, OUTLIER_Z), z_end)
+    return {"ignores_prompt": z_gain, "cut_off": z_end,
             "repetitive": -modified_z(tail_to_head(signals), long_enough)}
 
 

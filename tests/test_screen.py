@@ -7,6 +7,7 @@ import pytest
 
 from slapcli.io.layouts import Example, Turn
 from slapcli.screen import (
+    CUT_OFF_MIN_END_LOSS,
     MIN_TAIL_TOKENS,
     OUTLIER_Z,
     SCREEN_REASONS,
@@ -70,6 +71,22 @@ def test_each_kind_of_outlier_gets_its_reason_and_clean_rows_none() -> None:
     assert 1 not in names and 4 not in names and 5 not in names
     assert len(names) <= 3 + 4  # a normal sample has almost no 3.5-sigma outliers
     assert suspicion[5] == -np.inf and suspicion[2] > OUTLIER_Z
+
+
+def test_an_unusual_but_plausible_end_is_not_taken_for_a_cut_off() -> None:
+    # On a clean pool the end losses are tight, so an answer ending in code or a list (end loss 9 nats: the model
+    # still gives its end a 1-in-8,000 chance) is a 3.5-sigma outlier; only an end below one in a million is flagged.
+    rng = np.random.default_rng(2)
+    s = signals(200, rng)
+    s.end_loss[0] = 9.0
+    s.end_loss[1] = CUT_OFF_MIN_END_LOSS + 0.5
+    eligible = np.ones(200, dtype=bool)
+    scores = screen_scores(s, eligible)
+    assert modified_z(s.end_loss, eligible)[0] > OUTLIER_Z  # an outlier by the z-score alone ...
+    assert scores["cut_off"][0] == OUTLIER_Z  # ... but its score is capped at the cut, so it is not flagged
+    reason, _ = screen_flags(scores, eligible)
+    assert reason[0] == -1 and SCREEN_REASONS[reason[1]] == "cut_off"
+    assert np.all(scores["cut_off"][2:] <= OUTLIER_Z)  # every end under the floor is capped
 
 
 def test_screen_flags_reason_is_the_largest_score_above_the_threshold() -> None:
