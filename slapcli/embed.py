@@ -13,12 +13,14 @@ uninterrupted run writes, and nothing final-looking exists before that.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from copy import deepcopy
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -31,7 +33,7 @@ from slapcli import __version__
 from slapcli.artifacts import ArtifactMeta, ArtifactWriter, embeddings_schema
 from slapcli.config import EmbedConfig
 from slapcli.engine import ENGINES, Engine
-from slapcli.errors import DataError, SlapError
+from slapcli.errors import DataError, SlapError, UsageError
 from slapcli.io.layouts import Example
 from slapcli.io.readers import ParsedRow, ReadStats, SourceReader, field_map, file_fingerprint, iter_examples
 from slapcli.io.writers import atomic_path, companion_path, replace_into
@@ -39,10 +41,13 @@ from slapcli.models import (
     load_encoder,
     load_tokenizer,
     pick_device,
+    pick_dtype,
     resolve_model,
 )
+from slapcli.parts import shard_record
 from slapcli.progress import Reporter
 from slapcli.proxy import encode_examples
+from slapcli.shard import Shard
 
 
 def content_hash(example: Example) -> str:
@@ -60,8 +65,11 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
 
 @torch.inference_mode()
 def encode_texts(tokenizer, model, texts: list[str], batch_size: int, max_tokens: int,
-                 device: torch.device) -> np.ndarray:
-    """Embed texts in length-sorted batches and return them in input order (float32, unit norm)."""
+                 device: torch.device, progress_callback: Callable[[int], None] | None = None) -> np.ndarray:
+    """Embed texts in length-sorted batches and return them in input order (float32, unit norm).
+
+    `progress_callback(n)` is called after each batch with the number of texts it just finished.
+    """
     if not texts:
         return np.zeros((0, model.config.hidden_size), dtype=np.float32)
     encoded = tokenizer(texts, truncation=True, max_length=max_tokens, add_special_tokens=True)["input_ids"]
@@ -79,6 +87,8 @@ def encode_texts(tokenizer, model, texts: list[str], batch_size: int, max_tokens
         ids, mask = ids.to(device), mask.to(device)
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
         out[idx] = mean_pool(hidden, mask).cpu().numpy()
+        if progress_callback is not None:
+            progress_callback(len(idx))
     return out
 
 
@@ -110,7 +120,7 @@ class ChunkParts:
     temporary name and renamed, so a part that exists is complete.
     """
 
-    FORMAT = 1
+    FORMAT = 2  # 2: rows copying a row of an earlier chunk take its values (KnownRows)
 
     def __init__(self, folder: str, key: dict[str, Any]) -> None:
         self.folder = folder
@@ -172,10 +182,19 @@ class EmbedWork:
     encoder: torch.nn.Module
     proxy_tokenizer: Any
     device: torch.device
+    # Called after each encoder batch with the share of the chunk it finished: a bar that moves per batch, not one
+    # that jumps per chunk. Only an engine that runs chunks in this process calls it.
+    advance: Callable[[float], None] | None = None
 
     @property
     def dim(self) -> int:
         return int(self.encoder.config.hidden_size)
+
+    def for_worker(self, device: torch.device) -> EmbedWork:
+        """This work as a worker on `device` runs it (slapcli.engine): the encoder there, at that device's dtype,
+        and no progress hook of this process."""
+        encoder = self.encoder if device == self.device else deepcopy(self.encoder).to(device, pick_dtype(device))
+        return dataclasses.replace(self, encoder=encoder, device=device, advance=None)
 
 
 def embed_chunk(work: EmbedWork, chunk: list[ParsedRow]) -> pa.Table:
@@ -191,24 +210,105 @@ def embed_chunk(work: EmbedWork, chunk: list[ParsedRow]) -> pa.Table:
     slot = {i: k for k, i in enumerate(distinct)}
     copy_of = [slot[first[h]] for h in hashes]
     unique = [examples[i] for i in distinct]
+    advance, total = work.advance, len(unique)
+    moved = None if advance is None else (lambda n: advance(n / total))
     vectors = encode_texts(work.enc_tokenizer, work.encoder, [e.full_text for e in unique], config.batch_size,
-                           config.encoder_max_tokens, work.device)[copy_of]
-    unique_tokens = encode_examples(work.proxy_tokenizer, unique, config.max_tokens)
+                           config.encoder_max_tokens, work.device, moved)[copy_of]
+    # A chunk may come empty: every row of it copies a row of an earlier chunk (see KnownRows).
+    unique_tokens = encode_examples(work.proxy_tokenizer, unique, config.max_tokens) if unique else []
     tokens = [unique_tokens[k] for k in copy_of]
+    return _chunk_table(chunk, hashes, [t.n_prompt_tokens for t in tokens], [t.n_response_tokens for t in tokens],
+                        [t.truncated for t in tokens], vectors, work.dim)
+
+
+def _chunk_table(chunk: list[ParsedRow], hashes: list[str], n_prompt: list[int], n_response: list[int],
+                 truncated: list[bool], vectors: np.ndarray, dim: int) -> pa.Table:
     return pa.table({
         "row": pa.array([r.record.index for r in chunk], pa.int64()),
         "line": pa.array([r.record.line for r in chunk], pa.int64()),
         "content_hash": pa.array(hashes, pa.string()),
-        "n_prompt_tokens": pa.array([t.n_prompt_tokens for t in tokens], pa.int32()),
-        "n_response_tokens": pa.array([t.n_response_tokens for t in tokens], pa.int32()),
-        "truncated": pa.array([t.truncated for t in tokens], pa.bool_()),
-        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), work.dim),
-    }).cast(embeddings_schema(work.dim))
+        "n_prompt_tokens": pa.array(n_prompt, pa.int32()),
+        "n_response_tokens": pa.array(n_response, pa.int32()),
+        "truncated": pa.array(truncated, pa.bool_()),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim),
+    }).cast(embeddings_schema(dim))
+
+
+KNOWN_BYTES = 64 << 20  # vectors kept for exact copies in later chunks: about 43,000 rows of a 384-dim encoder
+
+
+class KnownRows:
+    """Rows embedded in an earlier chunk, by content hash, so that an exact copy in a later chunk is not encoded
+    again (10,000 identical rows encode one text, not one per chunk).
+
+    Which rows are copies must depend on the data alone, never on timing, or a resumed run (or a parallel engine,
+    which takes chunk k+1 before chunk k's vectors are back) would encode other rows and write other bytes. So
+    a hash is claimed when its chunk is handed out, in chunk order, and its values arrive when that chunk's
+    table does, always before any later chunk's table is assembled. Memory is bounded: the first `capacity`
+    distinct contents are kept, never evicted (an eviction order would be one more thing to keep in step);
+    copies of later ones are still embedded once per chunk.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.home: dict[str, int] = {}  # content hash -> the chunk that embeds it
+        self.values: dict[str, tuple[int, int, bool, np.ndarray]] = {}  # prompt/response tokens, truncated, vector
+
+    def claim(self, index: int, hashes: list[str]) -> list[bool]:
+        """For chunk `index`, in chunk order: which rows copy a row of an earlier chunk (their models are skipped)."""
+        copies = []
+        for h in hashes:
+            home = self.home.get(h)
+            if home is None and len(self.home) < self.capacity:
+                self.home[h] = home = index
+            copies.append(home is not None and home < index)
+        return copies
+
+    def learn(self, index: int, table: pa.Table) -> None:
+        """Keep the values of the rows chunk `index` claimed, from its finished table."""
+        hashes = table.column("content_hash").to_pylist()
+        wanted = [i for i, h in enumerate(hashes) if self.home.get(h) == index and h not in self.values]
+        if not wanted:
+            return
+        vectors = _vectors(table)
+        prompt, response = table.column("n_prompt_tokens").to_pylist(), table.column("n_response_tokens").to_pylist()
+        cut = table.column("truncated").to_pylist()
+        for i in wanted:
+            # A copy of the row, not a view: a view would keep the whole chunk's array alive.
+            self.values[hashes[i]] = (prompt[i], response[i], cut[i], vectors[i].copy())
+
+    def complete(self, chunk: list[ParsedRow], hashes: list[str], copies: list[bool], encoded: pa.Table,
+                 dim: int) -> pa.Table:
+        """The chunk's table: the rows the models ran on (`encoded`, in order) with the copies filled in."""
+        if not any(copies):
+            return encoded  # the common case, and the same bytes as before copies were looked for
+        vectors = _vectors(encoded)
+        prompt = encoded.column("n_prompt_tokens").to_pylist()
+        response = encoded.column("n_response_tokens").to_pylist()
+        cut = encoded.column("truncated").to_pylist()
+        rows, own = [], 0
+        for h, copy in zip(hashes, copies, strict=True):
+            if copy:
+                rows.append(self.values[h])
+            else:
+                rows.append((prompt[own], response[own], cut[own], vectors[own]))
+                own += 1
+        return _chunk_table(chunk, hashes, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+                            np.stack([r[3] for r in rows]).astype(np.float32, copy=False), dim)
+
+
+def _vectors(table: pa.Table) -> np.ndarray:
+    column = table.column("embedding").combine_chunks()
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
 
 
 def embed(input_path: str, output_path: str, config: EmbedConfig, reporter: Reporter,
-          engine: Engine = ENGINES["local"]) -> ArtifactMeta:
-    """Read `input_path`, write the embeddings artifact to `output_path`, return its metadata."""
+          engine: Engine = ENGINES["local"], shard: Shard | None = None) -> ArtifactMeta:
+    """Read `input_path`, write the embeddings artifact to `output_path`, return its metadata.
+
+    With `shard` (i of N), only the chunks c with c % N == i are embedded and `output_path` is that shard's part:
+    an embeddings artifact of those chunks whose `extra.shard` records them (slapcli.parts merges the parts).
+    """
     # A bad --fields fails before any model loads; the artifact records the mapping itself (not a dataset_info.json
     # path), so later stages parse the same way from anywhere.
     mapping = field_map(config.fields, config.layout)
@@ -217,15 +317,31 @@ def embed(input_path: str, output_path: str, config: EmbedConfig, reporter: Repo
     proxy_ref = resolve_model(config.proxy_model)
     reporter.log(f"loading encoder {embed_ref.spec} and proxy tokenizer {proxy_ref.spec}")
     enc_tokenizer, encoder = load_encoder(embed_ref, device)
-    work = EmbedWork(config, enc_tokenizer, encoder, load_tokenizer(proxy_ref), device)
+    # Where the bar stands between chunk ends: the chunk being encoded starts at `start` bytes of the input and
+    # ends at `end` (the input is read a chunk ahead of its models); each encoder batch moves the bar by its share
+    # of them. (`bar` and `rows_out` are bound below, before any chunk is encoded.)
+    position = {"start": 0, "end": 0, "rows": 0, "share": 0.0}
+
+    def advance(share: float) -> None:
+        position["share"] += share
+        bar.update(completed=position["start"] + (position["end"] - position["start"]) * position["share"],
+                   rows_done=rows_out + int(position["rows"] * position["share"]))
+
+    work = EmbedWork(config, enc_tokenizer, encoder, load_tokenizer(proxy_ref), device, advance)
     dim = work.dim
+    known = KnownRows(KNOWN_BYTES // (4 * dim))
     schema = embeddings_schema(dim)
     meta_config = {**asdict(config), "embed_model_identity": embed_ref.identity,
                    "proxy_model_identity": proxy_ref.identity}
     stats = ReadStats()
-    rows_out = truncated = n_parts = 0
+    rows_out = truncated = 0
+    chunk_sizes: dict[int, int] = {}  # rows of each chunk embedded here
+    chunks_seen = [0]  # chunks of the whole input, this shard's or not
     with SourceReader(input_path, config.input_format) as reader, \
             reporter.progress(f"embed {reader.name}", reader.total_bytes, unit="bytes") as bar:
+        if shard is not None and reader.stream:
+            raise UsageError(f"--shard {shard}: every shard reads the whole input, so it must be a file (or a folder "
+                             f"of files), not {reader.name}")
         # Parts are reusable only for the same bytes: fingerprint a file up front (one extra read, cheap next to
         # the models). Stdin or a pipe cannot be read twice, so its parts are never reused.
         source_fp = None if reader.stream else file_fingerprint(input_path)
@@ -236,26 +352,36 @@ def embed(input_path: str, output_path: str, config: EmbedConfig, reporter: Repo
         }, config.resume, reporter)
         try:
             rows = iter_examples(reader, config.layout, config.on_bad_line, stats, config.fields)
-            waiting: deque[int] = deque()  # indices of the chunks handed to the engine, in order
+            # The chunks handed to the engine, in order: index, rows, content hashes, which rows are copies.
+            waiting: deque[tuple[int, list[ParsedRow], list[str], list[bool]]] = deque()
 
             def done(index: int, table: pa.Table) -> None:
-                nonlocal truncated, rows_out, n_parts
+                nonlocal truncated, rows_out
+                known.learn(index, table)
                 truncated += sum(table.column("truncated").to_pylist())
                 rows_out += table.num_rows
-                n_parts = max(n_parts, index + 1)
+                chunk_sizes[index] = table.num_rows
                 bar.update(completed=reader.bytes_read, rows_done=rows_out)
 
             def to_embed() -> Iterator[list[ParsedRow]]:
                 for index, chunk in enumerate(_chunks(rows, config.chunk_rows)):
+                    chunks_seen[0] = index + 1
+                    if shard is not None and not shard.owns(index):
+                        continue  # another shard's: read (chunk boundaries and statistics need every row), not run
+                    position.update(start=position["end"], end=reader.bytes_read, rows=len(chunk), share=0.0)
                     table = parts.load(index, [r.record.index for r in chunk])
                     if table is None:
-                        waiting.append(index)
-                        yield chunk
-                    else:  # finished by a killed run
+                        hashes = [content_hash(r.example) for r in chunk]
+                        copies = known.claim(index, hashes)
+                        waiting.append((index, chunk, hashes, copies))
+                        yield [row for row, copy in zip(chunk, copies, strict=True) if not copy]
+                    else:  # finished by a killed run: its rows are known as if this run had embedded them
+                        known.claim(index, table.column("content_hash").to_pylist())
                         done(index, table)
 
-            for table in engine.map(embed_chunk, work, to_embed()):
-                index = waiting.popleft()
+            for encoded in engine.map(embed_chunk, work, to_embed()):
+                index, chunk, hashes, copies = waiting.popleft()
+                table = known.complete(chunk, hashes, copies, encoded, dim)
                 parts.save(index, table)
                 done(index, table)
             assert reader.fingerprint is not None
@@ -280,13 +406,14 @@ def embed(input_path: str, output_path: str, config: EmbedConfig, reporter: Repo
                    "bad_examples": stats.bad_examples, "truncated": truncated, "dim": dim,
                    "non_text_parts": stats.non_text_parts,
                    "rows_with_non_text_parts": stats.rows_with_non_text_parts},
+            extra={"shard": shard_record(shard, chunks_seen[0], chunk_sizes)} if shard is not None else {},
         )
-    _assemble(parts, n_parts, schema, meta, output_path)
+    _assemble(parts, sorted(chunk_sizes), schema, meta, output_path)
     parts.remove()
     return meta
 
 
-def _assemble(parts: ChunkParts, n_parts: int, schema: pa.Schema, meta: ArtifactMeta, output_path: str) -> None:
+def _assemble(parts: ChunkParts, chunks: list[int], schema: pa.Schema, meta: ArtifactMeta, output_path: str) -> None:
     """Concatenate the parts into the artifact, one row group each, and rename it over `output_path` at once.
 
     The artifact is first completed inside the parts folder, so that a kill at any moment leaves no temporary
@@ -294,7 +421,7 @@ def _assemble(parts: ChunkParts, n_parts: int, schema: pa.Schema, meta: Artifact
     """
     assembled = os.path.join(parts.folder, "artifact.parquet")
     with ArtifactWriter(assembled, schema) as writer:
-        for index in range(n_parts):
+        for index in chunks:
             writer.write(pq.read_table(parts.part_path(index)))
         writer.finish(meta)
     replace_into(assembled, output_path)
