@@ -491,6 +491,10 @@ def select_cmd(
                                           help="Proxy tokens per row (default: as embedded)."),
     target: str | None = typer.Option(SelectConfig.target, "--target",
                                       help="Dev file of rows like the downstream task."),
+    target_candidates: float = typer.Option(SelectConfig.target_candidates, "--target-candidates",
+                                            rich_help_panel=REPLAY_PANEL,
+                                            help="With --target: slap chooses among this many rows nearest the dev "
+                                                 "rows per kept row."),
     proxy_model: str = PROXY,
     input: str | None = typer.Option(None, "--input", help="Data file, if not at the path recorded by embed."),
     embeddings: str | None = typer.Option(None, "--embeddings", help="Embeddings artifact, if moved."),
@@ -526,6 +530,7 @@ def select_cmd(
     _check_range("--eta-scale", eta_scale, 0.0, low_open=True)
     _check_range("--length-prior", length_prior, 0.0)
     _check_range("--diversity", diversity, -math.inf)  # any finite weight
+    _check_range("--target-candidates", target_candidates, 1.0)
     if len(os.fsencode(os.path.basename(checkpoint_path(output)))) > MAX_NAME_BYTES:
         raise UsageError(f"{output}: file name too long for its resume checkpoint OUTPUT.ckpt (at most "
                          f"{MAX_NAME_BYTES - len('.ckpt')} bytes)")
@@ -535,7 +540,8 @@ def select_cmd(
                           target_refresh=target_refresh, lr=lr,
                           feature_norm=feature_norm, eta=eta, eta_scale=eta_scale, length_prior=length_prior,
                           curvature=curvature,
-                          max_tokens=max_tokens, target=target, proxy_model=proxy_model, embeddings=embeddings,
+                          max_tokens=max_tokens, target=target, target_candidates=target_candidates,
+                          proxy_model=proxy_model, embeddings=embeddings,
                           seed=seed, device=device, resume=resume, checkpoint_seconds=60.0 * checkpoint_minutes,
                           record_timings=timings)
     reporter = _reporter(quiet)

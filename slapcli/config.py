@@ -88,6 +88,10 @@ class SelectConfig:
     curvature: bool = True  # False drops the second-order term of the batch score (an ablation)
     max_tokens: int | None = None  # None: the --max-tokens recorded by `embed`
     target: str | None = None  # dev file whose rows define the target direction
+    # With --target, slap chooses among the pool rows nearest the dev rows (ranked round-robin over the dev rows, as
+    # --method nearest ranks them), this many per kept row: near enough to stay on the task, room for the replay to
+    # choose. Strata budgets follow where the nearest kept-size set falls, so the target moves the mix.
+    target_candidates: float = 2.0
     target_rows: int = 64  # reference rows when no --target: a fixed stratified sample of the data
     device: str = "auto"
     checkpoint_seconds: float = 300.0  # how often the replay saves its state beside the output

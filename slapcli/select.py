@@ -17,14 +17,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from slapcli.artifacts import SELECTION_SCHEMA, ArtifactMeta, read_meta, read_table, upstream_record, write_artifact
+from slapcli.baselines import nearest_order
 from slapcli.budgets import ALLOCATIONS, row_budget
 from slapcli.errors import UsageError
 from slapcli.methods.base import TERMS, SelectConfig, Selection, SelectionJob
 from slapcli.methods.registry import method_entry
 from slapcli.progress import Reporter
 from slapcli.screen import SCREEN_REASONS, restore_order
-from slapcli.slapmath import ETA_RULES, FEATURE_NORMS, allocate_budget, weighted_budget
-from slapcli.target import target_cluster_share
+from slapcli.slapmath import ETA_RULES, FEATURE_NORMS, allocate_budget
 
 __all__ = ["SelectConfig", "select", "selection_table"]
 
@@ -52,6 +52,8 @@ def check_config(config: SelectConfig) -> None:
         raise UsageError("--eta-scale must be > 0")
     if not config.length_prior >= 0:
         raise UsageError("--length-prior must be >= 0")
+    if not config.target_candidates >= 1:
+        raise UsageError("--target-candidates must be >= 1 (candidate rows per kept row)")
 
 
 def select(strata_path: str, output_path: str, config: SelectConfig, reporter: Reporter,
@@ -78,7 +80,8 @@ def select(strata_path: str, output_path: str, config: SelectConfig, reporter: R
     job = SelectionJob(strata_meta, strata_path, table, eligible, budgets, config, reporter,
                        np.random.default_rng(config.seed), input_override, output_path)
     if entry.needs.target_budgets and config.target:
-        job.budgets, allocation = target_budgets(job), "target"
+        job.eligible, job.budgets = target_scope(job)
+        allocation = "target"
     reporter.log(f"selecting {job.m:,} of {n:,} rows with method {config.method!r}")
     result = entry.load()(job)
     out = selection_table(table, result.selection)
@@ -116,23 +119,20 @@ def resolve_budgets(strata_meta: ArtifactMeta, stratum: np.ndarray, eligible: np
     return allocate_budget(sizes, row_budget(len(stratum), keep, budget), allocation), allocation
 
 
-def target_budgets(job: SelectionJob) -> np.ndarray:
-    """With a --target, the budget follows the dev rows: each cluster gets the share of dev rows whose nearest
-    pool row is in it, split over its loss bins by size (slapmath.weighted_budget; what those clusters cannot
-    hold goes to the others). Coverage-first budgets would keep the pool's own mix, so a dev set could only
-    choose inside strata, never move the mix toward its task."""
-    embeddings, target_emb = job.embeddings(), job.target_embeddings()
-    table, eligible = job.table, job.eligible
-    cluster = table["cluster"].to_numpy()
-    stratum = table["stratum"].to_numpy()
-    share = target_cluster_share(target_emb, embeddings, cluster, eligible)
-    n_strata = len(job.strata_meta.extra["strata"])
-    sizes = np.bincount(stratum[eligible], minlength=n_strata)
-    cluster_of = np.zeros(n_strata, dtype=np.int64)
-    cluster_of[stratum[eligible]] = cluster[eligible]
-    cluster_sizes = np.bincount(cluster_of, weights=sizes, minlength=len(share))
-    weights = share[cluster_of] * sizes / np.maximum(cluster_sizes[cluster_of], 1)
-    return weighted_budget(sizes, weights, job.m)
+def target_scope(job: SelectionJob) -> tuple[np.ndarray, np.ndarray]:
+    """With a --target: (rows the method may choose, per-stratum budgets). Candidates are the pool rows nearest the
+    dev rows, `target_candidates` per kept row, ranked as `--method nearest` ranks them (round-robin over dev rows,
+    so every dev row gets neighbours); each stratum's budget is the number of nearest's first `m` rows in it. So the
+    target moves the mix (coverage-first budgets would keep the pool's own mix and let a dev set choose only
+    inside strata) and the replay chooses inside the region of the pool the dev rows point at."""
+    eligible, m = job.eligible, job.m
+    n_candidates = min(int(np.ceil(job.config.target_candidates * m)), int(eligible.sum()))
+    ranked = nearest_order(job.target_embeddings(), job.embeddings(), eligible, n_candidates)
+    scope = np.zeros_like(eligible)
+    scope[ranked] = True
+    n_strata = len(job.budgets)
+    budgets = np.bincount(job.table["stratum"].to_numpy()[ranked[:m]], minlength=n_strata).astype(np.int64)
+    return scope, budgets
 
 
 def screened_rows_back(table: pa.Table, screened: np.ndarray, short: int) -> np.ndarray:

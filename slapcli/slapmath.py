@@ -67,22 +67,6 @@ def stratified_sample(stratum: np.ndarray, eligible: np.ndarray, n: int, rng: np
     return np.sort(np.array(picks, dtype=np.int64))
 
 
-def weighted_budget(sizes: np.ndarray, weights: np.ndarray, budget: int) -> np.ndarray:
-    """Split `budget` rows over strata in proportion to `weights`, never above a stratum's size; what the weighted
-    strata cannot hold goes to the others in proportion to their rows left. Same guarantees as allocate_budget
-    (0 <= alloc <= size, alloc.sum() == min(budget, sizes.sum()), deterministic)."""
-    sizes = np.asarray(sizes, dtype=np.int64)
-    weights = np.asarray(weights, dtype=np.float64)
-    if weights.shape != sizes.shape or (weights < 0).any() or not np.isfinite(weights).all():
-        raise ValueError("weights must be finite, non-negative and one per stratum")
-    budget = min(int(budget), int(sizes.sum()))
-    alloc = _capped_share(np.where(sizes > 0, weights, 0.0), sizes, budget) if budget else np.zeros_like(sizes)
-    left = budget - int(alloc.sum())
-    if left > 0:
-        alloc += allocate_budget(sizes - alloc, left, "proportional")
-    return alloc
-
-
 def _waterfill(sizes: np.ndarray, budget: int) -> np.ndarray:
     # The largest level L with sum(min(size, L)) <= budget; the sum is monotone in L, so bisect.
     lo, hi = 0, int(sizes.max())

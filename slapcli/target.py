@@ -1,7 +1,8 @@
 """The `--target` dev file: rows like the downstream task, read once and embedded like the pool.
 
-`select` uses it two ways: `slap` aims its replay at the rows' proxy gradients and moves stratum budgets toward
-the clusters they fall in; the `nearest` baseline takes the pool rows nearest to them in embedding space.
+`select` uses it two ways: `slap` chooses among the pool rows nearest to them, with stratum budgets where the
+nearest rows fall, and aims its replay at their proxy gradients (select.target_scope); the `nearest` baseline
+takes the pool rows nearest to them in embedding space.
 """
 
 from __future__ import annotations
@@ -40,15 +41,3 @@ def embed_target(examples: list[Example], embed_config: dict[str, Any], device: 
                                       torch_device)
     return encode_texts(tokenizer, encoder, [e.full_text for e in examples], int(embed_config.get("batch_size", 64)),
                         int(embed_config.get("encoder_max_tokens", 256)), torch_device)
-
-
-def target_cluster_share(target_emb: np.ndarray, embeddings: np.ndarray, cluster: np.ndarray,
-                         eligible: np.ndarray) -> np.ndarray:
-    """Share of the dev rows per cluster: each dev row counts for the cluster of its nearest eligible pool row."""
-    positions = np.flatnonzero(eligible)
-    share = np.zeros(int(cluster.max()) + 1 if len(cluster) else 0)
-    if len(positions) == 0 or len(target_emb) == 0:
-        return share
-    nearest = positions[np.argmax(target_emb @ embeddings[positions].T, axis=1)]
-    np.add.at(share, cluster[nearest], 1.0)
-    return share / share.sum()

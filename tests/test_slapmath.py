@@ -535,30 +535,6 @@ def test_group_positions_matches_scan() -> None:
         np.testing.assert_array_equal(idx, np.flatnonzero(labels == label))
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_weighted_budget_follows_weights_within_sizes(seed: int) -> None:
-    from slapcli.slapmath import weighted_budget
-
-    rng = np.random.default_rng(seed)
-    sizes = rng.integers(0, 20, 12)
-    weights = rng.random(12) * (rng.random(12) > 0.4)
-    for budget in (0, 5, int(sizes.sum()) // 2, int(sizes.sum()), int(sizes.sum()) + 3):
-        alloc = weighted_budget(sizes, weights, budget)
-        assert alloc.sum() == min(budget, sizes.sum()) and (alloc >= 0).all() and (alloc <= sizes).all()
-        room = (sizes > 0) & (weights > 0)
-        if budget <= sizes[room].sum():  # the weighted strata can hold it: nothing goes elsewhere
-            assert alloc[~room].sum() == 0
-            # Naive reference: an uncapped stratum's share is within one row of its proportional quota of what
-            # the uncapped strata share.
-            capped = alloc >= sizes
-            free = room & ~capped
-            if free.any():
-                quota = (budget - alloc[capped].sum()) * weights[free] / weights[free].sum()
-                assert np.all(np.abs(alloc[free] - quota) < 1.0 + 1e-9)
-    with pytest.raises(ValueError):
-        weighted_budget(sizes, -weights - 1, 3)
-
-
 def test_single_scores_are_the_batch_score_of_each_row_alone():
     gen = torch.Generator().manual_seed(5)
     feats = torch.randn(6, 4, generator=gen, dtype=torch.float64)

@@ -1,23 +1,45 @@
-"""The --target dev file's share per cluster (slapcli.target), against a naive count."""
+"""With --target, slap's candidates and stratum budgets (select.target_scope), against a naive reference."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
+import pyarrow as pa
+import pytest
 
-from slapcli.target import target_cluster_share
+from slapcli.methods.base import SelectConfig
+from slapcli.select import target_scope
 
 
-def test_each_dev_row_counts_for_the_cluster_of_its_nearest_eligible_row() -> None:
-    rng = np.random.default_rng(0)
-    emb = rng.normal(size=(50, 5)).astype(np.float32)
+def naive_round_robin(dev: np.ndarray, emb: np.ndarray, eligible: np.ndarray, k: int) -> list[int]:
+    taken: list[int] = []
+    while len(taken) < k:
+        for d in dev:
+            free = [i for i in range(len(emb)) if eligible[i] and i not in taken]
+            taken.append(max(free, key=lambda i, d=d: (float(d @ emb[i]), -i)))
+            if len(taken) == k:
+                break
+    return taken
+
+
+@pytest.mark.parametrize(("m", "factor"), [(6, 2.0), (10, 1.0), (30, 2.0)])
+def test_candidates_are_the_nearest_rows_and_budgets_where_the_first_m_fall(m: int, factor: float) -> None:
+    rng = np.random.default_rng(m)
+    emb = rng.normal(size=(50, 6)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    cluster = rng.integers(0, 4, 50)
-    eligible = rng.random(50) > 0.3
-    dev = emb[[1, 2, 3, 40]] + 0.01
-    share = target_cluster_share(dev, emb, cluster, eligible)
-    expected = np.zeros(4)
-    for d in dev:
-        best = max((i for i in range(50) if eligible[i]), key=lambda i, d=d: float(d @ emb[i]))
-        expected[cluster[best]] += 1
-    np.testing.assert_allclose(share, expected / expected.sum())
-    assert target_cluster_share(dev, emb, cluster, np.zeros(50, dtype=bool)).sum() == 0
+    stratum = rng.integers(0, 5, 50)
+    eligible = rng.random(50) > 0.2
+    dev = emb[[3, 17, 29]] + rng.normal(0, 0.05, (3, 6)).astype(np.float32)
+    job = SimpleNamespace(eligible=eligible, m=m, budgets=np.zeros(5, dtype=np.int64),
+                          config=SelectConfig(target="dev.jsonl", target_candidates=factor),
+                          table=pa.table({"stratum": stratum}), target_embeddings=lambda: dev,
+                          embeddings=lambda: emb)
+    scope, budgets = target_scope(job)
+    ranked = naive_round_robin(dev, emb, eligible, min(int(np.ceil(factor * m)), int(eligible.sum())))
+    assert sorted(np.flatnonzero(scope).tolist()) == sorted(ranked)
+    assert not (scope & ~eligible).any()
+    np.testing.assert_array_equal(budgets, np.bincount(stratum[ranked[:m]], minlength=5))
+    assert budgets.sum() == min(m, eligible.sum())
+    # every stratum can fill its budget from its candidates
+    assert (budgets <= np.bincount(stratum[scope], minlength=5)).all()
