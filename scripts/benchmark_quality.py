@@ -29,8 +29,8 @@ Usage (from the repository root):
     .venv/bin/python scripts/benchmark_quality.py --train-rows 40 --heldout-per-domain 8 \\
         --methods random,stratified --keeps 0.5,0.8 --random-seeds 2 --workdir work/quality/tiny --no-docs
 
-Outputs: `<workdir>/results.json` (every run) and, unless `--no-docs`, docs/RESULTS.md and
-docs/results_quality.png (needs matplotlib: `pip install -e '.[bench]'`).
+Outputs: `<workdir>/results.json` (every run) and, unless `--no-docs`, docs/RESULTS_clean300.md and
+docs/results_clean300_quality.png (needs matplotlib: `pip install -e '.[bench]'`).
 """
 
 from __future__ import annotations
@@ -1094,7 +1094,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="results JSON (default: <workdir>/results.json)")
     p.add_argument("--no-docs", action="store_true", help="do not write the report and its plot")
     p.add_argument("--docs", type=Path, default=None,
-                   help="the report (default: docs/RESULTS.md for the shared mix, <workdir>/RESULTS.md for --train)")
+                   help="the report (default: docs/RESULTS_clean300.md for the shared mix, <workdir>/RESULTS.md for --train)")
     p.add_argument("--analysis", type=Path, default=None,
                    help="hand-written reading of the results, copied into the report when the file exists "
                         "(default: docs/results_analysis.md for the shared mix, none for --train)")
@@ -1106,7 +1106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--code-share applies to the shared mix only, not to --train")
     # A report on other data must not overwrite the shared mix's report, nor borrow its hand-written reading.
     if args.docs is None:
-        args.docs = ROOT / "docs" / "RESULTS.md" if args.train is None else args.workdir / "RESULTS.md"
+        args.docs = ROOT / "docs" / "RESULTS_clean300.md" if args.train is None else args.workdir / "RESULTS.md"
     if args.analysis is None and args.train is None:
         args.analysis = ROOT / "docs" / "results_analysis.md"
     return args
@@ -1301,9 +1301,7 @@ def main(argv: list[str] | None = None) -> int:
     out_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
     log(f"results: {out_path}")
     if not args.no_docs:
-        # docs/RESULTS.md keeps its historical plot name; another report gets a plot named after itself.
-        plot = args.docs.parent / ("results_quality.png" if args.docs.name == "RESULTS.md"
-                                   else f"{args.docs.stem.lower()}_quality.png")
+        plot = args.docs.parent / f"{args.docs.stem.lower()}_quality.png"
         try:
             write_plot(results, results["summary"], plot)
         except ImportError:

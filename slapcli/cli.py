@@ -41,11 +41,13 @@ with on_stop_signals(exit_at_once):
         ORDERS,
         DiagnoseConfig,
         EmbedConfig,
+        EngineConfig,
         ExportConfig,
         ReportConfig,
         SelectConfig,
         StratifyConfig,
     )
+    from slapcli.engine import check_engine, make_engine
     from slapcli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, SlapError, Stopped, UsageError
     from slapcli.io.layouts import LAYOUTS
     from slapcli.io.readers import (
@@ -138,6 +140,17 @@ def _check_device(value: str) -> str:
 
 DEVICE = typer.Option(EmbedConfig.device, "--device", callback=_check_device,
                       help="auto, cpu, cuda or cuda:N (auto: CUDA with bf16 when present).")
+# Where embed's chunks and the proxy loss passes run (slapcli.engine); every engine writes the same bytes.
+SCALE_PANEL = "Scale out (docs/SCALING.md)"
+ENGINE = typer.Option(EngineConfig.engine, "--engine", rich_help_panel=SCALE_PANEL,
+                      help="local (this process) or ray (workers on a Ray cluster; pip install 'slapcli[ray]').")
+WORKERS = typer.Option(EngineConfig.workers, "--workers", rich_help_panel=SCALE_PANEL,
+                       help="Ray workers, 1 CPU each, each holding the models (default: one per CPU of the cluster).")
+NUM_GPUS = typer.Option(EngineConfig.num_gpus, "--num-gpus", rich_help_panel=SCALE_PANEL,
+                        help="GPUs per Ray worker (e.g. 1, or 0.5 for two per GPU); 0: the workers run on CPUs.")
+RAY_ADDRESS = typer.Option(EngineConfig.address, "--ray-address", rich_help_panel=SCALE_PANEL,
+                           help="Ray cluster to join (auto: the one `ray start` runs here; ray://HOST:10001). "
+                                "Default: RAY_ADDRESS, else a Ray running here, else one started for the command.")
 # Panels of `select --help` that a user does not need: tuning the replay, and the ablations the benchmarks run.
 REPLAY_PANEL = "Replay tuning"
 ABLATION_PANEL = "Advanced: ablations of the batch score (for the benchmarks)"
@@ -359,12 +372,17 @@ def embed_cmd(
                                 help="Reuse the chunks a killed run finished (kept in .OUTPUT.parts beside the "
                                      "output) when they were made from the same data and settings."),
     device: str = DEVICE,
+    engine: str = ENGINE,
+    workers: int | None = WORKERS,
+    num_gpus: float = NUM_GPUS,
+    ray_address: str | None = RAY_ADDRESS,
     force: bool = FORCE,
     quiet: bool = QUIET,
 ) -> None:
     """Stage 1: embed every row, count its proxy tokens and hash its content."""
     with importing():
         from slapcli.embed import embed
+    engine_config = _engine_config(engine, workers, num_gpus, ray_address)
     _check_input(input, data=True)
     _check_read_options(layout, input_format, on_bad_line, max_tokens)
     field_map(fields, layout)
@@ -374,9 +392,17 @@ def embed_cmd(
                          on_bad_line=on_bad_line, max_tokens=max_tokens, batch_size=batch_size,
                          chunk_rows=chunk_rows, device=device, resume=resume, fields=fields)
     reporter = _reporter(quiet, input)
-    meta = embed(input, output, config, reporter)
+    meta = embed(input, output, config, reporter, engine=make_engine(engine_config))
     _report_read_stats(reporter, meta.stats, max_tokens)
     reporter.log(f"wrote {output}: {meta.stats['rows']:,} rows")
+
+
+def _engine_config(engine: str, workers: int | None, num_gpus: float, address: str | None) -> EngineConfig:
+    """The engine options, checked before any data is read or model loaded (--engine ray without Ray: how to
+    install it)."""
+    config = EngineConfig(engine=engine, workers=workers, num_gpus=num_gpus, address=address)
+    check_engine(config)
+    return config
 
 
 def _check_read_options(layout: str, input_format: str | None, on_bad_line: str, max_tokens: int | None) -> None:
@@ -423,6 +449,10 @@ def stratify_cmd(
     input: str | None = typer.Option(None, "--input", help="Data file, if not at the path recorded by embed."),
     seed: int = SEED,
     device: str = DEVICE,
+    engine: str = ENGINE,
+    workers: int | None = WORKERS,
+    num_gpus: float = NUM_GPUS,
+    ray_address: str | None = RAY_ADDRESS,
     force: bool = FORCE,
     quiet: bool = QUIET,
 ) -> None:
@@ -430,6 +460,7 @@ def stratify_cmd(
     with importing():
         from slapcli.artifacts import read_meta
         from slapcli.stratify import stratify
+    engine_config = _engine_config(engine, workers, num_gpus, ray_address)
     _check_input(embeddings)
     _check_input(input, "--input")
     _check_range("--clusters", clusters, 1)
@@ -444,7 +475,7 @@ def stratify_cmd(
                             device=device)
     reporter = _reporter(quiet)
     _check_rows(reporter, read_meta(embeddings, "embeddings").stats["rows"], keep, budget, embeddings)
-    meta = stratify(embeddings, output, config, reporter, input_override=input)
+    meta = stratify(embeddings, output, config, reporter, input_override=input, engine=make_engine(engine_config))
     reporter.log(f"wrote {output}: {meta.stats['rows']:,} rows, {meta.config['clusters_used']} clusters, "
                  f"{meta.stats['duplicates']:,} duplicates, budget {meta.stats['budget']:,}")
 
@@ -679,6 +710,10 @@ def run_cmd(
     order: str = typer.Option(ExportConfig.order, "--order", help="source or selection."),
     seed: int = SEED,
     device: str = DEVICE,
+    engine: str = ENGINE,
+    workers: int | None = WORKERS,
+    num_gpus: float = NUM_GPUS,
+    ray_address: str | None = RAY_ADDRESS,
     force: bool = FORCE,
     quiet: bool = QUIET,
 ) -> None:
@@ -695,6 +730,7 @@ def run_cmd(
     _check_input(target, "--target")
     _check_budget(keep, budget)
     _check_method(method, target)
+    engine_config = _engine_config(engine, workers, num_gpus, ray_address)
     _check_read_options(layout, input_format, on_bad_line, max_tokens)
     field_map(fields, layout)
     _check_choice("--order", order, ORDERS)
@@ -720,14 +756,17 @@ def run_cmd(
                                   proxy_model=proxy_model, keep=keep, budget=budget, screen=screen,
                                   seed=seed, device=device)
     select_config = SelectConfig(method=method, target=target, proxy_model=proxy_model, seed=seed, device=device)
+    run_engine = make_engine(engine_config)  # embed and stratify's loss passes; the replay is one process
     reuse_or_run(paths["embeddings"], asdict(embed_config), reporter,
-                 lambda: embed(input, paths["embeddings"], embed_config, reporter), source=file_fingerprint(input))
+                 lambda: embed(input, paths["embeddings"], embed_config, reporter, engine=run_engine),
+                 source=file_fingerprint(input))
     # Also when the embeddings were reused: the skipped and truncated rows shape this run's output as well.
     embed_stats = read_meta(paths["embeddings"], "embeddings").stats
     _report_read_stats(reporter, embed_stats, embed_config.max_tokens)
     _check_rows(reporter, embed_stats["rows"], keep, budget, input)
     reuse_or_run(paths["strata"], asdict(strat_config), reporter,
-                 lambda: stratify(paths["embeddings"], paths["strata"], strat_config, reporter, input_override=input),
+                 lambda: stratify(paths["embeddings"], paths["strata"], strat_config, reporter, input_override=input,
+                                  engine=run_engine),
                  upstream=paths["embeddings"])
     reuse_or_run(paths["selection"], asdict(select_config), reporter,
                  lambda: select(paths["strata"], paths["selection"], select_config, reporter, input_override=input),

@@ -72,7 +72,7 @@ class SelectConfig:
     # Replay steps between recomputations of the target direction under the current proxy. Every 4 steps, as the
     # candidates' features: at 25, the 26-step replay of the quality benchmark computed it at steps 0 and 25 only,
     # so the scores aimed at what the untrained proxy lacked, not at what the trained one still lacks, and slap
-    # lost to every random subset (docs/RESULTS.md). Costs ~30% more selection CPU.
+    # lost to every random subset (docs/RESULTS_clean300.md). Costs ~30% more selection CPU.
     target_refresh: int = 4
     lr: float = 1e-4  # proxy learning rate (AdamW); the score's eta is set by `eta`, in feature units
     trainable_blocks: int = 2  # the last decoder blocks get trained and give the gradient features
@@ -132,3 +132,17 @@ class DiagnoseConfig:
     batch_size: int = EmbedConfig.batch_size
     chunk_rows: int = EmbedConfig.chunk_rows
     device: str = "auto"
+
+
+ENGINE_NAMES = ("local", "ray")  # --engine: where a stage's per-chunk work runs (slapcli.engine)
+
+
+@dataclass
+class EngineConfig:
+    """Where embed's chunks and the proxy loss passes run. Not a stage's config, never in an artifact: every engine
+    writes the same bytes, so a rerun with another engine reuses the artifacts."""
+
+    engine: str = "local"
+    workers: int | None = None  # ray: one actor per worker, 1 CPU each; None: one per CPU (per GPU share with GPUs)
+    num_gpus: float = 0.0  # ray: GPUs per worker (its models then run there in bf16, as `--device cuda` does)
+    address: str | None = None  # ray: the cluster (`auto`, `ray://host:10001`); None: RAY_ADDRESS or a local Ray

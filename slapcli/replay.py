@@ -284,7 +284,7 @@ def response_content(encoded: dict[RowKey, EncodedExample], positions: np.ndarra
     Why: the batch score is a one-step quantity on per-row MEAN losses, so it is blind to how much a row has to
     teach over the whole run, and inside one stratum (same topic, same loss level) that grows with the number of
     response tokens. On the quality benchmark the longest rows of each stratum trained better than random at
-    keep 0.7 (not at 0.6), and the longest rows overall (coverage lost) worse (docs/RESULTS.md); Zhao et al. 2024
+    keep 0.7 (not at 0.6), and the longest rows overall (coverage lost) worse (docs/RESULTS_clean300.md); Zhao et al. 2024
     ("Long Is More for Alignment") report long responses helping instruction tuning. The log keeps a 2x longer
     row worth one fixed step.
     """

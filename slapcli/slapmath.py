@@ -337,7 +337,7 @@ def target_newton_eta(target: Tensor, h: Tensor) -> float:
     With this eta, U(B) = eta <g*, m> - eta^2/2 m^T H m peaks where the batch mean m equals H^-1 g* / eta, which
     for a flat H is g* itself: the best batch is one whose mean gradient stands for the target, not one that
     exaggerates its dominant direction. (The per-candidate median of `calibrated_eta` is smaller, so it rewards
-    batches of rows that all point the same way: measured worse, see docs/RESULTS.md.)
+    batches of rows that all point the same way: measured worse, see docs/RESULTS_clean300.md.)
     """
     quad = float(target.pow(2) @ h)
     return float(target @ target) / quad if quad > 0 else 1.0

@@ -27,6 +27,7 @@ from slapcli.artifacts import (
 )
 from slapcli.budgets import ALLOCATIONS, row_budget
 from slapcli.config import StratifyConfig
+from slapcli.engine import ENGINES, Engine
 from slapcli.errors import UsageError
 from slapcli.progress import Reporter
 from slapcli.proxy.loss import LOSS_TERMS
@@ -85,7 +86,7 @@ def first_occurrence(hashes: pa.Array | pa.ChunkedArray | np.ndarray) -> np.ndar
 
 
 def stratify(embeddings_path: str, output_path: str, config: StratifyConfig, reporter: Reporter,
-             input_override: str | None = None) -> ArtifactMeta:
+             input_override: str | None = None, engine: Engine = ENGINES["local"]) -> ArtifactMeta:
     if config.allocation not in ALLOCATIONS:
         raise UsageError(f"--allocation must be one of {', '.join(ALLOCATIONS)}")
     if not 0.0 <= config.prune_hardest < 1.0:
@@ -132,11 +133,11 @@ def stratify(embeddings_path: str, output_path: str, config: StratifyConfig, rep
         loss_pass = LossPass(config.proxy_model, int(emb_meta.config.get("max_tokens", 1024)),
                              config.loss_batch_size, config.device)
         terms[eligible], loss_identity = cached_proxy_losses(emb_meta, src, embeddings_path, rows[eligible],
-                                                             loss_pass, reporter)
+                                                             loss_pass, reporter, engine=engine)
         if config.screen:
             direct_pass = dataclasses.replace(loss_pass, label="proxy loss without prompt")
             direct[eligible] = cached_proxy_losses(emb_meta, src, embeddings_path, rows[eligible], direct_pass,
-                                                   reporter, view=without_prompt)[0][:, 0]
+                                                   reporter, view=without_prompt, engine=engine)[0][:, 0]
     loss = terms[:, 0]
     n_bins = config.loss_bins if config.proxy_loss else 1
     loss_bin = np.zeros(n, dtype=np.int16)

@@ -122,4 +122,4 @@ def test_options_of_user_data_are_checked() -> None:
     with pytest.raises(SystemExit):
         bq.parse_args(["--on-bad-line", "skip"])
     shared = bq.parse_args([])
-    assert shared.docs.name == "RESULTS.md" and shared.analysis.name == "results_analysis.md"
+    assert shared.docs.name == "RESULTS_clean300.md" and shared.analysis.name == "results_analysis.md"

@@ -4,6 +4,8 @@ policy at step 0), and cache the result. Used by stratify (loss strata, the dama
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import hashlib
 import json
 from collections import deque
@@ -51,6 +53,12 @@ class LossWork:
     view: Callable[[Example], Example] | None = None
     advance: Callable[[int], None] | None = None  # called per batch: a bar that moves, not one that jumps per chunk
 
+    def for_worker(self, device: torch.device) -> LossWork:
+        """This work as a worker on `device` runs it (slapcli.engine): the proxy there, at that device's dtype, and
+        no progress hook of this process."""
+        model = self.model if device == self.device else copy.deepcopy(self.model).to(device, pick_dtype(device))
+        return dataclasses.replace(self, model=model, device=device, advance=None)
+
 
 def chunk_loss_terms(work: LossWork, chunk: list[ParsedRow]) -> np.ndarray:
     """A chunk of source rows to their loss terms [rows, len(LOSS_TERMS)] (the per-chunk work an engine runs)."""
@@ -75,7 +83,7 @@ def proxy_losses(meta: ArtifactMeta, src: str, name: str, wanted_rows: np.ndarra
     wanted = set(wanted_rows.tolist())
     position = {r: i for i, r in enumerate(wanted_rows.tolist())}
     losses = np.full((len(wanted_rows), len(LOSS_TERMS)), np.nan, dtype=np.float32)
-    done = 0
+    done = settled = 0
     with reporter.progress(loss_pass.label, len(wanted_rows)) as bar:
         def advance(n: int) -> None:
             nonlocal done
@@ -98,16 +106,21 @@ def proxy_losses(meta: ArtifactMeta, src: str, name: str, wanted_rows: np.ndarra
 
         work = LossWork(loss_pass, tokenizer, model, device, view, advance)
         for values in engine.map(chunk_loss_terms, work, to_score()):
-            for r, v in zip(chunks.popleft(), values, strict=True):
+            chunk = chunks.popleft()
+            for r, v in zip(chunk, values, strict=True):
                 losses[position[r.record.index]] = v
+            settled += len(chunk)
+            if done < settled:  # a worker elsewhere moves no bar here: the chunk moves it when it comes back
+                advance(settled - done)
     return losses, ref.identity
 
 
 def cached_proxy_losses(meta: ArtifactMeta, src: str, embeddings_path: str, wanted_rows: np.ndarray,
                         loss_pass: LossPass, reporter: Reporter,
-                        view: Callable[[Example], Example] | None = None) -> tuple[np.ndarray, str]:
+                        view: Callable[[Example], Example] | None = None,
+                        engine: Engine = ENGINES["local"]) -> tuple[np.ndarray, str]:
     """`proxy_losses`, cached in the slapcli cache per embeddings file, rows, proxy, max tokens, batch, device
-    and view (by its function name).
+    and view (by its function name); not by engine, which gives the same terms.
 
     The losses do not depend on --keep, --budget, --allocation or the clusters, so trying another budget (or a
     `slap run` with a new --keep) pays for the pass once. The embeddings file's fingerprint covers the source.
@@ -125,7 +138,7 @@ def cached_proxy_losses(meta: ArtifactMeta, src: str, embeddings_path: str, want
             if losses.shape == (len(wanted_rows), len(LOSS_TERMS)):
                 reporter.log(f"{loss_pass.label} from the cache ({cached})")
                 return losses, identity
-    losses, identity = proxy_losses(meta, src, embeddings_path, wanted_rows, loss_pass, reporter, view)
+    losses, identity = proxy_losses(meta, src, embeddings_path, wanted_rows, loss_pass, reporter, view, engine)
     cached.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(str(cached)) as tmp, open(tmp, "wb") as f:
         np.save(f, losses, allow_pickle=False)

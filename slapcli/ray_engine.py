@@ -1,0 +1,129 @@
+"""The `ray` engine (`--engine ray`): a stage's per-chunk function on Ray actors, one per worker, across a cluster.
+
+Each worker is an actor that receives the stage's context once (its models, as weights: workers need slapcli
+installed, not the model files) and keeps it for the whole pass, then runs the stage's own per-chunk function on
+the chunks sent to it. Chunks are pulled from the stage's stream lazily, at most two per worker ahead of the
+result the stage waits for (one running, one queued), so the driver reads the source as the workers go and skips
+the chunks a killed run finished, as the local engine does; results come back in chunk order, and the stage
+writes them exactly as it would have locally: the same function on the same weights gives the same bytes.
+
+Actors rather than Ray Data's `map_batches`: a Dataset is built from a source Ray reads itself (files, a list in
+memory), not from a stream the driver pulls as it goes, and the stage's stream holds its resume logic and its
+order; a Dataset built per window would load the models again per window.
+
+This module is the only one that imports `ray` (an optional extra, `pip install 'slapcli[ray]'`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import cycle
+from typing import Any, TypeVar
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from slapcli.errors import SlapError, UsageError
+
+C = TypeVar("C")
+B = TypeVar("B")
+R = TypeVar("R")
+
+IN_FLIGHT_PER_WORKER = 2  # one chunk running, one queued: a worker never waits for the driver to read the source
+
+
+class ChunkWorker:
+    """One worker: holds the stage's context on its device for the whole pass and maps chunks through `fn`."""
+
+    def __init__(self, fn: Callable[[Any, Any], Any], context: Any, device: str) -> None:
+        import torch
+
+        self.fn = fn
+        self.context = context.for_worker(torch.device(device))
+
+    def run(self, chunk: Any) -> Any:
+        return self.fn(self.context, chunk)
+
+
+@dataclass(frozen=True)
+class RayEngine:
+    """Chunks on `workers` Ray actors (1 CPU and `num_gpus` GPUs each), results in chunk order."""
+
+    workers: int | None = None  # None: one per CPU of the cluster, or per `num_gpus` share of its GPUs
+    num_gpus: float = 0.0
+    address: str | None = None  # None: ray.init's own choice (RAY_ADDRESS, a running local Ray, else a new one)
+
+    def map(self, fn: Callable[[C, B], R], context: C, chunks: Iterable[B]) -> Iterator[R]:
+        import torch
+
+        connect(self.address)
+        workers = self.worker_count(ray.cluster_resources())
+        # The context goes into the object store once, as CPU weights; each worker moves it to its own device.
+        shipped = ray.put(context.for_worker(torch.device("cpu")))  # type: ignore[attr-defined]
+        actor = ray.remote(ChunkWorker).options(num_cpus=1, num_gpus=self.num_gpus)
+        device = "cuda" if self.num_gpus > 0 else "cpu"
+        actors = [actor.remote(fn, shipped, device) for _ in range(workers)]
+        try:
+            pending: deque[Any] = deque()
+            turns = cycle(actors)
+            stream = iter(chunks)
+            exhausted = False
+            while True:
+                while not exhausted and len(pending) < IN_FLIGHT_PER_WORKER * workers:
+                    try:
+                        chunk = next(stream)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    pending.append(next(turns).run.remote(chunk))
+                if not pending:
+                    return
+                yield result(pending.popleft())
+        finally:
+            for a in actors:
+                ray.kill(a)
+
+    def worker_count(self, resources: dict[str, float]) -> int:
+        """`workers`, or as many as the cluster holds; more than it holds would wait forever: one line instead."""
+        cpus, gpus = int(resources.get("CPU", 0)), resources.get("GPU", 0.0)
+        fits = cpus if self.num_gpus <= 0 else min(cpus, int(gpus // self.num_gpus + 1e-9))
+        if self.workers is None:
+            if fits < 1:
+                raise UsageError(f"--num-gpus {self.num_gpus:g}: the Ray cluster has {gpus:g} GPUs and {cpus} CPUs, "
+                                 "not enough for one worker")
+            return fits
+        if self.workers > fits:
+            need = f"{self.workers} CPUs" + (f" and {self.workers * self.num_gpus:g} GPUs" if self.num_gpus else "")
+            raise UsageError(f"--workers {self.workers}: needs {need}; the Ray cluster has {cpus} CPUs and "
+                             f"{gpus:g} GPUs")
+        return self.workers
+
+
+def connect(address: str | None) -> None:
+    """Join the cluster at `address`, or start a local Ray for this process; once per process (later passes reuse
+    it, and Ray shuts it down when the process exits). Its own log lines stay off the user's stderr."""
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR, include_dashboard=False)
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        where = f"at {address!r}" if address else "(RAY_ADDRESS or a local one)"
+        raise SlapError(f"cannot start or reach Ray {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                        ) from None
+
+
+def result(ref: Any) -> Any:
+    """The chunk's result, or the error the stage's function raised on the worker, as it would have raised here."""
+    try:
+        return ray.get(ref)
+    except RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, BaseException):
+            raise cause from None
+        raise
+    except RayActorError as e:
+        raise SlapError(f"a Ray worker died ({str(e).splitlines()[0]}); rerun to continue (embed resumes from the "
+                        "chunks it finished)") from None

@@ -1,0 +1,219 @@
+"""`--engine ray`: the stages' per-chunk work on Ray actors writes the same artifacts as the local engine.
+
+A local Ray with 2 CPUs is started once for the module. Artifacts are compared byte for byte: a worker runs the
+same function on the same float32 weights (shipped from here, not loaded again) with one torch thread, as these
+tests do here (conftest), so the embeddings and losses are not merely close but equal.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from typer.testing import CliRunner
+
+from slapcli.cli import app
+from slapcli.config import EmbedConfig, EngineConfig, StratifyConfig
+from slapcli.embed import embed
+from slapcli.engine import ENGINES, check_engine
+from slapcli.errors import UsageError
+from slapcli.progress import Reporter
+
+C = TypeVar("C")
+B = TypeVar("B")
+R = TypeVar("R")
+QUIET = Reporter(quiet=True)
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[Any]:
+    ray = pytest.importorskip("ray")
+    # Functions and classes of this module reach the workers by value: the workers cannot import a test module.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+    ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+def write_rows(path: Path, n: int) -> Path:
+    rows = [{"instruction": f"Task {i}: say something about item {i}", "output": "word " * (1 + i % 7)}
+            for i in range(n)]
+    rows[12] = rows[3]  # an exact duplicate: embedded once inside its chunk, on whichever worker has it
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+class Counting:
+    """Wraps an engine and counts the chunks the stage handed to it."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.chunks = inner, 0
+
+    def map(self, fn: Callable[[C, B], R], context: C, chunks: Iterable[B]) -> Iterator[R]:
+        def counted() -> Iterator[B]:
+            for chunk in chunks:
+                self.chunks += 1
+                yield chunk
+
+        return self.inner.map(fn, context, counted())
+
+
+def test_embed_on_ray_writes_the_local_bytes(ray_local, tmp_path: Path, tiny_encoder_dir: Path,
+                                             tiny_proxy_dir: Path):
+    from slapcli.ray_engine import RayEngine
+
+    data = write_rows(tmp_path / "data.jsonl", 36)
+    config = EmbedConfig(embed_model=str(tiny_encoder_dir), proxy_model=str(tiny_proxy_dir), device="cpu",
+                         chunk_rows=8)
+    local = tmp_path / "local.parquet"
+    embed(str(data), str(local), config, QUIET, engine=ENGINES["local"])
+    for workers in (1, 2):
+        out = tmp_path / f"ray{workers}.parquet"
+        engine = Counting(RayEngine(workers=workers))
+        embed(str(data), str(out), config, QUIET, engine=engine)
+        assert engine.chunks == 5  # 36 rows in chunks of 8: all of them went to the workers
+        assert out.read_bytes() == local.read_bytes()
+
+
+def test_embed_on_ray_resumes_from_the_chunks_a_killed_run_finished(ray_local, tmp_path: Path,
+                                                                   tiny_encoder_dir: Path, tiny_proxy_dir: Path):
+    from slapcli.ray_engine import RayEngine
+
+    class DiesAfterTwo:
+        def map(self, fn: Callable[[C, B], R], context: C, chunks: Iterable[B]) -> Iterator[R]:
+            for done, chunk in enumerate(chunks):
+                if done == 2:
+                    raise RuntimeError("killed")
+                yield fn(context, chunk)
+
+    data = write_rows(tmp_path / "data.jsonl", 36)
+    config = EmbedConfig(embed_model=str(tiny_encoder_dir), proxy_model=str(tiny_proxy_dir), device="cpu",
+                         chunk_rows=8)
+    local, out = tmp_path / "local.parquet", tmp_path / "ray.parquet"
+    embed(str(data), str(local), config, QUIET)
+    with pytest.raises(RuntimeError, match="killed"):
+        embed(str(data), str(out), config, QUIET, engine=DiesAfterTwo())
+    engine = Counting(RayEngine(workers=2))
+    embed(str(data), str(out), config, QUIET, engine=engine)
+    assert engine.chunks == 3  # chunks 0 and 1 came from the killed run's parts
+    assert out.read_bytes() == local.read_bytes()
+
+
+def test_stratify_on_ray_writes_the_local_bytes(ray_local, tmp_path: Path, tiny_encoder_dir: Path,
+                                                tiny_proxy_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    from slapcli.proxy import passes
+    from slapcli.ray_engine import RayEngine
+    from slapcli.stratify import stratify
+
+    monkeypatch.setattr(passes, "LOSS_CHUNK_ROWS", 10)  # 3 chunks per pass: both workers get some
+    data = write_rows(tmp_path / "data.jsonl", 30)
+    embeddings = tmp_path / "e.parquet"
+    embed(str(data), str(embeddings),
+          EmbedConfig(embed_model=str(tiny_encoder_dir), proxy_model=str(tiny_proxy_dir), device="cpu"), QUIET)
+    config = StratifyConfig(proxy_model=str(tiny_proxy_dir), clusters=3, near_dup_cosine=0.0, device="cpu")
+    local, on_ray = tmp_path / "local.parquet", tmp_path / "ray.parquet"
+    stratify(str(embeddings), str(local), config, QUIET)
+    # The loss passes are cached per embeddings file; another cache makes the second run compute them again.
+    monkeypatch.setenv("SLAP_CACHE_DIR", str(tmp_path / "other_cache"))
+    engine = Counting(RayEngine(workers=2))
+    stratify(str(embeddings), str(on_ray), config, QUIET, engine=engine)
+    assert engine.chunks == 6  # 29 distinct rows, 10 a chunk, two passes (with and without the prompt)
+    assert on_ray.read_bytes() == local.read_bytes()
+
+
+class Echo:
+    """A context for the engine's own tests: the worker's copy says which device it was placed on."""
+
+    def __init__(self, device: str = "here") -> None:
+        self.device = device
+
+    def for_worker(self, device: Any) -> Echo:
+        return Echo(str(device))
+
+
+def tag(context: Echo, chunk: int) -> tuple[str, int]:
+    return context.device, chunk
+
+
+def divide(context: Echo, chunk: int) -> float:
+    return 1 / chunk
+
+
+def test_results_in_chunk_order_and_chunks_pulled_lazily(ray_local):
+    from slapcli.ray_engine import IN_FLIGHT_PER_WORKER, RayEngine
+
+    pulled: list[int] = []
+
+    def chunks() -> Iterator[int]:
+        for i in range(20):
+            pulled.append(i)
+            yield i
+
+    results = RayEngine(workers=2).map(tag, Echo(), chunks())
+    assert next(results) == ("cpu", 0)
+    # The stage's stream is read as the workers go, not all at once (it reads the source and skips done chunks).
+    assert len(pulled) == IN_FLIGHT_PER_WORKER * 2
+    assert list(results) == [("cpu", i) for i in range(1, 20)]
+
+
+def test_a_worker_s_error_is_raised_as_it_would_be_here(ray_local):
+    from slapcli.ray_engine import RayEngine
+
+    with pytest.raises(ZeroDivisionError):
+        list(RayEngine(workers=2).map(divide, Echo(), [1, 2, 0, 4]))
+
+
+def test_worker_count_fits_the_cluster():
+    pytest.importorskip("ray")
+    from slapcli.ray_engine import RayEngine
+
+    assert RayEngine().worker_count({"CPU": 8.0}) == 8
+    assert RayEngine(num_gpus=1).worker_count({"CPU": 8.0, "GPU": 2.0}) == 2
+    assert RayEngine(num_gpus=0.5).worker_count({"CPU": 8.0, "GPU": 2.0}) == 4
+    assert RayEngine(workers=3).worker_count({"CPU": 8.0}) == 3
+    with pytest.raises(UsageError, match="--workers 9: needs 9 CPUs; the Ray cluster has 8 CPUs"):
+        RayEngine(workers=9).worker_count({"CPU": 8.0})
+    with pytest.raises(UsageError, match="--workers 3: needs 3 CPUs and 3 GPUs"):
+        RayEngine(workers=3, num_gpus=1).worker_count({"CPU": 8.0, "GPU": 2.0})
+    with pytest.raises(UsageError, match="not enough for one worker"):
+        RayEngine(num_gpus=1).worker_count({"CPU": 8.0})
+
+
+def test_engine_options_are_checked_before_anything_loads(monkeypatch: pytest.MonkeyPatch):
+    with pytest.raises(UsageError, match="--workers, --ray-address: only with --engine ray"):
+        check_engine(EngineConfig(workers=2, address="auto"))
+    with pytest.raises(UsageError, match="--engine must be one of local, ray"):
+        check_engine(EngineConfig(engine="spark"))
+    import slapcli.engine
+
+    monkeypatch.setattr(slapcli.engine, "find_spec", lambda name: None)  # as without the extra installed
+    with pytest.raises(UsageError, match=r"needs Ray, which is not installed: pip install 'slapcli\[ray\]'"):
+        check_engine(EngineConfig(engine="ray"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--engine", "ray"], "--engine ray needs Ray, which is not installed: pip install 'slapcli[ray]'"),
+    (["--workers", "2"], "--workers: only with --engine ray"),
+    (["--engine", "ray", "--workers", "0"], "--workers must be >= 1, not 0"),
+])
+def test_cli_engine_mistakes_are_one_line_and_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      args: list[str], message: str):
+    import slapcli.engine
+
+    if "ray" in args and "0" not in args:
+        monkeypatch.setattr(slapcli.engine, "find_spec", lambda name: None)
+    else:  # the check needs no Ray when the options are wrong anyway
+        monkeypatch.setattr(slapcli.engine, "find_spec", lambda name: object())
+    data = write_rows(tmp_path / "data.jsonl", 20)
+    for command in (["embed", str(data), "-o", str(tmp_path / "e.parquet")],
+                    ["run", str(data), "-o", str(tmp_path / "out.jsonl"), "--workdir", str(tmp_path / "w")]):
+        result = runner.invoke(app, [*command, *args])
+        assert result.exit_code == 2, result.output
+        assert result.output.strip().splitlines() == [f"error: {message}"]
+    assert not (tmp_path / "e.parquet").exists()
