@@ -1094,7 +1094,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="results JSON (default: <workdir>/results.json)")
     p.add_argument("--no-docs", action="store_true", help="do not write the report and its plot")
     p.add_argument("--docs", type=Path, default=None,
-                   help="the report (default: docs/RESULTS_clean300.md for the shared mix, <workdir>/RESULTS.md for --train)")
+                   help="the report (default: docs/RESULTS_clean300.md for the shared mix, "
+                        "<workdir>/RESULTS.md for --train)")
     p.add_argument("--analysis", type=Path, default=None,
                    help="hand-written reading of the results, copied into the report when the file exists "
                         "(default: docs/results_analysis.md for the shared mix, none for --train)")
