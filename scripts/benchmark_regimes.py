@@ -3,7 +3,11 @@
 - **noisy**: the shared mix's training draw (as `benchmark_quality.py` builds it) with `--damaged-share` of its
   rows damaged by scripts/damage.py (answers from another prompt, cut off, canned refusals, degenerate repetition,
   near-copies); held-out rows clean. Reports, with no training, the share of each damage kind every selection
-  drops; then held-out loss of full data, the clean rows alone (the oracle), random and each method.
+  drops; then held-out loss of full data, the clean rows alone (the oracle), random and each method, and the
+  damage margin: on the held-out prompts, the trained model's loss of a damaged answer (each in-place kind of
+  scripts/damage.py applied to each held-out row) minus its loss of the clean one, mean over pairs. Held-out loss
+  of clean answers barely sees what a model learnt from damaged rows (a cut-off answer is mostly good text); the
+  margin falls when the model has learnt to refuse, stop early, repeat or answer another prompt.
 - **targeted**: the shared mix as the pool, a `--target` dev file of `--target-rows` rows of one domain (disjoint
   from pool and held-out), held-out rows of that domain only; keeps 0.1-0.3; baselines random, `nearest`, and the
   domain oracle (random rows of the pool's target-domain rows, same size).
@@ -74,6 +78,8 @@ def build_noisy(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     pool = damage.make_noisy_pool(train, args.damaged_share, args.data_seed, args.kinds)
     write_jsonl(workdir / "train.jsonl", pool)
     write_jsonl(workdir / "heldout.jsonl", heldout)
+    if args.regime == "noisy":
+        write_jsonl(workdir / "heldout_damaged.jsonl", damage.damaged_views(heldout, args.data_seed + 2))
     return {**info, "train_rows": len(pool), "regime": args.regime, "damaged_share": args.damaged_share,
             "kinds": args.kinds or "all, equal",
             "pool_damage": dict(Counter(r.get("damage", "clean") for r in pool))}
@@ -131,12 +137,17 @@ _WORKER: dict[str, Any] = {}
 def _init(recipe: argparse.Namespace, workdir: Path, steps: int) -> None:
     torch.set_num_threads(recipe.threads)
     trainer, caches = bq.load_trainer(recipe, workdir)
+    if (workdir / "prefix_heldout_damaged").exists():
+        caches["heldout_damaged"] = bq.HiddenCache(workdir / "prefix_heldout_damaged")
     _WORKER.update(plain=trainer, caches=caches,
                    equal=EqualStepsTrainer(trainer.split, trainer.pad_id, recipe, steps=steps))
 
 
 def _run(path: Path, rows: np.ndarray, seed: int, equal_steps: bool) -> dict[str, Any]:
-    one = bq.train_and_evaluate(_WORKER["equal" if equal_steps else "plain"], _WORKER["caches"], rows, seed)
+    trainer = _WORKER["equal" if equal_steps else "plain"]
+    one = bq.train_and_evaluate(trainer, _WORKER["caches"], rows, seed)
+    if "heldout_damaged" in _WORKER["caches"]:  # the same trained model, on the damaged answers
+        one["damaged"] = trainer.evaluate(_WORKER["caches"]["heldout_damaged"])
     bq.write_run(path, one)
     return one
 
@@ -153,6 +164,15 @@ def fmt_spread(s: dict[str, float]) -> str:
     if s["n"] == 1:
         return f"{s['mean']:.4f}"
     return f"{s['mean']:.4f} ± {s['sd']:.4f} [{s['min']:.4f}, {s['max']:.4f}]"
+
+
+def damage_margins(clean_rows: list[float], damaged_rows: list[float], kind: np.ndarray,
+                   source: np.ndarray) -> dict[str, float]:
+    """Per damage kind, the mean over pairs of (loss of the damaged answer - loss of the clean answer to the same
+    held-out prompt), and `mean` over kinds. Higher: the model prefers the clean answers more."""
+    gap = np.asarray(damaged_rows, dtype=np.float64) - np.asarray(clean_rows, dtype=np.float64)[source]
+    per_kind = {k: float(gap[kind == k].mean()) for k in sorted(set(kind.tolist()))}
+    return {**per_kind, "mean": float(np.mean(list(per_kind.values())))}
 
 
 def damage_table(selections: dict[str, dict[str, Any]], labels: np.ndarray) -> dict[str, dict[str, Any]]:
@@ -197,6 +217,20 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
     for row in results["table"]:
         lines.append(f"| {row['label']} | {row['keep']:.2f} | {row['steps']} | {fmt_spread(row['loss'])} | "
                      f"{row.get('vs_random', '')} | {row.get('verdict', '')} |")
+    with_margin = [row for row in results["table"] if "margin" in row]
+    if with_margin:
+        kinds = sorted(with_margin[0]["margin_by_kind"])
+        lines += ["", "## Damage margin (loss of a damaged answer minus the clean one, same held-out prompt; higher "
+                  "is better)", "",
+                  "The trained model's preference for clean answers over damaged ones: it falls when training "
+                  "taught the model to refuse, stop early, repeat itself or answer another prompt.", "",
+                  "| subset | keep | margin | vs random mean | beyond random's spread? | "
+                  + " | ".join(kinds) + " |",
+                  "| --- | ---: | ---: | ---: | --- | " + " | ".join("---:" for _ in kinds) + " |"]
+        for row in with_margin:
+            lines.append(f"| {row['label']} | {row['keep']:.2f} | {fmt_spread(row['margin'])} | "
+                         f"{row.get('margin_vs_random', '')} | {row.get('margin_verdict', '')} | "
+                         + " | ".join(f"{row['margin_by_kind'][k]:.4f}" for k in kinds) + " |")
     if results.get("damage"):
         kinds = sorted(next(iter(results["damage"].values()))["dropped"])
         lines += ["", "## Share of each kind of row dropped (no training; mean over selection seeds)", "",
@@ -317,12 +351,20 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_train:
         ref, tokenizer, split, _ = bq.load_split_proxy(args.train_blocks)
         prefix = {}
-        for key, path in (("train", train), ("heldout", heldout)):
+        damaged = workdir / "heldout_damaged.jsonl"
+        evaluated = [("train", train), ("heldout", heldout)] + ([("heldout_damaged", damaged)] if damaged.exists()
+                                                                  else [])
+        for key, path in evaluated:
             fp = hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
             prefix[key] = bq.HiddenCache.build(workdir / f"prefix_{key}", path, split, tokenizer, args.max_tokens,
                                                f"{fp}:{ref.identity}:{split.split}:{args.max_tokens}")
         del split
         run_key = bq.recipe_key(args, prefix)
+        if damaged.exists():  # run files with the damage margin are not those without it
+            run_key = hashlib.blake2b((run_key + prefix["heldout_damaged"]["key"]).encode(), digest_size=6).hexdigest()
+            pairs = [json.loads(line) for line in damaged.read_text().splitlines() if line.strip()]
+            pair_kind = np.array([r["domain"] for r in pairs])
+            pair_source = np.array([r["source"] for r in pairs])
         full_steps = math.ceil(n / args.batch_size) * args.epochs
         equal = {m for m in args.equal_steps.split(",") if m}
         jobs = [(label, keep, seed, rows, False) for label, keep, seed, rows in subsets]
@@ -345,14 +387,25 @@ def main(argv: list[str] | None = None) -> int:
                 bq.log(f"  run {i + 1}/{len(pending)} {futures[future]}: {future.result()['mean']:.4f}")
         table = []
         grouped: dict[tuple[str, float, bool], list[float]] = {}
+        margins: dict[tuple[str, float, bool], list[dict[str, float]]] = {}
         steps_of: dict[tuple[str, float, bool], int] = {}
         for label, keep, seed, _, eq in jobs:
             per_shuffle = [json.loads(run_path(label, keep, seed, eq, ts).read_text()) for ts in results["train_seeds"]]
             grouped.setdefault((label, keep, eq), []).append(float(np.mean([r["mean"] for r in per_shuffle])))
             steps_of[(label, keep, eq)] = per_shuffle[0]["steps"]
+            if damaged.exists():
+                per = [damage_margins(r["heldout_rows"], r["damaged"]["heldout_rows"], pair_kind, pair_source)
+                       for r in per_shuffle]
+                margins.setdefault((label, keep, eq), []).append({k: float(np.mean([m[k] for m in per]))
+                                                                  for k in per[0]})
         for (label, keep, eq), values in grouped.items():
             table.append({"label": label + (" (equal steps)" if eq else ""), "keep": keep, "equal_steps": eq,
                           "steps": steps_of[(label, keep, eq)], "loss": spread(values), "per_seed": values})
+            if (label, keep, eq) in margins:
+                seeds_margins = margins[(label, keep, eq)]
+                table[-1]["margin"] = spread([m["mean"] for m in seeds_margins])
+                table[-1]["margin_by_kind"] = {k: float(np.mean([m[k] for m in seeds_margins]))
+                                               for k in seeds_margins[0] if k != "mean"}
         for row in table:
             base = next((r for r in table if r["label"] == "random" + (" (equal steps)" if row["equal_steps"] else "")
                          and r["keep"] == row["keep"]), None)
@@ -361,6 +414,10 @@ def main(argv: list[str] | None = None) -> int:
                 row["vs_random"] = f"{delta:+.4f}"
                 row["verdict"] = ("better" if row["loss"]["max"] < base["loss"]["min"] else
                                   "worse" if row["loss"]["min"] > base["loss"]["max"] else "within")
+                if "margin" in row and "margin" in base:  # higher is better here
+                    row["margin_vs_random"] = f"{row['margin']['mean'] - base['margin']['mean']:+.4f}"
+                    row["margin_verdict"] = ("better" if row["margin"]["min"] > base["margin"]["max"] else
+                                             "worse" if row["margin"]["max"] < base["margin"]["min"] else "within")
         results["table"] = table
     else:
         results["table"] = []

@@ -186,3 +186,19 @@ def make_noisy_pool(rows: Sequence[Row], damaged_share: float, seed: int,
             raise ValueError(f"only {made} of {count} rows could take damage {kind!r}")
     rng.shuffle(pool)
     return pool
+
+
+def damaged_views(rows: Sequence[Row], seed: int, kinds: Sequence[str] | None = None) -> list[Row]:
+    """Each row under each in-place damage kind (default: all but the added ones), its `domain` set to the kind and
+    `source` to the row's position in `rows`: the damaged half of pairs (clean answer, damaged answer) to the same
+    prompt, on which a trained model's preference for the clean answer is measured. A row that cannot take a kind
+    (too short to cut) is left out of that kind."""
+    rng = random.Random(seed)
+    out: list[Row] = []
+    for kind in kinds or [k for k in DAMAGE_KINDS if k not in ADDS_A_ROW]:
+        for i, row in enumerate(rows):
+            damaged = DAMAGE_KINDS[kind](row, rng, rows)
+            if damaged is not None:
+                out.append({**damaged, "domain": kind, "source": i})
+    return out
+

@@ -32,6 +32,23 @@ def test_noisy_pool_is_damaged_and_heldout_clean(tmp_path: Path) -> None:
     assert info["pool_damage"]["clean"] == 30
     pool_answers = {r["output"] for r in pool}
     assert not any(r["output"] in pool_answers for r in held)
+    # The damaged views of the held-out rows: every in-place kind, each pointing back at its clean row.
+    views = [json.loads(line) for line in (tmp_path / "heldout_damaged.jsonl").read_text().splitlines()]
+    assert {v["domain"] for v in views} == {"mismatch", "cut_off", "refusal", "repetition"}
+    for v in views:
+        clean = held[v["source"]]
+        assert v["instruction"] == clean["instruction"] and v["output"] != clean["output"]
+
+
+def test_damage_margin_is_the_mean_pair_gap_per_kind() -> None:
+    clean = [1.0, 2.0, 3.0]
+    damaged = [1.5, 2.5, 5.0, 2.0]  # pairs: (0, refusal), (1, refusal), (2, cut_off), (0, cut_off)
+    kind = np.array(["refusal", "refusal", "cut_off", "cut_off"])
+    source = np.array([0, 1, 2, 0])
+    m = br.damage_margins(clean, damaged, kind, source)
+    naive = {"refusal": ((1.5 - 1.0) + (2.5 - 2.0)) / 2, "cut_off": ((5.0 - 3.0) + (2.0 - 1.0)) / 2}
+    assert m["refusal"] == pytest.approx(naive["refusal"]) and m["cut_off"] == pytest.approx(naive["cut_off"])
+    assert m["mean"] == pytest.approx((naive["refusal"] + naive["cut_off"]) / 2)
 
 
 def test_targeted_dev_and_heldout_are_the_target_domain_and_never_in_the_pool(tmp_path: Path) -> None:
