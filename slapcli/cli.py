@@ -44,6 +44,7 @@ with on_stop_signals(exit_at_once):
         EngineConfig,
         ExportConfig,
         ReportConfig,
+        RuntimeConfig,
         SelectConfig,
         StratifyConfig,
     )
@@ -70,6 +71,8 @@ with on_stop_signals(exit_at_once):
     )
     from slapcli.methods.registry import method_entry, method_names, methods_help, methods_where
     from slapcli.progress import Reporter, stderr_console
+    from slapcli.runtime import apply as apply_runtime
+    from slapcli.shard import LOSS_PART, Shard, expand_part_arguments, is_part_argument, part_path
 
 # Click's own exceptions, found through one typer exports (typer vendors click in some versions, imports it in
 # others): a usage mistake caught by the parser (a missing -o, `--keep abc`, an unknown option).
@@ -151,6 +154,23 @@ NUM_GPUS = typer.Option(EngineConfig.num_gpus, "--num-gpus", rich_help_panel=SCA
 RAY_ADDRESS = typer.Option(EngineConfig.address, "--ray-address", rich_help_panel=SCALE_PANEL,
                            help="Ray cluster to join (auto: the one `ray start` runs here; ray://HOST:10001). "
                                 "Default: RAY_ADDRESS, else a Ray running here, else one started for the command.")
+
+
+def _check_shard(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            Shard.parse(value)
+        except UsageError as e:
+            raise typer.BadParameter(str(e)) from None
+    return value
+
+
+THREADS = typer.Option(RuntimeConfig.threads, "--threads", min=1, rich_help_panel=SCALE_PANEL,
+                       help="torch, BLAS and OpenMP threads (default: one per physical core).")
+CACHE_DIR = typer.Option(RuntimeConfig.cache_dir, "--cache-dir", rich_help_panel=SCALE_PANEL,
+                         help="Folder for big scratch files: the replay's prefix cache (1,152 bytes per token with "
+                              "the default proxy: ~110 MB per 1,000 sample_data rows, docs/PERFORMANCE.md) and "
+                              "temporary spools. Default: beside the output, and $TMPDIR.")
 # Panels of `select --help` that a user does not need: tuning the replay, and the ablations the benchmarks run.
 REPLAY_PANEL = "Replay tuning"
 ABLATION_PANEL = "Advanced: ablations of the batch score (for the benchmarks)"
@@ -376,10 +396,15 @@ def embed_cmd(
     workers: int | None = WORKERS,
     num_gpus: float = NUM_GPUS,
     ray_address: str | None = RAY_ADDRESS,
+    shard: str | None = typer.Option(None, "--shard", callback=_check_shard, rich_help_panel=SCALE_PANEL,
+                                     help="i/N: embed only chunks c with c % N == i, into OUTPUT.part-I-of-N; "
+                                          "`slap merge` (or stratify) reads the N parts as one artifact."),
+    threads: int | None = THREADS,
     force: bool = FORCE,
     quiet: bool = QUIET,
 ) -> None:
     """Stage 1: embed every row, count its proxy tokens and hash its content."""
+    _runtime(threads, None)
     with importing():
         from slapcli.embed import embed
     engine_config = _engine_config(engine, workers, num_gpus, ray_address)
@@ -387,14 +412,18 @@ def embed_cmd(
     _check_read_options(layout, input_format, on_bad_line, max_tokens)
     field_map(fields, layout)
     _check_range("--batch-size", batch_size, 1)
-    _claim_output(output, [input], force, artifact=True)
+    this_shard = _shard(shard, input)
+    target = part_path(output, this_shard) if this_shard is not None else output
+    _claim_output(target, [input], force, artifact=True)
     config = EmbedConfig(embed_model=embed_model, proxy_model=proxy_model, layout=layout, input_format=input_format,
                          on_bad_line=on_bad_line, max_tokens=max_tokens, batch_size=batch_size,
                          chunk_rows=chunk_rows, device=device, resume=resume, fields=fields)
     reporter = _reporter(quiet, input)
-    meta = embed(input, output, config, reporter, engine=make_engine(engine_config))
+    meta = embed(input, target, config, reporter, engine=make_engine(engine_config), shard=this_shard)
     _report_read_stats(reporter, meta.stats, max_tokens)
-    reporter.log(f"wrote {output}: {meta.stats['rows']:,} rows")
+    reporter.log(f"wrote {target}: {meta.stats['rows']:,} rows"
+                 + (f" (shard {this_shard}; merge the parts with `slap merge`, or pass them to stratify)"
+                    if this_shard is not None else ""))
 
 
 def _engine_config(engine: str, workers: int | None, num_gpus: float, address: str | None) -> EngineConfig:
@@ -403,6 +432,24 @@ def _engine_config(engine: str, workers: int | None, num_gpus: float, address: s
     config = EngineConfig(engine=engine, workers=workers, num_gpus=num_gpus, address=address)
     check_engine(config)
     return config
+
+
+def _runtime(threads: int | None, cache_dir: str | None) -> None:
+    """--threads and --cache-dir, set before the stage's modules load (their thread pools read the environment
+    once); neither changes what is written."""
+    if cache_dir is not None and os.path.lexists(cache_dir) and not os.path.isdir(cache_dir):
+        raise UsageError(f"--cache-dir {cache_dir}: not a directory")
+    with importing():
+        apply_runtime(RuntimeConfig(threads=threads, cache_dir=cache_dir))
+
+
+def _shard(value: str | None, input: str | None = None) -> Shard | None:
+    if value is None:
+        return None
+    if input is not None and is_stream(input):
+        raise UsageError(f"--shard {value}: every shard reads the whole input, so it must be a file or a folder, "
+                         f"not {'stdin' if input == STDIN else input}")
+    return Shard.parse(value)
 
 
 def _check_read_options(layout: str, input_format: str | None, on_bad_line: str, max_tokens: int | None) -> None:
@@ -453,14 +500,23 @@ def stratify_cmd(
     workers: int | None = WORKERS,
     num_gpus: float = NUM_GPUS,
     ray_address: str | None = RAY_ADDRESS,
+    shard: str | None = typer.Option(None, "--shard", callback=_check_shard, rich_help_panel=SCALE_PANEL,
+                                     help="i/N: run only this shard's chunks of the proxy loss pass, into "
+                                          "OUTPUT.loss-part-I-of-N; the same command without --shard then reads "
+                                          "the N parts and does the rest."),
+    threads: int | None = THREADS,
     force: bool = FORCE,
     quiet: bool = QUIET,
 ) -> None:
     """Stage 2: cluster, bin by proxy loss, drop duplicates and damaged rows, and split the row budget over strata."""
+    _runtime(threads, None)
     with importing():
         from slapcli.artifacts import read_meta
         from slapcli.stratify import stratify
     engine_config = _engine_config(engine, workers, num_gpus, ray_address)
+    this_shard = _shard(shard)
+    if is_part_argument(embeddings):  # the parts of a sharded embed: merged once into the artifact they make up
+        embeddings = _merged_parts(embeddings, _reporter(quiet))
     _check_input(embeddings)
     _check_input(input, "--input")
     _check_range("--clusters", clusters, 1)
@@ -468,16 +524,61 @@ def stratify_cmd(
     _check_budget(keep, budget)
     _check_choice("--allocation", allocation, ALLOCATIONS)
     _check_range("--prune-hardest", prune_hardest, 0.0, 1.0, high_open=True)
-    _claim_output(output, [embeddings, input], force, artifact=True)
+    target = part_path(output, this_shard, LOSS_PART) if this_shard is not None else output
+    _claim_output(target, [embeddings, input], force, artifact=True)
     config = StratifyConfig(clusters=clusters, loss_bins=loss_bins, proxy_loss=proxy_loss, proxy_model=proxy_model,
                             keep=keep, budget=budget, allocation=allocation, dedup=dedup,
                             prune_hardest=prune_hardest, near_dup_cosine=near_dup_cosine, screen=screen, seed=seed,
                             device=device)
     reporter = _reporter(quiet)
     _check_rows(reporter, read_meta(embeddings, "embeddings").stats["rows"], keep, budget, embeddings)
-    meta = stratify(embeddings, output, config, reporter, input_override=input, engine=make_engine(engine_config))
+    meta = stratify(embeddings, output, config, reporter, input_override=input, engine=make_engine(engine_config),
+                    shard=this_shard)
+    if meta is None:
+        reporter.log(f"wrote {target}: shard {this_shard} of the proxy loss pass; once every shard is written, run "
+                     "the same command without --shard")
+        return
     reporter.log(f"wrote {output}: {meta.stats['rows']:,} rows, {meta.config['clusters_used']} clusters, "
                  f"{meta.stats['duplicates']:,} duplicates, budget {meta.stats['budget']:,}")
+
+
+def _merged_parts(argument: str, reporter: Reporter) -> str:
+    """The embeddings artifact the parts `argument` names make up (OUTPUT for OUTPUT.part-I-of-N): merged here
+    unless an earlier command already did."""
+    with importing():
+        from slapcli.parts import merge_embeddings, merged_path, parts_match
+    paths = expand_part_arguments([argument])
+    merged = merged_path(paths)
+    if os.path.lexists(merged):
+        if parts_match(merged, paths):
+            reporter.log(f"reading {merged}, merged from these {len(paths)} parts before")
+            return merged
+        raise UsageError(f"{merged}: exists and is not the merge of the parts {argument}; pass it instead of the "
+                         "parts, or remove it")
+    _claim_output(merged, paths, False, artifact=True)
+    merge_embeddings(paths, merged, reporter)
+    reporter.log(f"merged {len(paths)} parts into {merged}")
+    return merged
+
+
+@app.command("merge", epilog="Example: slap merge 'work/embeddings.parquet.part-*' -o work/embeddings.parquet")
+@_handle_errors
+def merge_cmd(
+    parts: list[str] = typer.Argument(..., help="The parts of `slap embed --shard i/N`: files, a folder or a quoted "
+                                                "pattern."),
+    output: str = typer.Option(..., "--output", "-o", help="Embeddings artifact to write (.parquet)."),
+    force: bool = FORCE,
+    quiet: bool = QUIET,
+) -> None:
+    """Merge the parts of a sharded embed into the artifact one unsharded run writes (byte for byte); a missing,
+    doubled or foreign part is refused."""
+    with importing():
+        from slapcli.parts import merge_embeddings
+    paths = expand_part_arguments(parts)
+    _claim_output(output, paths, force, artifact=True)
+    reporter = _reporter(quiet)
+    meta = merge_embeddings(paths, output, reporter)
+    reporter.log(f"wrote {output}: {meta.stats['rows']:,} rows from {len(paths)} parts")
 
 
 @app.command("select", epilog="Example: slap select work/strata.parquet -o work/selection.parquet --keep 0.7")
@@ -537,10 +638,13 @@ def select_cmd(
                                  help="Store the replay's per-phase wall times in the artifact's stats."),
     seed: int = SEED,
     device: str = DEVICE,
+    threads: int | None = THREADS,
+    cache_dir: str | None = CACHE_DIR,
     force: bool = FORCE,
     quiet: bool = QUIET,
 ) -> None:
     """Stage 3: choose the coreset batch by batch (the proxy-training replay for --method slap)."""
+    _runtime(threads, cache_dir)
     with importing():
         from slapcli.artifacts import read_meta
         from slapcli.replay import checkpoint_path
@@ -714,10 +818,13 @@ def run_cmd(
     workers: int | None = WORKERS,
     num_gpus: float = NUM_GPUS,
     ray_address: str | None = RAY_ADDRESS,
+    threads: int | None = THREADS,
+    cache_dir: str | None = CACHE_DIR,
     force: bool = FORCE,
     quiet: bool = QUIET,
 ) -> None:
     """All four stages; artifacts in --workdir whose inputs and config are unchanged are reused."""
+    _runtime(threads, cache_dir)
     with importing():
         from slapcli.artifacts import read_meta
         from slapcli.embed import embed

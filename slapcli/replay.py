@@ -28,6 +28,7 @@ from slapcli.methods.pool import StratifiedPool
 from slapcli.models import load_causal_lm, pick_device, pick_dtype, resolve_model
 from slapcli.proxy.chat import EncodedExample, encode_examples
 from slapcli.proxy.split import PrefixCache, SplitProxy, row_features, train_step
+from slapcli.runtime import scratch_dir
 from slapcli.slapmath import (
     CurvatureState,
     GradientProjector,
@@ -146,8 +147,8 @@ def run_replay(job: SelectionJob, pool: StratifiedPool, embeddings: np.ndarray,
     else:
         target_keys = [int(p) for p in stratified_sample(job.stratum, pool.eligible, config.target_rows, rng)]
 
-    # Hidden states spill to an anonymous file beside the output: the user chose that disk for big files.
-    cache = PrefixCache(split, encoded, pad_id, device, spill_dir=os.path.dirname(os.path.abspath(job.output_path)))
+    # Hidden states spill to an anonymous file in --cache-dir, else beside the output: the user chose that disk.
+    cache = PrefixCache(split, encoded, pad_id, device, spill_dir=scratch_dir(job.output_path))
     projector = GradientProjector(model, split.linears, config.proj_dim, seed=config.seed)
     total = pool.left
     ckpt_path = checkpoint_path(job.output_path)

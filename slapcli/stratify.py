@@ -29,6 +29,7 @@ from slapcli.budgets import ALLOCATIONS, row_budget
 from slapcli.config import StratifyConfig
 from slapcli.engine import ENGINES, Engine
 from slapcli.errors import UsageError
+from slapcli.parts import loss_terms_from_parts, write_loss_shard
 from slapcli.progress import Reporter
 from slapcli.proxy.loss import LOSS_TERMS
 from slapcli.proxy.passes import LossPass, cached_proxy_losses
@@ -42,6 +43,7 @@ from slapcli.screen import (
     screen_scores,
     without_prompt,
 )
+from slapcli.shard import Shard
 from slapcli.slapmath import allocate_budget
 from slapcli.source import source_path, verify_source
 
@@ -86,7 +88,12 @@ def first_occurrence(hashes: pa.Array | pa.ChunkedArray | np.ndarray) -> np.ndar
 
 
 def stratify(embeddings_path: str, output_path: str, config: StratifyConfig, reporter: Reporter,
-             input_override: str | None = None, engine: Engine = ENGINES["local"]) -> ArtifactMeta:
+             input_override: str | None = None, engine: Engine = ENGINES["local"],
+             shard: Shard | None = None) -> ArtifactMeta | None:
+    """Write the strata artifact (and return its metadata); with `shard`, write only that shard's part of the proxy
+    loss pass beside `output_path` (slapcli.parts) and return None."""
+    if shard is not None and not config.proxy_loss:
+        raise UsageError("--shard splits the proxy loss pass; with --no-proxy-loss stratify is cheap: run it once")
     if config.allocation not in ALLOCATIONS:
         raise UsageError(f"--allocation must be one of {', '.join(ALLOCATIONS)}")
     if not 0.0 <= config.prune_hardest < 1.0:
@@ -129,9 +136,19 @@ def stratify(embeddings_path: str, output_path: str, config: StratifyConfig, rep
     terms = np.full((n, len(LOSS_TERMS)), np.nan, dtype=np.float32)
     direct = np.full(n, np.nan, dtype=np.float32)
     loss_identity = None
+    from_parts = None
     if config.proxy_loss:
         loss_pass = LossPass(config.proxy_model, int(emb_meta.config.get("max_tokens", 1024)),
                              config.loss_batch_size, config.device)
+        if shard is not None:  # only this shard's chunks of the pass, into a loss part; the unsharded run reads them
+            write_loss_shard(emb_meta, src, embeddings_path, rows[eligible], loss_pass, config.screen, output_path,
+                             shard, reporter, engine)
+            return None
+        from_parts = loss_terms_from_parts(output_path, embeddings_path, rows[eligible], loss_pass, config.screen,
+                                           reporter)
+    if from_parts is not None:
+        terms[eligible], direct[eligible], loss_identity = from_parts
+    elif config.proxy_loss:
         terms[eligible], loss_identity = cached_proxy_losses(emb_meta, src, embeddings_path, rows[eligible],
                                                              loss_pass, reporter, engine=engine)
         if config.screen:
