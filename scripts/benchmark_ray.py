@@ -1,0 +1,118 @@
+"""`slap embed` with the local engine against `--engine ray` with 1 and 2 workers (issue 19, docs/PERFORMANCE.md).
+
+Every run is a whole `slap embed` subprocess with the default encoder, measured over its process tree: with Ray
+the work happens in processes the command starts (Ray's GCS and raylet, one worker per `--workers`), not in the
+command itself, so its own rusage would miss it. The tree is polled every 0.2 s: wall time, CPU seconds (user +
+system of every process of the tree, as last seen alive: a process's last 0.2 s before it exits may be missed)
+and peak memory (the largest sum of the tree's PSS, where shared pages count once; the command's own peak RSS
+is reported beside it). Each run writes its artifact; every artifact must equal the local engine's byte for byte.
+
+Data: sample_data/mixed_400.jsonl, and the same rows repeated to `--rows` with a counter in each row's text
+(distinct rows: embed encodes an exact copy once, which would flatter every engine).
+
+Usage (from the repository root; needs the `ray` extra):
+
+    .venv/bin/python scripts/benchmark_ray.py --rows 10000 --out work/perf/ray.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "sample_data" / "mixed_400.jsonl"
+ENGINES = (("local", []), ("ray, 1 worker", ["--engine", "ray", "--workers", "1"]),
+           ("ray, 2 workers", ["--engine", "ray", "--workers", "2"]))
+POLL_S = 0.2
+
+
+def write_repeated(path: Path, rows: int) -> None:
+    """`rows` rows: sample_data's rows in turn, each with its copy number in its instruction and its output."""
+    source = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()]
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(rows):
+            row = dict(source[i % len(source)])
+            copy = i // len(source)
+            if copy:
+                row["instruction"] = f"{row['instruction']} (copy {copy})"
+                row["output"] = f"{row['output']} (copy {copy})"
+            f.write(json.dumps(row) + "\n")
+
+
+def run_tree(command: list[str], log: Path) -> dict[str, Any]:
+    """Wall, CPU and peak memory of `command` and every process it starts."""
+    cpu: dict[tuple[int, float], float] = {}
+    peak_pss = peak_rss = 0
+    load_before = os.getloadavg()[0]
+    with log.open("wb") as err:
+        start = time.perf_counter()
+        proc = psutil.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
+        while proc.poll() is None:
+            pss = 0
+            for p in [proc, *proc.children(recursive=True)]:
+                try:
+                    with p.oneshot():
+                        times = p.cpu_times()
+                        memory = p.memory_full_info()
+                        cpu[(p.pid, p.create_time())] = times.user + times.system
+                except psutil.Error:  # gone between the listing and the reading
+                    continue
+                pss += memory.pss
+                if p.pid == proc.pid:
+                    peak_rss = max(peak_rss, memory.rss)
+            peak_pss = max(peak_pss, pss)
+            time.sleep(POLL_S)
+        wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"`{' '.join(command)}` exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
+    return {"wall_s": round(wall, 2), "cpu_s": round(sum(cpu.values()), 2), "processes": len(cpu),
+            "peak_tree_pss_mib": round(peak_pss / 2**20), "peak_command_rss_mib": round(peak_rss / 2**20),
+            "load_avg": (round(load_before, 2), round(os.getloadavg()[0], 2))}
+
+
+def bench(data: Path, workdir: Path) -> dict[str, Any]:
+    slap = str(Path(sys.executable).parent / "slap")
+    results: dict[str, Any] = {}
+    reference: bytes | None = None
+    for name, options in ENGINES:
+        out = workdir / f"{data.stem}.{name.replace(', ', '_').replace(' ', '')}.parquet"
+        command = [slap, "embed", str(data), "-o", str(out), "--force", "--no-resume", "-q", *options]
+        results[name] = run_tree(command, workdir / f"{out.stem}.stderr.txt")
+        written = out.read_bytes()
+        reference = written if reference is None else reference
+        results[name]["same_bytes_as_local"] = written == reference
+        print(name, results[name], flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=10_000, help="rows of the repeated file")
+    parser.add_argument("--workdir", type=Path, default=ROOT / "work" / "perf" / "ray")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    repeated = args.workdir / f"repeated_{args.rows}.jsonl"
+    write_repeated(repeated, args.rows)
+    results = {"cpus": os.cpu_count(), "files": {}}
+    for data in (SAMPLE, repeated):
+        rows = sum(1 for _ in data.open(encoding="utf-8"))
+        results["files"][data.name] = {"rows": rows, "engines": bench(data, args.workdir)}
+    text = json.dumps(results, indent=2)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
