@@ -32,6 +32,7 @@ import torch
 from slapcli import __version__
 from slapcli.artifacts import ArtifactMeta, ArtifactWriter, embeddings_schema
 from slapcli.config import EmbedConfig
+from slapcli.copies import KnownRows, rows_table
 from slapcli.engine import ENGINES, Engine
 from slapcli.errors import DataError, SlapError, UsageError
 from slapcli.io.layouts import Example
@@ -217,89 +218,8 @@ def embed_chunk(work: EmbedWork, chunk: list[ParsedRow]) -> pa.Table:
     # A chunk may come empty: every row of it copies a row of an earlier chunk (see KnownRows).
     unique_tokens = encode_examples(work.proxy_tokenizer, unique, config.max_tokens) if unique else []
     tokens = [unique_tokens[k] for k in copy_of]
-    return _chunk_table(chunk, hashes, [t.n_prompt_tokens for t in tokens], [t.n_response_tokens for t in tokens],
-                        [t.truncated for t in tokens], vectors, work.dim)
-
-
-def _chunk_table(chunk: list[ParsedRow], hashes: list[str], n_prompt: list[int], n_response: list[int],
-                 truncated: list[bool], vectors: np.ndarray, dim: int) -> pa.Table:
-    return pa.table({
-        "row": pa.array([r.record.index for r in chunk], pa.int64()),
-        "line": pa.array([r.record.line for r in chunk], pa.int64()),
-        "content_hash": pa.array(hashes, pa.string()),
-        "n_prompt_tokens": pa.array(n_prompt, pa.int32()),
-        "n_response_tokens": pa.array(n_response, pa.int32()),
-        "truncated": pa.array(truncated, pa.bool_()),
-        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim),
-    }).cast(embeddings_schema(dim))
-
-
-KNOWN_BYTES = 64 << 20  # vectors kept for exact copies in later chunks: about 43,000 rows of a 384-dim encoder
-
-
-class KnownRows:
-    """Rows embedded in an earlier chunk, by content hash, so that an exact copy in a later chunk is not encoded
-    again (10,000 identical rows encode one text, not one per chunk).
-
-    Which rows are copies must depend on the data alone, never on timing, or a resumed run (or a parallel engine,
-    which takes chunk k+1 before chunk k's vectors are back) would encode other rows and write other bytes. So
-    a hash is claimed when its chunk is handed out, in chunk order, and its values arrive when that chunk's
-    table does, always before any later chunk's table is assembled. Memory is bounded: the first `capacity`
-    distinct contents are kept, never evicted (an eviction order would be one more thing to keep in step);
-    copies of later ones are still embedded once per chunk.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.home: dict[str, int] = {}  # content hash -> the chunk that embeds it
-        self.values: dict[str, tuple[int, int, bool, np.ndarray]] = {}  # prompt/response tokens, truncated, vector
-
-    def claim(self, index: int, hashes: list[str]) -> list[bool]:
-        """For chunk `index`, in chunk order: which rows copy a row of an earlier chunk (their models are skipped)."""
-        copies = []
-        for h in hashes:
-            home = self.home.get(h)
-            if home is None and len(self.home) < self.capacity:
-                self.home[h] = home = index
-            copies.append(home is not None and home < index)
-        return copies
-
-    def learn(self, index: int, table: pa.Table) -> None:
-        """Keep the values of the rows chunk `index` claimed, from its finished table."""
-        hashes = table.column("content_hash").to_pylist()
-        wanted = [i for i, h in enumerate(hashes) if self.home.get(h) == index and h not in self.values]
-        if not wanted:
-            return
-        vectors = _vectors(table)
-        prompt, response = table.column("n_prompt_tokens").to_pylist(), table.column("n_response_tokens").to_pylist()
-        cut = table.column("truncated").to_pylist()
-        for i in wanted:
-            # A copy of the row, not a view: a view would keep the whole chunk's array alive.
-            self.values[hashes[i]] = (prompt[i], response[i], cut[i], vectors[i].copy())
-
-    def complete(self, chunk: list[ParsedRow], hashes: list[str], copies: list[bool], encoded: pa.Table,
-                 dim: int) -> pa.Table:
-        """The chunk's table: the rows the models ran on (`encoded`, in order) with the copies filled in."""
-        if not any(copies):
-            return encoded  # the common case, and the same bytes as before copies were looked for
-        vectors = _vectors(encoded)
-        prompt = encoded.column("n_prompt_tokens").to_pylist()
-        response = encoded.column("n_response_tokens").to_pylist()
-        cut = encoded.column("truncated").to_pylist()
-        rows, own = [], 0
-        for h, copy in zip(hashes, copies, strict=True):
-            if copy:
-                rows.append(self.values[h])
-            else:
-                rows.append((prompt[own], response[own], cut[own], vectors[own]))
-                own += 1
-        return _chunk_table(chunk, hashes, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
-                            np.stack([r[3] for r in rows]).astype(np.float32, copy=False), dim)
-
-
-def _vectors(table: pa.Table) -> np.ndarray:
-    column = table.column("embedding").combine_chunks()
-    return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
+    return rows_table(chunk, hashes, [(t.n_prompt_tokens, t.n_response_tokens, t.truncated, v)
+                                      for t, v in zip(tokens, vectors, strict=True)], work.dim)
 
 
 def embed(input_path: str, output_path: str, config: EmbedConfig, reporter: Reporter,
@@ -329,7 +249,7 @@ def embed(input_path: str, output_path: str, config: EmbedConfig, reporter: Repo
 
     work = EmbedWork(config, enc_tokenizer, encoder, load_tokenizer(proxy_ref), device, advance)
     dim = work.dim
-    known = KnownRows(KNOWN_BYTES // (4 * dim))
+    known = KnownRows.for_dim(dim)  # exact copies of rows of earlier chunks are not encoded again
     schema = embeddings_schema(dim)
     meta_config = {**asdict(config), "embed_model_identity": embed_ref.identity,
                    "proxy_model_identity": proxy_ref.identity}
@@ -367,7 +287,11 @@ def embed(input_path: str, output_path: str, config: EmbedConfig, reporter: Repo
                 for index, chunk in enumerate(_chunks(rows, config.chunk_rows)):
                     chunks_seen[0] = index + 1
                     if shard is not None and not shard.owns(index):
-                        continue  # another shard's: read (chunk boundaries and statistics need every row), not run
+                        # Another shard's: read (chunk boundaries and statistics need every row), not run; its
+                        # contents are claimed as an unsharded run claims them, so that this shard's chunks leave
+                        # out the same copies (KnownRows).
+                        known.claim(index, [content_hash(r.example) for r in chunk])
+                        continue
                     position.update(start=position["end"], end=reader.bytes_read, rows=len(chunk), share=0.0)
                     table = parts.load(index, [r.record.index for r in chunk])
                     if table is None:
@@ -381,7 +305,8 @@ def embed(input_path: str, output_path: str, config: EmbedConfig, reporter: Repo
 
             for encoded in engine.map(embed_chunk, work, to_embed()):
                 index, chunk, hashes, copies = waiting.popleft()
-                table = known.complete(chunk, hashes, copies, encoded, dim)
+                table = known.complete(chunk, hashes, copies, encoded, dim,
+                                       lambda alone: embed_chunk(dataclasses.replace(work, advance=None), alone))
                 parts.save(index, table)
                 done(index, table)
             assert reader.fingerprint is not None

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from slapcli import __version__
 from slapcli.artifacts import ArtifactMeta, ArtifactWriter, embeddings_schema, read_meta
+from slapcli.copies import KnownRows
 from slapcli.engine import ENGINES, Engine
 from slapcli.errors import DataError, UsageError
 from slapcli.io.readers import file_fingerprint
@@ -151,6 +152,7 @@ def merge_embeddings(paths: list[str], output: str, reporter: Reporter) -> Artif
     sizes = [dict((int(c), int(n)) for c, n in p.record["chunks"]) for p in parts]
     cursor = [0] * count  # next row group of each part
     schema = embeddings_schema(int(meta.stats["dim"]))
+    known = KnownRows.for_dim(int(meta.stats["dim"]))  # copies whose first occurrence is another shard's
     with reporter.progress(f"merge {count} parts", total) as bar, ArtifactWriter(output, schema) as writer:
         for chunk in range(total):
             i = chunk % count
@@ -164,7 +166,7 @@ def merge_embeddings(paths: list[str], output: str, reporter: Reporter) -> Artif
                 cursor[i] += 1
             if rows != sizes[i][chunk]:
                 raise DataError(f"damaged part: chunk {chunk} does not end on a row group", parts[i].path)
-            writer.write(files[i].read_row_groups(groups))
+            writer.write(known.refill(chunk, files[i].read_row_groups(groups)))
             bar.update(advance=1)
         writer.finish(meta)
     return meta

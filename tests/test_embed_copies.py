@@ -16,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from slapcli import cli
+from slapcli import copies as copies_module
 from slapcli import embed as embed_module
 from slapcli.progress import ProgressTask
 
@@ -86,7 +87,7 @@ def test_data_without_copies_across_chunks_gives_the_same_bytes(tmp_path, models
     data = write_rows(tmp_path / "d.jsonl", [row(i // 2) for i in range(24)])
     args = [*models, "--chunk-rows", "4", "-q"]
     assert invoke(["embed", data, "-o", tmp_path / "new.parquet", *args]).exit_code == 0
-    monkeypatch.setattr(embed_module, "KNOWN_BYTES", 0)  # no copies looked for: the behaviour before
+    monkeypatch.setattr(copies_module, "KNOWN_BYTES", 0)  # no copies looked for: the behaviour before
     assert invoke(["embed", data, "-o", tmp_path / "old.parquet", *args]).exit_code == 0
     assert (tmp_path / "new.parquet").read_bytes() == (tmp_path / "old.parquet").read_bytes()
 
@@ -94,7 +95,7 @@ def test_data_without_copies_across_chunks_gives_the_same_bytes(tmp_path, models
 def test_copies_past_the_memory_bound_are_still_embedded_per_chunk(tmp_path, models, monkeypatch):
     rows = [row(i % 3) for i in range(12)]  # three contents, each in all four chunks of 3 rows
     data = write_rows(tmp_path / "d.jsonl", rows)
-    monkeypatch.setattr(embed_module, "KNOWN_BYTES", 4 * 32)  # room for one 32-dim vector: the first content
+    monkeypatch.setattr(copies_module, "KNOWN_BYTES", 4 * 32)  # room for one 32-dim vector: the first content
     texts = Texts(monkeypatch)
     out = tmp_path / "e.parquet"
     assert invoke(["embed", data, "-o", out, *models, "--chunk-rows", "3", "-q"]).exit_code == 0
@@ -130,6 +131,32 @@ def test_an_interrupted_run_with_copies_resumes_to_the_same_bytes(tmp_path, mode
     assert invoke(["embed", data, "-o", out, *args]).exit_code == 0
     assert out.read_bytes() == full.read_bytes()
     assert texts.count < 5 * 4  # the five finished chunks were not embedded again, and their copies not either
+
+
+def test_sharded_embed_with_copies_across_shards_merges_into_the_unsharded_bytes(tmp_path, models, monkeypatch):
+    # The real encoder's floats depend on the batch a text is in (the tiny one's happen not to): make the tiny one's
+    # depend on it too, so that a shard encoding other batches than the unsharded run would show in the bytes.
+    real = embed_module.encode_texts
+
+    def batch_dependent(tokenizer, model, texts, *args, **kwargs):
+        return real(tokenizer, model, texts, *args, **kwargs) + np.float32(len(texts) * 1e-3)
+
+    monkeypatch.setattr(embed_module, "encode_texts", batch_dependent)
+    rows = [row(i) for i in range(48)]  # six chunks of 8; shard s of 3 holds chunks s and s + 3
+    rows[44], rows[45], rows[30] = row(9), row(17), row(2)  # copies of chunks 1 and 2 in chunk 5, of 0 in chunk 3
+    data = write_rows(tmp_path / "d.jsonl", rows)
+    whole = tmp_path / "whole.parquet"
+    assert invoke(["embed", data, "-o", whole, *models, "--chunk-rows", "8", "-q"]).exit_code == 0
+    out = tmp_path / "e.parquet"
+    for i in range(3):
+        r = invoke(["embed", data, "-o", out, *models, "--chunk-rows", "8", "--shard", f"{i}/3", "-q"])
+        assert r.exit_code == 0, r.stderr
+    merged = tmp_path / "merged.parquet"
+    r = invoke(["merge", f"{out}.part-*", "-o", merged])
+    assert r.exit_code == 0, r.stderr
+    assert merged.read_bytes() == whole.read_bytes()
+    vectors = np.array(columns(whole)["embedding"])
+    assert (vectors[44] == vectors[9]).all() and (vectors[30] == vectors[2]).all()
 
 
 def test_the_embed_bar_moves_per_encoder_batch(tmp_path, models, monkeypatch):
