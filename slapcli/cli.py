@@ -681,8 +681,9 @@ def select_cmd(
                           record_timings=timings)
     reporter = _reporter(quiet)
     _check_rows(reporter, read_meta(strata, "strata").stats["rows"], keep, budget, strata)
-    select(strata, output, config, reporter, input_override=input)
+    meta = select(strata, output, config, reporter, input_override=input)
     selection_summary(output, strata, reporter.console)
+    reporter.log(f"wrote {output}: {meta.stats['kept']:,} of {meta.stats['rows']:,} rows kept")
 
 
 @app.command("export", epilog="Example: slap export work/selection.parquet -o - | head -n 3")
