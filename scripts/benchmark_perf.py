@@ -15,6 +15,11 @@ they do for a user), timed with its own rusage (wall, CPU, peak RSS). Parts, eac
   with a tiny randomly initialised encoder (the real tokenizer), so the pipeline's memory, not the model's
   speed, is measured (target: the larger within 1.5x of the smaller).
 
+- `threads`: `slap embed --threads T` on sample_data (400 rows) for T = 1 and 2, alternating, median wall and CPU
+  seconds: what `--threads` defaults to (issue 19).
+- `prefix`: the disk the replay's prefix cache takes (`select --cache-dir`): every sample_data row's frozen-bottom
+  hidden states written through the replay's own PrefixCache, bytes per 1,000 rows.
+
 - `startup`: `slap --help` and `slap inspect ARTIFACT` (the scale part's artifact, or a small one made here),
   median of a few runs: the CLI imports its stages only when a command runs (target: well under a second).
 
@@ -43,7 +48,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_cost import build_excerpt, code_version, machine_info, run_stage
 
-PARTS = ("embed", "scale", "memory", "startup")
+PARTS = ("embed", "scale", "memory", "startup", "threads", "prefix")
+SAMPLE = Path(__file__).resolve().parent.parent / "sample_data" / "mixed_400.jsonl"
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 # The plain way, run as its own process: what a user would write with transformers alone.
@@ -208,6 +214,56 @@ def bench_startup(workdir: Path, repeats: int, seed: int) -> dict[str, Any]:
     return results
 
 
+def bench_threads(workdir: Path, data: Path, counts: list[int], repeats: int) -> dict[str, Any]:
+    """`slap embed --threads T` for each T, runs alternating (so a neighbour's load drifts over all of them)."""
+    logs = workdir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    runs: dict[int, list[dict[str, Any]]] = {t: [] for t in counts}
+    for i in range(repeats):
+        for t in counts:
+            runs[t].append(vars(run_stage(f"threads_{t}_{i}", ["embed", str(data), "-o", str(workdir / "t.parquet"),
+                                                                "--threads", str(t), "--force", "--no-resume", "-q"],
+                                          logs)))
+    rows = sum(1 for _ in data.open(encoding="utf-8"))
+    return {"data": str(data), "rows": rows, "repeats": repeats, "load_note": "see each run's load_avg (before, after)",
+            "threads": {str(t): {"median_wall_s": statistics.median(r["wall_s"] for r in rs),
+                                 "median_cpu_s": statistics.median(r["cpu_s"] for r in rs), "runs": rs}
+                        for t, rs in runs.items()}}
+
+
+def bench_prefix(workdir: Path, data: Path) -> dict[str, Any]:
+    """Bytes the replay's prefix cache writes for every row of `data` (default proxy, default --max-tokens)."""
+    import torch
+
+    from slapcli.config import EmbedConfig, SelectConfig
+    from slapcli.io.readers import ReadStats, SourceReader, iter_examples
+    from slapcli.models import load_causal_lm, resolve_model
+    from slapcli.proxy.chat import encode_examples
+    from slapcli.proxy.split import PrefixCache, SplitProxy
+
+    torch.set_num_threads(1)  # a shared machine: the bytes are the point, not the speed
+    with SourceReader(str(data)) as reader:
+        examples = [r.example for r in iter_examples(reader, "auto", "error", ReadStats())]
+    cpu = torch.device("cpu")
+    tokenizer, model = load_causal_lm(resolve_model(SelectConfig.proxy_model), cpu, torch.float32)
+    encoded = dict(enumerate(encode_examples(tokenizer, examples, EmbedConfig.max_tokens)))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    spill = workdir / "prefix"
+    spill.mkdir(parents=True, exist_ok=True)
+    cache = PrefixCache(SplitProxy(model, SelectConfig.trainable_blocks), encoded, pad_id, cpu, spill_dir=str(spill))
+    start = time.perf_counter()
+    cache.ensure(list(encoded))
+    seconds = time.perf_counter() - start
+    written = cache.hidden._end  # bytes appended to the anonymous file: nothing else is in it
+    cache.hidden.close()
+    tokens = sum(len(e.input_ids) for e in encoded.values())
+    hidden = int(model.config.hidden_size)
+    assert written == tokens * hidden * 2, "the store holds float16 [tokens, hidden] per row, nothing more"
+    return {"data": str(data), "rows": len(encoded), "tokens": tokens, "hidden_size": hidden, "bytes": written,
+            "bytes_per_1000_rows": written * 1000 / len(encoded), "mean_tokens_per_row": tokens / len(encoded),
+            "prefix_seconds": seconds}
+
+
 def bench_memory(workdir: Path, sizes: list[int], seed: int) -> dict[str, Any]:
     encoder = tiny_encoder(workdir)
     logs = workdir / "logs"
@@ -261,6 +317,15 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
                          f"({r['embed']['wall_s']:.1f} s), export {r['export']['max_rss_mib']:.0f} MiB")
         lines.append(f"memory ratio largest/smallest: embed {m['embed_rss_ratio']:.2f}, "
                      f"export {m['export_rss_ratio']:.2f}")
+    if "threads" in results:
+        t = results["threads"]
+        lines.append(f"threads, embed {t['rows']} rows: " + ", ".join(
+            f"{n} thread(s) {r['median_wall_s']:.1f} s wall / {r['median_cpu_s']:.1f} s CPU"
+            for n, r in t["threads"].items()))
+    if "prefix" in results:
+        p = results["prefix"]
+        lines.append(f"prefix cache: {p['bytes'] / 2**20:.0f} MiB for {p['rows']} rows ({p['mean_tokens_per_row']:.0f} "
+                     f"tokens/row): {p['bytes_per_1000_rows'] / 2**30:.2f} GiB per 1,000 rows")
     return lines
 
 
@@ -274,6 +339,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scale-rows", type=int, default=1_000_000)
     parser.add_argument("--memory-rows", default="20000,200000")
     parser.add_argument("--startup-repeats", type=int, default=5)
+    parser.add_argument("--threads-counts", default="1,2")
+    parser.add_argument("--threads-repeats", type=int, default=3)
+    parser.add_argument("--threads-data", type=Path, default=SAMPLE)
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -294,6 +362,11 @@ def main(argv: list[str] | None = None) -> None:
         results["memory"] = bench_memory(args.workdir, [int(n) for n in args.memory_rows.split(",")], args.seed)
     if "startup" in parts:
         results["startup"] = bench_startup(args.workdir, args.startup_repeats, args.seed)
+    if "threads" in parts:
+        results["threads"] = bench_threads(args.workdir, args.threads_data,
+                                           [int(t) for t in args.threads_counts.split(",")], args.threads_repeats)
+    if "prefix" in parts:
+        results["prefix"] = bench_prefix(args.workdir, args.threads_data)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     for line in summary_lines(results):
