@@ -30,8 +30,10 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "sample_data" / "mixed_400.jsonl"
-ENGINES = (("local", []), ("ray, 1 worker", ["--engine", "ray", "--workers", "1"]),
-           ("ray, 2 workers", ["--engine", "ray", "--workers", "2"]))
+# `--ray-address local`: each run starts a Ray of its own, as a command does on a machine without a cluster, even
+# when a `ray start` cluster runs here (which a plain run would join).
+ENGINES = (("local", []), ("ray, 1 worker", ["--engine", "ray", "--workers", "1", "--ray-address", "local"]),
+           ("ray, 2 workers", ["--engine", "ray", "--workers", "2", "--ray-address", "local"]))
 POLL_S = 0.2
 
 
