@@ -166,7 +166,8 @@ def _check_shard(value: str | None) -> str | None:
 
 
 THREADS = typer.Option(RuntimeConfig.threads, "--threads", min=1, rich_help_panel=SCALE_PANEL,
-                       help="torch, BLAS and OpenMP threads (default: one per physical core).")
+                       help="torch, BLAS and OpenMP threads (default: one per physical core, less the cores other "
+                            "processes keep busy).")
 CACHE_DIR = typer.Option(RuntimeConfig.cache_dir, "--cache-dir", rich_help_panel=SCALE_PANEL,
                          help="Folder for big scratch files: the replay's prefix cache (1,152 bytes per token with "
                               "the default proxy: ~110 MB per 1,000 sample_data rows, docs/PERFORMANCE.md) and "
@@ -774,7 +775,11 @@ def report_cmd(
     loss, duplicate groups and example rows (needs the `report` extra: matplotlib)."""
     with importing():
         from slapcli.report.build import build_report
-    check_output_path(output, list(artifacts), force)
+        from slapcli.report.inputs import find_artifacts
+    found = find_artifacts(list(artifacts))  # metadata only: the files the page is made from
+    # Never over those artifacts or the data they record, with or without --force (a work folder itself is no
+    # input here: the page may go inside it).
+    _claim_output(output, [found.selection, found.strata, found.embeddings, input], force)
     config = ReportConfig(near_duplicate=near_duplicate, examples=examples, map_method=map_method, input=input,
                           seed=seed)
     reporter = _reporter(quiet)
