@@ -152,8 +152,9 @@ WORKERS = typer.Option(EngineConfig.workers, "--workers", rich_help_panel=SCALE_
 NUM_GPUS = typer.Option(EngineConfig.num_gpus, "--num-gpus", rich_help_panel=SCALE_PANEL,
                         help="GPUs per Ray worker (e.g. 1, or 0.5 for two per GPU); 0: the workers run on CPUs.")
 RAY_ADDRESS = typer.Option(EngineConfig.address, "--ray-address", rich_help_panel=SCALE_PANEL,
-                           help="Ray cluster to join (auto: the one `ray start` runs here; ray://HOST:10001). "
-                                "Default: RAY_ADDRESS, else a Ray running here, else one started for the command.")
+                           help="Ray cluster to join: auto (the one `ray start` runs here), HOST:6379, or local (a "
+                                "Ray of this command's own). Default: RAY_ADDRESS, else a cluster running here, else "
+                                "a Ray started for the command.")
 
 
 def _check_shard(value: str | None) -> str | None:

@@ -156,4 +156,4 @@ class EngineConfig:
     engine: str = "local"
     workers: int | None = None  # ray: one actor per worker, 1 CPU each; None: one per CPU (per GPU share with GPUs)
     num_gpus: float = 0.0  # ray: GPUs per worker (its models then run there in bf16, as `--device cuda` does)
-    address: str | None = None  # ray: the cluster (`auto`, `ray://host:10001`); None: RAY_ADDRESS or a local Ray
+    address: str | None = None  # ray: the cluster (`auto`, `HOST:6379`, `local`); None: ray.init's own choice
