@@ -139,8 +139,8 @@ class RuntimeConfig:
     """The process's threads and scratch folder (slapcli.runtime). Never in an artifact: they change how fast a
     command runs and where its temporary files go, not what it writes."""
 
-    # torch, BLAS and OpenMP threads; None: torch's default, one per physical core (docs/PERFORMANCE.md: on the
-    # 2-core machine 2 threads embed faster than 1 even beside a busy neighbour)
+    # torch, BLAS and OpenMP threads; None: torch's default (one per physical core) less the CPUs other processes
+    # keep busy when the command starts (runtime.free_cpus: measured, docs/PERFORMANCE.md)
     threads: int | None = None
     cache_dir: str | None = None  # the replay's prefix cache and temporary spools; None: beside the output, $TMPDIR
 
