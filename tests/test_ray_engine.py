@@ -7,6 +7,7 @@ tests do here (conftest), so the embeddings and losses are not merely close but 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -217,3 +218,81 @@ def test_cli_engine_mistakes_are_one_line_and_exit_2(tmp_path: Path, monkeypatch
         assert result.exit_code == 2, result.output
         assert result.output.strip().splitlines() == [f"error: {message}"]
     assert not (tmp_path / "e.parquet").exists()
+
+
+class Elsewhere:
+    """An engine that runs each chunk as a worker elsewhere would: on the context's `for_worker` copy (no Ray)."""
+
+    def map(self, fn: Callable[[C, B], R], context: C, chunks: Iterable[B]) -> Iterator[R]:
+        import torch
+
+        worker = context.for_worker(torch.device("cpu"))  # type: ignore[attr-defined]
+        for chunk in chunks:
+            yield fn(worker, chunk)
+
+
+class RecordingReporter(Reporter):
+    """Quiet, but counts what the stage's bars advance."""
+
+    def __init__(self) -> None:
+        super().__init__(quiet=True)
+        self.advanced = 0.0
+
+    @contextlib.contextmanager
+    def progress(self, description: str, total: float | None, unit: str = "rows") -> Iterator[Any]:
+        reporter = self
+
+        class Task:
+            def update(self, *, advance: float = 0.0, completed: float | None = None,
+                       rows_done: int | None = None) -> None:
+                reporter.advanced += advance
+
+        yield Task()
+
+
+def test_a_loss_pass_elsewhere_gives_the_same_terms_and_a_full_bar(tmp_path: Path, tiny_encoder_dir: Path,
+                                                                     tiny_proxy_dir: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch):
+    import numpy as np
+
+    from slapcli.artifacts import read_meta
+    from slapcli.proxy import passes
+
+    monkeypatch.setattr(passes, "LOSS_CHUNK_ROWS", 8)
+    data = write_rows(tmp_path / "data.jsonl", 20)
+    embeddings = tmp_path / "e.parquet"
+    embed(str(data), str(embeddings),
+          EmbedConfig(embed_model=str(tiny_encoder_dir), proxy_model=str(tiny_proxy_dir), device="cpu"), QUIET)
+    meta = read_meta(str(embeddings), "embeddings")
+    wanted = np.arange(20)
+    loss_pass = passes.LossPass(str(tiny_proxy_dir), 64, 4, "cpu")
+    here, there = RecordingReporter(), RecordingReporter()
+    local, _ = passes.proxy_losses(meta, str(data), str(embeddings), wanted, loss_pass, here)
+    elsewhere, _ = passes.proxy_losses(meta, str(data), str(embeddings), wanted, loss_pass, there, engine=Elsewhere())
+    np.testing.assert_array_equal(elsewhere, local)
+    # Locally the bar moves per batch; from a worker, whose hook stayed behind, per chunk: both reach every row.
+    assert here.advanced == there.advanced == 20
+
+
+def test_for_worker_moves_a_copy_and_leaves_the_hooks_here(tmp_path: Path, tiny_encoder_dir: Path,
+                                                           tiny_proxy_dir: Path):
+    import torch
+
+    from slapcli.embed import EmbedWork
+    from slapcli.models import load_causal_lm, load_encoder, load_tokenizer, resolve_model
+    from slapcli.proxy.passes import LossPass, LossWork
+
+    cpu, elsewhere = torch.device("cpu"), torch.device("meta")  # "meta": another device, on any machine
+    tokenizer, encoder = load_encoder(resolve_model(str(tiny_encoder_dir)), cpu)
+    embed_work = EmbedWork(EmbedConfig(), tokenizer, encoder, load_tokenizer(resolve_model(str(tiny_proxy_dir))), cpu,
+                           advance=lambda share: None)
+    proxy_tokenizer, proxy = load_causal_lm(resolve_model(str(tiny_proxy_dir)), cpu)
+    loss_work = LossWork(LossPass(str(tiny_proxy_dir), 64, 4, "cpu"), proxy_tokenizer, proxy, cpu,
+                         advance=lambda n: None)
+    for work, model, moved_model in ((embed_work, encoder, lambda w: w.encoder), (loss_work, proxy, lambda w: w.model)):
+        same = work.for_worker(cpu)
+        assert moved_model(same) is model and same.advance is None  # same device: nothing copied
+        moved = work.for_worker(elsewhere)
+        assert moved.device == elsewhere and moved.advance is None
+        assert next(moved_model(moved).parameters()).device == elsewhere
+        assert next(model.parameters()).device == cpu  # the driver's model stays where it was
