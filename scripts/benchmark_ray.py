@@ -81,13 +81,14 @@ def run_tree(command: list[str], log: Path) -> dict[str, Any]:
             "load_avg": (round(load_before, 2), round(os.getloadavg()[0], 2))}
 
 
-def bench(data: Path, workdir: Path) -> dict[str, Any]:
+def bench(data: Path, workdir: Path, chunk_rows: int | None) -> dict[str, Any]:
     slap = str(Path(sys.executable).parent / "slap")
     results: dict[str, Any] = {}
     reference: bytes | None = None
+    chunking = [] if chunk_rows is None else ["--chunk-rows", str(chunk_rows)]
     for name, options in ENGINES:
         out = workdir / f"{data.stem}.{name.replace(', ', '_').replace(' ', '')}.parquet"
-        command = [slap, "embed", str(data), "-o", str(out), "--force", "--no-resume", "-q", *options]
+        command = [slap, "embed", str(data), "-o", str(out), "--force", "--no-resume", "-q", *chunking, *options]
         results[name] = run_tree(command, workdir / f"{out.stem}.stderr.txt")
         written = out.read_bytes()
         reference = written if reference is None else reference
@@ -98,17 +99,22 @@ def bench(data: Path, workdir: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=10_000, help="rows of the repeated file")
+    parser.add_argument("--rows", type=int, default=10_000, help="rows of the repeated file (0: sample_data only)")
+    # A chunk goes to one worker: embed's default 2,048-row chunks give sample_data's 400 rows one chunk, so a
+    # second worker has nothing to do; smaller chunks spread small files (the same for every engine compared).
+    parser.add_argument("--chunk-rows", type=int, default=None, help="embed --chunk-rows (default: embed's)")
     parser.add_argument("--workdir", type=Path, default=ROOT / "work" / "perf" / "ray")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    repeated = args.workdir / f"repeated_{args.rows}.jsonl"
-    write_repeated(repeated, args.rows)
-    results = {"cpus": os.cpu_count(), "files": {}}
-    for data in (SAMPLE, repeated):
+    files = [SAMPLE]
+    if args.rows:
+        files.append(args.workdir / f"repeated_{args.rows}.jsonl")
+        write_repeated(files[-1], args.rows)
+    results = {"cpus": os.cpu_count(), "chunk_rows": args.chunk_rows, "files": {}}
+    for data in files:
         rows = sum(1 for _ in data.open(encoding="utf-8"))
-        results["files"][data.name] = {"rows": rows, "engines": bench(data, args.workdir)}
+        results["files"][data.name] = {"rows": rows, "engines": bench(data, args.workdir, args.chunk_rows)}
     text = json.dumps(results, indent=2)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
