@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import resource
 import subprocess
@@ -37,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from benchlib.report import code_version, machine_info  # benchmark_perf.py imports them from here too
+from benchlib.stages import slap_executable
 
 from slapcli.artifacts import read_meta
 from slapcli.io.readers import SourceReader, iter_examples
@@ -88,47 +89,6 @@ def first_lines(src: Path, n: int, out: Path) -> None:
         out.write_bytes(b"".join(ln for _, ln in zip(range(n), f, strict=False)))
 
 
-# ---------------------------------------------------------------------------------------------- machine
-
-
-def code_version() -> dict[str, Any]:
-    """The slapcli commit measured, and whether slapcli/ had uncommitted changes (timings follow the code)."""
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return "unknown"
-
-    return {"commit": git("rev-parse", "HEAD"), "slapcli_changes": git("status", "--short", "--", "slapcli")}
-
-
-def machine_info() -> dict[str, Any]:
-    cpu_model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import transformers
-
-    return {
-        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu_model,
-        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "torch": torch.__version__,
-        "torch_num_threads": torch.get_num_threads(),
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cuda_available": torch.cuda.is_available(),
-    }
-
-
 # ---------------------------------------------------------------------------------------------- slap stages
 
 
@@ -140,12 +100,6 @@ class StageTime:
     max_rss_mib: float
     load_1m: tuple[float, float]  # load average before and after: how busy the shared machine was
     command: list[str]
-
-
-def slap_executable() -> str:
-    # The `slap` next to this interpreter, so the venv's editable install is measured, not some other copy.
-    beside = Path(sys.executable).parent / "slap"
-    return str(beside) if beside.exists() else "slap"
 
 
 # Peak RSS must be read in a slim parent: Linux carries the parent's RSS high-water mark into a child's
