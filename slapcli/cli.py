@@ -67,6 +67,7 @@ with on_stop_signals(exit_at_once):
         check_output_path,
         forget_written,
         output_lock,
+        read_lock,
         was_written,
     )
     from slapcli.methods.registry import method_entry, method_names, methods_help, methods_where
@@ -252,7 +253,8 @@ def _claim_output(output: str, inputs: list[str | None], force: bool, artifact: 
     """
     from slapcli.artifacts import recorded_inputs  # pyarrow: only once a command runs
 
-    recorded = [path for source in inputs if source and _is_artifact_name(source) for path in recorded_inputs(source)]
+    records = {source: recorded_inputs(source) for source in inputs if source and _is_artifact_name(source)}
+    recorded = [path for paths in records.values() for path in paths]
     sources = [path for path in (*inputs, *recorded) if path and path != STDIN]
     shards = [shard for path in sources for shard in _shards_of(path)]
     check_output_path(output, [*sources, *shards], force, artifact=artifact)
@@ -262,6 +264,9 @@ def _claim_output(output: str, inputs: list[str | None], force: bool, artifact: 
                 raise UsageError(f"{output}: inside the data folder or pattern {folder}, where a later read would take "
                                  "it for one more shard of the data; choose an output outside it")
     _claims[-1].enter_context(output_lock(output))
+    for artifact, recorded_here in records.items():  # no command replaces an artifact while this one reads it
+        if recorded_here:
+            _claims[-1].enter_context(read_lock(artifact))
 
 
 def _shards_of(path: str) -> list[str]:
@@ -856,10 +861,10 @@ def run_cmd(
         raise UsageError(f"--workdir {workdir!r}: not a directory")
     paths = {k: os.path.join(workdir, f"{k}.parquet") for k in ("embeddings", "strata", "selection")}
     stdin_copy = os.path.join(workdir, "input.stdin")
-    _claim_output(output, [input, target, stdin_copy, *paths.values()], force)
     for path in paths.values():  # one run per work folder at a time: each artifact has one writer
         _check_artifact_path(path)
         _claims[-1].enter_context(output_lock(path))
+    _claim_output(output, [input, target, stdin_copy, *paths.values()], force)
     if is_stream(input):  # stdin, a FIFO, <(...): read once, into the work folder, for every stage
         input = _copy_stdin(stdin_copy, input)
         _claims[-1].push(_drop_on_error(stdin_copy))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -235,8 +236,6 @@ def embed(input_path: str, output_path: str, config: EmbedConfig, reporter: Repo
     device = pick_device(config.device)
     embed_ref = resolve_model(config.embed_model)
     proxy_ref = resolve_model(config.proxy_model)
-    reporter.log(f"loading encoder {embed_ref.spec} and proxy tokenizer {proxy_ref.spec}")
-    enc_tokenizer, encoder = load_encoder(embed_ref, device)
     # Where the bar stands between chunk ends: the chunk being encoded starts at `start` bytes of the input and
     # ends at `end` (the input is read a chunk ahead of its models); each encoder batch moves the bar by its share
     # of them. (`bar` and `rows_out` are bound below, before any chunk is encoded.)
@@ -247,10 +246,6 @@ def embed(input_path: str, output_path: str, config: EmbedConfig, reporter: Repo
         bar.update(completed=position["start"] + (position["end"] - position["start"]) * position["share"],
                    rows_done=rows_out + int(position["rows"] * position["share"]))
 
-    work = EmbedWork(config, enc_tokenizer, encoder, load_tokenizer(proxy_ref), device, advance)
-    dim = work.dim
-    known = KnownRows.for_dim(dim)  # exact copies of rows of earlier chunks are not encoded again
-    schema = embeddings_schema(dim)
     meta_config = {**asdict(config), "embed_model_identity": embed_ref.identity,
                    "proxy_model_identity": proxy_ref.identity}
     stats = ReadStats()
@@ -262,6 +257,17 @@ def embed(input_path: str, output_path: str, config: EmbedConfig, reporter: Repo
         if shard is not None and reader.stream:
             raise UsageError(f"--shard {shard}: every shard reads the whole input, so it must be a file (or a folder "
                              f"of files), not {reader.name}")
+        rows = iter_examples(reader, config.layout, config.on_bad_line, stats, config.fields)
+        # The first chunk is read before any model loads (it is held for the models anyway): a file of another
+        # container or layout (an artifact given as data), or a bad line among the first rows, is one line at once.
+        head = list(itertools.islice(rows, config.chunk_rows))
+        rows = itertools.chain(head, rows)
+        reporter.log(f"loading encoder {embed_ref.spec} and proxy tokenizer {proxy_ref.spec}")
+        enc_tokenizer, encoder = load_encoder(embed_ref, device)
+        work = EmbedWork(config, enc_tokenizer, encoder, load_tokenizer(proxy_ref), device, advance)
+        dim = work.dim
+        known = KnownRows.for_dim(dim)  # exact copies of rows of earlier chunks are not encoded again
+        schema = embeddings_schema(dim)
         # Parts are reusable only for the same bytes: fingerprint a file up front (one extra read, cheap next to
         # the models). Stdin or a pipe cannot be read twice, so its parts are never reused.
         source_fp = None if reader.stream else file_fingerprint(input_path)
@@ -271,7 +277,6 @@ def embed(input_path: str, output_path: str, config: EmbedConfig, reporter: Repo
             "config": {k: v for k, v in meta_config.items() if k != "resume"},
         }, config.resume, reporter)
         try:
-            rows = iter_examples(reader, config.layout, config.on_bad_line, stats, config.fields)
             # The chunks handed to the engine, in order: index, rows, content hashes, which rows are copies.
             waiting: deque[tuple[int, list[ParsedRow], list[str], list[bool]]] = deque()
 

@@ -87,3 +87,182 @@ def test_report_may_go_inside_the_work_folder(tmp_path, work):
     r = invoke(["report", work, "-o", work / "report.html", "-q"])
     assert r.exit_code == 0, r.stderr
     assert (work / "report.html").read_bytes().startswith(b"<!DOCTYPE html>") and hidden(tmp_path) == []
+
+
+# --- locks: two commands on one artifact, and the lock a killed command leaves ---------------------------------
+
+
+def held(lock: Path, operation: int) -> object:
+    """What another command holds while it runs: an open lock file with `operation` (LOCK_EX writes, LOCK_SH reads)."""
+    f = open(lock, "a")  # closed with the test's `with`
+    fcntl.flock(f, operation)
+    return f
+
+
+def test_a_stage_does_not_read_an_artifact_being_written(tmp_path, work, models):
+    emb = work / "embeddings.parquet"
+    with held(work / ".embeddings.parquet.lock", fcntl.LOCK_EX):  # an `embed -o` of it running
+        line = one_line(invoke(["stratify", emb, "-o", tmp_path / "s.parquet", *models[2:], "-q"]))
+    assert line.startswith(f"error: {emb}: another slap command is writing it")
+    assert not (tmp_path / "s.parquet").exists() and hidden(tmp_path) == [".embeddings.parquet.lock"]
+
+
+def test_an_artifact_being_read_is_not_replaced(tmp_path, data, work, models):
+    emb = work / "embeddings.parquet"
+    before = emb.read_bytes()
+    with held(work / ".embeddings.parquet.lock", fcntl.LOCK_SH):  # a `stratify` reading it
+        line = one_line(invoke(["embed", data, "-o", emb, "--force", *models, "-q"]))
+        assert line.startswith(f"error: {emb}: another slap command is reading it")
+        assert emb.read_bytes() == before
+        # Readers share it: a second stage reads it meanwhile, and leaves the first reader's lock file alone.
+        r = invoke(["stratify", emb, "-o", tmp_path / "s.parquet", "--clusters", "2", *models[2:], "-q"])
+        assert r.exit_code == 0, r.stderr
+        assert hidden(tmp_path) == [".embeddings.parquet.lock"]
+    r = invoke(["select", work / "strata.parquet", "-o", tmp_path / "sel.parquet", "--method", "random", "-q"])
+    assert r.exit_code == 0, r.stderr
+    assert hidden(tmp_path) == [".embeddings.parquet.lock"]  # still there: nobody held it, nobody removed it
+    r = invoke(["stratify", emb, "-o", tmp_path / "s.parquet", "--clusters", "2", "--force", *models[2:], "-q"])
+    assert r.exit_code == 0, r.stderr
+    assert hidden(tmp_path) == []  # the last reader out removes the lock file
+
+
+@pytest.mark.parametrize("leftover", ["output", "input", "work-folder"])
+def test_the_lock_file_of_a_killed_command_blocks_nothing(tmp_path, data, work, models, leftover):
+    # A SIGKILLed command leaves its lock file; flock locks die with the process, so nobody holds it.
+    lock = {"output": tmp_path / ".kept.jsonl.lock", "input": work / ".selection.parquet.lock",
+            "work-folder": work / ".strata.parquet.lock"}[leftover]
+    lock.write_bytes(b"")
+    if leftover == "work-folder":
+        r = invoke(["run", data, "-o", tmp_path / "kept.jsonl", "--workdir", work, "--method", "random", *models,
+                    "-q"])
+    else:
+        r = invoke(["export", work / "selection.parquet", "-o", tmp_path / "kept.jsonl", "-q"])
+    assert r.exit_code == 0, r.stderr
+    assert (tmp_path / "kept.jsonl").exists() and hidden(tmp_path) == []  # taken over, then removed
+
+
+# --- data a user may have: each works, or is one line naming file and line, before any model loads ------------
+
+
+def no_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if a model loads: a mistake in the data must be found before that."""
+    from slapcli import embed as embed_module
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a model loaded before the data was checked")
+
+    monkeypatch.setattr(embed_module, "load_encoder", refuse)
+
+
+BAD_DATA = {
+    # name: (file name, bytes, words of the one line)
+    "row-is-an-array": ("d.jsonl", jsonl(rows(3)) + b"[1, 2]\n", ["d.jsonl:4", "expected a JSON object, got an array"]),
+    "row-is-null": ("d.jsonl", jsonl(rows(3)) + b"null\n", ["d.jsonl:4", "got null"]),
+    "row-is-a-string": ("d.jsonl", b'"just text"\n' + jsonl(rows(3)), ["d.jsonl:1", "got a string"]),
+    "empty-messages": ("d.jsonl", b'{"messages": []}\n', ["d.jsonl:1", "field 'messages'", "empty conversation"]),
+    "only-blank-lines": ("d.jsonl", b"\n \r\n\n", ["d.jsonl", "empty input"]),
+    "an-image": ("d.jsonl", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", ["d.jsonl:1", "not valid UTF-8"]),
+    "utf-16": ("d.jsonl", jsonl(rows(2)).decode().encode("utf-16"), ["d.jsonl:1", "not valid UTF-8"]),
+    "latin-1": ("d.jsonl", '{"instruction": "café", "output": "ok"}\n'.encode("latin-1"), ["d.jsonl:1", "UTF-8"]),
+    "nested-too-deep": ("d.jsonl", b'{"instruction": "a", "output": "b", "x": ' + b"[" * 50_000 + b"]" * 50_000
+                        + b"}\n", ["d.jsonl:1", "nested too deeply"]),
+    "json-object-not-array": ("d.json", json.dumps({"data": rows(2)}).encode(), ["d.json", "JSON"]),
+    "raw-control-character": ("d.jsonl", b'{"instruction": "a\x00b", "output": "c"}\n',
+                              ["d.jsonl:1", "malformed JSON"]),
+    "gzip-cut-short": ("d.jsonl.gz", gzip.compress(jsonl(rows()))[:-20], ["d.jsonl.gz", "decompress"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATA))
+def test_bad_data_is_one_line_before_any_model(tmp_path, models, monkeypatch, case):
+    name, content, words = BAD_DATA[case]
+    path = tmp_path / name
+    path.write_bytes(content)
+    no_models(monkeypatch)
+    out = tmp_path / "e.parquet"
+    line = one_line(invoke(["embed", path, "-o", out, *models, "-q"]))
+    assert all(w in line for w in words), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name, "slap-cache"] or \
+        sorted(p.name for p in tmp_path.iterdir()) == [name]  # nothing left behind
+
+
+def test_an_artifact_given_as_data_is_one_line_before_any_model(tmp_path, work, models, monkeypatch):
+    no_models(monkeypatch)
+    strata = work / "strata.parquet"
+    line = one_line(invoke(["embed", strata, "-o", tmp_path / "e.parquet", *models, "-q"]))
+    assert line == (f"error: {strata}: a slapcli strata artifact, not data; give the data file it was made from "
+                    f"(`slap inspect {strata}` shows it)")
+    assert not (tmp_path / "e.parquet").exists() and hidden(tmp_path) == []
+
+
+@pytest.mark.parametrize("case", ["bom", "crlf", "no-final-newline", "nan-and-infinity", "unicode-names"])
+def test_odd_but_valid_data_runs_and_exports_its_own_lines(tmp_path, models, case):
+    content = jsonl(rows())
+    name, out = "data.jsonl", "kept.jsonl"
+    if case == "bom":
+        content = b"\xef\xbb\xbf" + content
+    elif case == "crlf":
+        content = content.replace(b"\n", b"\r\n")
+    elif case == "no-final-newline":
+        content = content.rstrip(b"\n")
+    elif case == "nan-and-infinity":  # Python's json reads them; slap keeps the rows as they are
+        content = content.replace(b'"id": 3}', b'"id": 3, "score": NaN}')
+        content = content.replace(b'"id": 4}', b'"id": 4, "w": -Infinity}')
+    else:
+        name, out = "données ✓ 数据.jsonl", "结果 ✓.jsonl"
+    data = tmp_path / name
+    data.write_bytes(content)
+    r = invoke(["run", data, "-o", tmp_path / out, "--workdir", tmp_path / "w", "--method", "random", "--keep", "0.5",
+                *models, "-q"])
+    assert r.exit_code == 0, r.stderr
+    source_lines = set(content.splitlines())
+    kept = (tmp_path / out).read_bytes().splitlines()
+    assert len(kept) == ROWS // 2
+    # Each kept row is its source line byte for byte (the BOM is no part of the row; CRLF rows keep their CR).
+    assert all(line in source_lines or b"\xef\xbb\xbf" + line in source_lines for line in kept), kept
+    assert data.read_bytes() == content and hidden(tmp_path) == []
+
+
+# --- paths and options --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("case", "words"), [
+    ("keep-nan", "--keep nan: must be in (0, 1]"),
+    ("keep-tiny", "--keep 1e-09 keeps no row of the 12 rows"),
+    ("output-is-the-workdir", "w: is a directory; give a file name"),
+    ("output-is-an-artifact-of-the-run", "w/embeddings.parquet: the output path is the input path"),
+    ("output-is-the-stdin-copy", "w/input.stdin: the output path is the input path"),
+    ("workdir-is-a-file", "not a directory"),
+    ("chunk-rows-0", "--chunk-rows"),
+    ("symlink-loop", "loop"),
+    ("empty-folder", "a folder with no data files"),
+])
+def test_path_and_option_mistakes_are_one_line(tmp_path, data, work, models, monkeypatch, case, words):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w" / "input.stdin").write_bytes(b"")  # as a run from stdin leaves it
+    (tmp_path / "empty").mkdir()
+    os.symlink("loop", tmp_path / "loop")
+    no_models(monkeypatch)
+    run = ["run", data, "--workdir", "w", *models, "-q"]
+    args = {"keep-nan": [*run, "-o", "x.jsonl", "--keep", "nan"],
+            "keep-tiny": [*run, "-o", "x.jsonl", "--keep", "1e-9"],
+            "output-is-the-workdir": [*run, "-o", "w"],
+            "output-is-an-artifact-of-the-run": [*run, "-o", "w/embeddings.parquet", "--force"],
+            "output-is-the-stdin-copy": [*run, "-o", "w/input.stdin", "--force"],
+            "workdir-is-a-file": ["run", data, "--workdir", data, "-o", "x.jsonl", *models],
+            "chunk-rows-0": ["embed", data, "-o", "e.parquet", "--chunk-rows", "0", *models],
+            "symlink-loop": ["embed", "loop", "-o", "e.parquet", *models],
+            "empty-folder": ["embed", "empty", "-o", "e.parquet", *models]}[case]
+    before = {p: p.read_bytes() for p in [data, *sorted((tmp_path / "w").iterdir())] if p.is_file()}
+    line = one_line(invoke(args))
+    assert words in line, line
+    assert {p: p.read_bytes() for p in before} == before
+    assert not (tmp_path / "x.jsonl").exists() and not (tmp_path / "e.parquet").exists() and hidden(tmp_path) == []
+
+
+def test_a_budget_beyond_any_integer_keeps_every_row_and_says_so(tmp_path, data, work, models):
+    r = invoke(["run", data, "-o", tmp_path / "x.jsonl", "--workdir", work, "--method", "random",
+                "--budget", str(10**20), *models, "-q"])
+    assert r.exit_code == 0, r.stderr
+    assert "every row is kept" in r.stderr
+    assert (tmp_path / "x.jsonl").read_bytes() == data.read_bytes()

@@ -199,6 +199,18 @@ class _Parts:
         self.non_text = 0
 
 
+def json_type(value: Any) -> str:
+    """What a value is, in the words of JSON (a user wrote JSON, not Python: `null`, not `NoneType`)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    for kinds, name in ((str, "a string"), ((int, float), "a number"), (list, "an array"), (Mapping, "an object")):
+        if isinstance(value, kinds):
+            return name
+    return type(value).__name__  # from Parquet or Arrow: bytes, a date, ...
+
+
 def _string_field(row: Mapping, field: str, *, required: bool = True) -> str:
     if field not in row or row[field] is None:
         if required:
@@ -206,7 +218,7 @@ def _string_field(row: Mapping, field: str, *, required: bool = True) -> str:
         return ""
     value = row[field]
     if not isinstance(value, str):
-        raise FieldError(field, f"expected a string, got {type(value).__name__}")
+        raise FieldError(field, f"expected a string, got {json_type(value)}")
     return value
 
 
@@ -219,7 +231,7 @@ def _content_text(value: Any, where: str, parts: _Parts) -> str:
     texts: list[str] = []
     for j, part in enumerate(value):
         if not isinstance(part, Mapping):
-            raise FieldError(f"{where}[{j}]", f"expected a content part object, got {type(part).__name__}")
+            raise FieldError(f"{where}[{j}]", f"expected a content part object, got {json_type(part)}")
         kind = part.get("type")
         key = "text" if "text" in part else "value" if "value" in part else None
         if kind is not None and kind not in TEXT_PART_TYPES:
@@ -233,7 +245,7 @@ def _content_text(value: Any, where: str, parts: _Parts) -> str:
         if isinstance(text, Mapping) and isinstance(text.get("value"), str):
             text = text["value"]  # the Assistants API nests it: {"text": {"value": ..., "annotations": []}}
         if not isinstance(text, str):
-            raise FieldError(f"{where}[{j}].{key}", f"expected a string, got {type(text).__name__}")
+            raise FieldError(f"{where}[{j}].{key}", f"expected a string, got {json_type(text)}")
         texts.append(text)
     return "".join(texts)
 
@@ -248,10 +260,10 @@ def _tool_calls_text(item: Mapping, where: str) -> str:
     calls = item.get("tool_calls")
     if calls is not None:
         if not isinstance(calls, list):
-            raise FieldError(f"{where}.tool_calls", f"expected a list, got {type(calls).__name__}")
+            raise FieldError(f"{where}.tool_calls", f"expected a list, got {json_type(calls)}")
         for j, call in enumerate(calls):
             if not isinstance(call, Mapping):
-                raise FieldError(f"{where}.tool_calls[{j}]", f"expected an object, got {type(call).__name__}")
+                raise FieldError(f"{where}.tool_calls[{j}]", f"expected an object, got {json_type(call)}")
             function = call.get("function", call)
             pieces.append(_json_text(function))
     legacy = item.get("function_call")
@@ -266,7 +278,7 @@ def _is_untrained(item: Mapping, where: str) -> bool:
         if weight is None:
             continue
         if not isinstance(weight, (int, float)):  # a bool is an int: false is 0
-            raise FieldError(f"{where}.{key}", f"expected a number or true/false, got {type(weight).__name__}")
+            raise FieldError(f"{where}.{key}", f"expected a number or true/false, got {json_type(weight)}")
         return weight == 0
     return False
 
@@ -289,7 +301,7 @@ def _messages(items: list, field: str, parts: _Parts, default_keys: tuple[str, s
     for i, item in enumerate(items):
         where = f"{field}[{i}]"
         if not isinstance(item, Mapping):
-            raise FieldError(where, f"expected an object, got {type(item).__name__}")
+            raise FieldError(where, f"expected an object, got {json_type(item)}")
         role_raw = item.get(role_key)
         if not isinstance(role_raw, str):
             raise FieldError(f"{where}.{role_key}", "missing or not a string")
@@ -318,7 +330,7 @@ def _context_turns(row: Mapping, system_field: str | None = SYSTEM_FIELD,
     if system_field is not None and row.get(system_field) is not None:
         system = row[system_field]
         if not isinstance(system, str):
-            raise FieldError(system_field, f"expected a string, got {type(system).__name__}")
+            raise FieldError(system_field, f"expected a string, got {json_type(system)}")
         if system.strip():
             turns.append(Turn("system", system))
     for name in tools_fields:
@@ -326,7 +338,7 @@ def _context_turns(row: Mapping, system_field: str | None = SYSTEM_FIELD,
         if tools is None or (tools.strip() in ("", "[]", "{}", "null") if isinstance(tools, str) else not tools):
             continue  # no tools (LLaMA-Factory writes "[]" for a row without any)
         if not isinstance(tools, (str, list, Mapping)):
-            raise FieldError(name, f"expected a list of tool schemas or a JSON string, got {type(tools).__name__}")
+            raise FieldError(name, f"expected a list of tool schemas or a JSON string, got {json_type(tools)}")
         turns.append(Turn("system", _json_text(tools)))
     return turns
 
@@ -341,7 +353,7 @@ def _side(value: Any, field: str, role: str, parts: _Parts) -> list[Turn]:
         return _messages(value, field, parts, ("role", "content"))
     if value is None:
         raise FieldError(field, "missing")
-    raise FieldError(field, f"expected a string or a list of messages, got {type(value).__name__}")
+    raise FieldError(field, f"expected a string or a list of messages, got {json_type(value)}")
 
 
 def _history(row: Mapping, field: str) -> list[Turn]:
@@ -350,7 +362,7 @@ def _history(row: Mapping, field: str) -> list[Turn]:
     if history is None:
         return []
     if not isinstance(history, list):
-        raise FieldError(field, f"expected a list of [prompt, response] pairs, got {type(history).__name__}")
+        raise FieldError(field, f"expected a list of [prompt, response] pairs, got {json_type(history)}")
     turns: list[Turn] = []
     for i, pair in enumerate(history):
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
@@ -439,7 +451,7 @@ def _with_media(example: Example, row: Mapping) -> Example:
 def parse_example(row: Any, layout: str) -> Example:
     """Turn one JSON row into an Example, or raise FieldError naming the field that is wrong."""
     if not isinstance(row, Mapping):
-        raise FieldError("(row)", f"expected a JSON object, got {type(row).__name__}")
+        raise FieldError("(row)", f"expected a JSON object, got {json_type(row)}")
     return _with_media(_parse_layout(row, layout), row)
 
 
@@ -563,7 +575,7 @@ def field_map_from_dataset_info(info: Mapping, name: str) -> FieldMap:
 def parse_mapped(row: Any, fields: FieldMap) -> Example:
     """Like parse_example, with the row's fields named by `fields`; errors name the row's field and its role."""
     if not isinstance(row, Mapping):
-        raise FieldError("(row)", f"expected a JSON object, got {type(row).__name__}")
+        raise FieldError("(row)", f"expected a JSON object, got {json_type(row)}")
     roles = {name: role for role, name in fields.names}
     try:
         return _with_media(_parse_mapped(row, fields), row)

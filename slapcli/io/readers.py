@@ -41,6 +41,7 @@ from slapcli.io.layouts import (
     FieldMap,
     detect_layout,
     field_map_from_dataset_info,
+    json_type,
     parse_example,
     parse_field_map,
     parse_mapped,
@@ -515,6 +516,14 @@ class SourceReader:
             parquet = pq.ParquetFile(self._random_access(stream))
         except Exception as e:  # pyarrow raises ArrowInvalid and friends
             raise DataError(f"not a readable Parquet file: {e}", self.name) from None
+        recorded = (parquet.metadata.metadata or {}).get(b"slapcli")  # slapcli.artifacts.META_KEY
+        if recorded is not None:  # a stage's output given as data: its columns are no layout
+            try:
+                kind = str(json.loads(recorded).get("kind", "")) + " "
+            except (ValueError, AttributeError):
+                kind = ""
+            raise DataError(f"a slapcli {kind}artifact, not data; give the data file it was made from (`slap "
+                            f"inspect {self.name}` shows it)", self.name)
         yield from self._table_records(_arrow_batches(parquet.iter_batches(batch_size=4096), self.name), hashing)
 
     def _arrow_records(self, stream: BinaryIO, hashing: _HashingReader, file_format: bool) -> Iterator[SourceRecord]:
@@ -832,7 +841,7 @@ def iter_examples(reader: SourceReader, layout: str = "auto", on_bad_line: str =
         try:
             value = record_value(record)
             if not isinstance(value, dict):
-                raise DataError(f"expected a JSON object, got {type(value).__name__}", name, record.line)
+                raise DataError(f"expected a JSON object, got {json_type(value)}", name, record.line)
             if mapping is not None:
                 try:
                     example = parse_mapped(value, mapping)

@@ -32,6 +32,10 @@ _COMPANION_ROOM = 24
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 _NO_LOCKS = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP})
 
+# Lock files this process holds exclusively (output_lock): a command reading what it also writes (`run`'s work
+# folder) must not lock it a second time, which flock would refuse as if another command held it.
+_held: set[str] = set()
+
 # Outputs renamed into place by this process: absolute path -> (device, inode) of the file renamed there, so that
 # a signal arriving just after the rename can tell that the output is complete (see `was_written`).
 _written: dict[str, tuple[int, int]] = {}
@@ -260,10 +264,12 @@ def output_lock(output: str) -> Iterator[None]:
             except OSError as e:
                 if e.errno in _NO_LOCKS:  # a file system without locks (some NFS mounts): write unguarded
                     break
-                os.close(fd)
                 if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise UsageError(f"{output}: another slap command is writing it (lock {path}); wait for it "
+                    doing = "reading" if _only_readers(fd) else "writing"
+                    os.close(fd)
+                    raise UsageError(f"{output}: another slap command is {doing} it (lock {path}); wait for it "
                                      "to finish or choose another output") from None
+                os.close(fd)
                 raise
             with contextlib.suppress(FileNotFoundError):
                 held, there = os.fstat(fd), os.stat(path)
@@ -273,13 +279,71 @@ def output_lock(output: str) -> Iterator[None]:
     except OSError as e:
         _remove_empty(created)
         raise UsageError(f"{output}: cannot write beside it ({e.strerror})") from None
+    _held.add(path)
     try:
         yield
     finally:
+        _held.discard(path)
         discard(path)  # while still holding the lock
         os.close(fd)
         if not os.path.lexists(output):
             _remove_empty(created)  # a failed command leaves no folder it made
+
+
+@contextlib.contextmanager
+def read_lock(artifact: str) -> Iterator[None]:
+    """Hold a shared lock on an artifact the command reads, so that no command replaces it meanwhile: a stage
+    reads its input more than once (its rows, then its fingerprint for the record), and a replacement in between
+    would mix two runs. Readers share the lock; a writer holding it (output_lock) is one line, and a writer
+    arriving later stops the same way. Where no lock file can be made (a read-only folder) or locks are not
+    supported, the read goes unguarded. The last reader out removes the lock file.
+    """
+    path = companion_path(artifact, ".lock")
+    fd = -1
+    if path not in _held:
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, output_mode())
+            except OSError:
+                break  # a read-only folder or file system: nobody can replace the artifact from here either
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                fd = -1
+                if e.errno in _NO_LOCKS:
+                    break
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise UsageError(f"{artifact}: another slap command is writing it (lock {path}); wait for it "
+                                     "to finish, then run this again") from None
+                raise
+            with contextlib.suppress(FileNotFoundError):
+                held, there = os.fstat(fd), os.stat(path)
+                if (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino):
+                    break
+            os.close(fd)  # removed by the last holder meanwhile: lock the file now at the path
+            fd = -1
+    try:
+        yield
+    finally:
+        if fd >= 0:
+            try:
+                # Nobody else holds it (no reader, no writer waiting to start): the file can go.
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                discard(path)
+            except OSError:
+                pass  # another reader holds it; the last one out removes it
+            os.close(fd)
+
+
+def _only_readers(fd: int) -> bool:
+    """Whether the lock on `fd`'s file that refused us is held by readers only (read_lock): a shared lock is
+    then granted (and dropped again with `fd`)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
 
 
 def _missing_folders(folder: str) -> list[str]:
