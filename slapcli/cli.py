@@ -780,8 +780,11 @@ def report_cmd(
     """One HTML page of what a run kept and why: kept share per stratum, a map, distributions, the replay's
     loss, duplicate groups and example rows (needs the `report` extra: matplotlib)."""
     with importing():
-        from slapcli.report.build import build_report
+        from slapcli.report.build import MAP_METHODS, build_report
         from slapcli.report.inputs import find_artifacts
+    _check_choice("--map", map_method, MAP_METHODS)
+    if png is not None and os.path.lexists(png) and not os.path.isdir(png):
+        raise UsageError(f"--png {png}: not a folder; give a folder for the figures (it is made if missing)")
     found = find_artifacts(list(artifacts))  # metadata only: the files the page is made from
     # Never over those artifacts or the data they record, with or without --force (a work folder itself is no
     # input here: the page may go inside it).

@@ -266,3 +266,15 @@ def test_a_budget_beyond_any_integer_keeps_every_row_and_says_so(tmp_path, data,
     assert r.exit_code == 0, r.stderr
     assert "every row is kept" in r.stderr
     assert (tmp_path / "x.jsonl").read_bytes() == data.read_bytes()
+
+
+@pytest.mark.parametrize(("case", "words"), [
+    ("png-is-a-file", "--png"),
+    ("map-unknown", "--map 'tsne': expected one of auto, pca, umap"),
+])
+def test_report_options_are_one_line_before_any_work(tmp_path, work, case, words):
+    (tmp_path / "afile").write_text("x")
+    extra = {"png-is-a-file": ["--png", tmp_path / "afile"], "map-unknown": ["--map", "tsne"]}[case]
+    line = one_line(invoke(["report", work, "-o", tmp_path / "r.html", *extra]))
+    assert words in line and not (tmp_path / "r.html").exists() and hidden(tmp_path) == []
+    assert (tmp_path / "afile").read_text() == "x"
