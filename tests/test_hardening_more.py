@@ -278,3 +278,34 @@ def test_report_options_are_one_line_before_any_work(tmp_path, work, case, words
     line = one_line(invoke(["report", work, "-o", tmp_path / "r.html", *extra]))
     assert words in line and not (tmp_path / "r.html").exists() and hidden(tmp_path) == []
     assert (tmp_path / "afile").read_text() == "x"
+
+
+# --- a folder that cannot be written ------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder anyway")
+def test_a_read_only_output_folder_is_one_line_before_any_work(tmp_path, work):
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        line = one_line(invoke(["export", work / "selection.parquet", "-o", locked / "kept.jsonl"]))
+    finally:
+        locked.chmod(0o755)
+    assert line == f"error: {locked / 'kept.jsonl'}: cannot be written: no permission to write in {locked}"
+    assert list(locked.iterdir()) == []
+
+
+def test_a_read_only_file_system_is_one_line_and_leaves_nothing(tmp_path, work, monkeypatch):
+    import errno
+    import tempfile
+
+    def read_only(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)  # where the output's temporary file is made
+    out = tmp_path / "kept.jsonl"
+    r = invoke(["export", work / "selection.parquet", "-o", out])
+    assert r.exit_code == 1
+    assert r.stderr.strip() == f"error: {out}: Read-only file system; nothing was written"
+    assert not out.exists() and hidden(tmp_path) == []
