@@ -148,7 +148,9 @@ def run_replay(job: SelectionJob, pool: StratifiedPool, embeddings: np.ndarray,
         target_keys = [int(p) for p in stratified_sample(job.stratum, pool.eligible, config.target_rows, rng)]
 
     # Hidden states spill to an anonymous file in --cache-dir, else beside the output: the user chose that disk.
-    cache = PrefixCache(split, encoded, pad_id, device, spill_dir=scratch_dir(job.output_path))
+    # Rows whose frozen-prefix states stratify's loss pass kept are read from its store (slapcli.proxy.prefix_store).
+    cache = PrefixCache(split, encoded, pad_id, device, spill_dir=scratch_dir(job.output_path),
+                        model_identity=ref.identity)
     projector = GradientProjector(model, split.linears, config.proj_dim, seed=config.seed)
     total = pool.left
     ckpt_path = checkpoint_path(job.output_path)
@@ -177,6 +179,9 @@ def run_replay(job: SelectionJob, pool: StratifiedPool, embeddings: np.ndarray,
         projector.close()
         cache.close()
     reporter.log("replay time: " + ", ".join(f"{k} {v:.1f} s" for k, v in state.timings.items()))
+    # Logged, not in stats: the artifact's bytes must not depend on what the cache held.
+    reporter.log(f"frozen prefix: {cache.computed:,} rows computed, {cache.reused:,} read from "
+                 "stratify's store")
     stats: dict[str, Any] = {"replay_steps": state.step, "proj_dim": projector.dim,
                              "trainable_linears": len(split.linears), "target_rows": len(target_keys),
                              "reference_response_tokens": round(reference_tokens, 3)}
@@ -245,7 +250,7 @@ class _ReplayStep:
         # Candidates whose features stay fresh next step are offered again; the rest rotate out.
         fresh = {p for p in candidates.tolist() if step + 1 - feature_cache[p][0] < config.refresh}
         pool.settle(candidates, result.chosen, retain=fresh)
-        train_step(self.split, self.cache, self.optimizer, chosen_positions)
+        train_step(self.split, self.cache, self.optimizer, chosen_positions, self.projector)
         # Chosen rows leave the pool, and features past their refresh age would be recomputed anyway.
         for p in chosen_positions:
             feature_cache.pop(p, None)
@@ -285,9 +290,9 @@ def response_content(encoded: dict[RowKey, EncodedExample], positions: np.ndarra
     Why: the batch score is a one-step quantity on per-row MEAN losses, so it is blind to how much a row has to
     teach over the whole run, and inside one stratum (same topic, same loss level) that grows with the number of
     response tokens. On the quality benchmark the longest rows of each stratum trained better than random at
-    keep 0.7 (not at 0.6), and the longest rows overall (coverage lost) worse (docs/RESULTS_clean300.md); Zhao et al. 2024
-    ("Long Is More for Alignment") report long responses helping instruction tuning. The log keeps a 2x longer
-    row worth one fixed step.
+    keep 0.7 (not at 0.6), and the longest rows overall (coverage lost) worse (docs/RESULTS_clean300.md); Zhao et
+    al. 2024 ("Long Is More for Alignment") report long responses helping instruction tuning. The log keeps a 2x
+    longer row worth one fixed step.
     """
     counts = np.array([max(1, encoded[int(p)].n_response_tokens) for p in positions.tolist()], dtype=np.float64)
     return np.log(counts / reference_tokens)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
@@ -11,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slapcli.io.layouts import Example
-from slapcli.proxy.chat import IGNORE_INDEX, collate, encode_examples, length_sorted_batches
+from slapcli.proxy.chat import IGNORE_INDEX, EncodedExample, collate, encode_examples, length_sorted_batches
 
 
 def _head_split(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
@@ -101,8 +103,13 @@ def compute_losses(model: nn.Module, tokenizer: Any, examples: Sequence[Example]
 
 def compute_loss_terms(model: nn.Module, tokenizer: Any, examples: Sequence[Example], max_tokens: int,
                        batch_size: int, device: torch.device,
-                       progress_callback: Callable[[int], None] | None = None) -> np.ndarray:
-    """[rows, len(LOSS_TERMS)] float32: each row's `response_loss_terms` (mean, end-token and tail loss)."""
+                       progress_callback: Callable[[int], None] | None = None,
+                       around_batch: Callable[[list[EncodedExample]], AbstractContextManager] | None = None,
+                       ) -> np.ndarray:
+    """[rows, len(LOSS_TERMS)] float32: each row's `response_loss_terms` (mean, end-token and tail loss).
+
+    `around_batch(rows)` wraps each batch's forward (stratify keeps the frozen prefix's states with it:
+    slapcli.proxy.prefix_store)."""
     encoded = encode_examples(tokenizer, examples, max_tokens)
     out = np.zeros((len(encoded), len(LOSS_TERMS)), dtype=np.float32)
     if not encoded:
@@ -113,8 +120,10 @@ def compute_loss_terms(model: nn.Module, tokenizer: Any, examples: Sequence[Exam
     try:
         with torch.inference_mode():
             for idx in length_sorted_batches([len(e) for e in encoded], batch_size):
-                batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad_id).items()}
-                out[idx] = torch.stack(response_loss_terms(model, batch), 1).cpu().numpy()
+                rows = [encoded[i] for i in idx]
+                batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+                with around_batch(rows) if around_batch is not None else contextlib.nullcontext():
+                    out[idx] = torch.stack(response_loss_terms(model, batch), 1).cpu().numpy()
                 if progress_callback is not None:
                     progress_callback(len(idx))
     finally:

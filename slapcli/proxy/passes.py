@@ -18,13 +18,17 @@ import torch
 from torch import nn
 
 from slapcli.artifacts import ArtifactMeta
+from slapcli.config import SelectConfig
 from slapcli.engine import ENGINES, Engine
 from slapcli.io.layouts import Example
 from slapcli.io.readers import ParsedRow, file_fingerprint
 from slapcli.io.writers import atomic_path
 from slapcli.models import cache_dir, load_causal_lm, pick_device, pick_dtype, resolve_model
 from slapcli.progress import Reporter
+from slapcli.proxy.chat import EncodedExample
 from slapcli.proxy.loss import LOSS_TERMS, compute_loss_terms
+from slapcli.proxy.prefix_store import PrefixCapture, PrefixWriter
+from slapcli.proxy.split import decoder_blocks, prefix_key
 from slapcli.source import iter_source_rows
 
 
@@ -52,29 +56,34 @@ class LossWork:
     device: torch.device
     view: Callable[[Example], Example] | None = None
     advance: Callable[[int], None] | None = None  # called per batch: a bar that moves, not one that jumps per chunk
+    # Wraps each batch's forward: stratify's pass keeps the frozen prefix's states for the replay with it.
+    around_batch: Callable[[list[EncodedExample]], contextlib.AbstractContextManager] | None = None
 
     def for_worker(self, device: torch.device) -> LossWork:
         """This work as a worker on `device` runs it (slapcli.engine): the proxy there, at that device's dtype, and
         no progress hook of this process."""
         model = self.model if device == self.device else copy.deepcopy(self.model).to(device, pick_dtype(device))
-        return dataclasses.replace(self, model=model, device=device, advance=None)
+        return dataclasses.replace(self, model=model, device=device, advance=None, around_batch=None)
 
 
 def chunk_loss_terms(work: LossWork, chunk: list[ParsedRow]) -> np.ndarray:
     """A chunk of source rows to their loss terms [rows, len(LOSS_TERMS)] (the per-chunk work an engine runs)."""
     examples = [r.example if work.view is None else work.view(r.example) for r in chunk]
     return compute_loss_terms(work.model, work.tokenizer, examples, work.loss_pass.max_tokens,
-                              work.loss_pass.batch_size, work.device, progress_callback=work.advance)
+                              work.loss_pass.batch_size, work.device, progress_callback=work.advance,
+                              around_batch=work.around_batch)
 
 
 def proxy_losses(meta: ArtifactMeta, src: str, name: str, wanted_rows: np.ndarray, loss_pass: LossPass,
                  reporter: Reporter, view: Callable[[Example], Example] | None = None,
-                 engine: Engine = ENGINES["local"]) -> tuple[np.ndarray, str]:
+                 engine: Engine = ENGINES["local"], keep_prefix: bool = False) -> tuple[np.ndarray, str]:
     """Each wanted row's loss terms under the untrained proxy (the policy at step 0), in `wanted_rows` order:
     [rows, len(LOSS_TERMS)] (mean response loss, end-token loss, second-half loss; slapcli.proxy).
 
     `view` rewrites each row before scoring (IFD scores the response without its prompt). Rows are read from
     the source again, streaming, and scored LOSS_CHUNK_ROWS at a time. Returns the terms and the model's identity.
+    With `keep_prefix` (and no view), the hidden states entering the replay's first trainable block are kept on the
+    way (slapcli.proxy.prefix_store), where this process runs the chunks: the replay then skips its frozen bottom.
     """
     device = pick_device(loss_pass.device)
     ref = resolve_model(loss_pass.proxy_model)
@@ -104,14 +113,29 @@ def proxy_losses(meta: ArtifactMeta, src: str, name: str, wanted_rows: np.ndarra
                 chunks.append(chunk)
                 yield chunk
 
-        work = LossWork(loss_pass, tokenizer, model, device, view, advance)
-        for values in engine.map(chunk_loss_terms, work, to_score()):
-            chunk = chunks.popleft()
-            for r, v in zip(chunk, values, strict=True):
-                losses[position[r.record.index]] = v
-            settled += len(chunk)
-            if done < settled:  # a worker elsewhere moves no bar here: the chunk moves it when it comes back
-                advance(settled - done)
+        writer = None
+        if keep_prefix and view is None:
+            key = prefix_key(model, ref.identity, SelectConfig.trainable_blocks)
+            writer = PrefixWriter(key)
+            capture = PrefixCapture(decoder_blocks(model)[key.split], writer)
+        work = LossWork(loss_pass, tokenizer, model, device, view, advance,
+                        around_batch=None if writer is None else capture.batch)
+        try:
+            for values in engine.map(chunk_loss_terms, work, to_score()):
+                chunk = chunks.popleft()
+                for r, v in zip(chunk, values, strict=True):
+                    losses[position[r.record.index]] = v
+                settled += len(chunk)
+                if done < settled:  # a worker elsewhere moves no bar here: the chunk moves it when it comes back
+                    advance(settled - done)
+        except BaseException:
+            if writer is not None:
+                writer.abandon()
+            raise
+    if writer is not None:
+        kept = writer.finish()
+        if kept is not None:
+            reporter.log(f"frozen-prefix states kept for the replay in {kept}")
     return losses, ref.identity
 
 
@@ -138,7 +162,9 @@ def cached_proxy_losses(meta: ArtifactMeta, src: str, embeddings_path: str, want
             if losses.shape == (len(wanted_rows), len(LOSS_TERMS)):
                 reporter.log(f"{loss_pass.label} from the cache ({cached})")
                 return losses, identity
-    losses, identity = proxy_losses(meta, src, embeddings_path, wanted_rows, loss_pass, reporter, view, engine)
+    # The pass with the prompt keeps the frozen prefix for the replay (select --method slap skips its bottom blocks).
+    losses, identity = proxy_losses(meta, src, embeddings_path, wanted_rows, loss_pass, reporter, view, engine,
+                                    keep_prefix=view is None)
     cached.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(str(cached)) as tmp, open(tmp, "wb") as f:
         np.save(f, losses, allow_pickle=False)

@@ -17,6 +17,7 @@ from torch import nn
 from slapcli.errors import SlapError
 from slapcli.proxy.chat import IGNORE_INDEX, EncodedExample, collate, token_budget_batches
 from slapcli.proxy.loss import response_losses
+from slapcli.proxy.prefix_store import PrefixKey, StoredPrefixes
 from slapcli.slapmath import GradientProjector, normalize_features
 
 FEATURE_BATCH = 16  # rows per forward/backward when computing gradient features (bigger GEMMs)
@@ -44,6 +45,17 @@ class _StopForward(Exception):
         self.hidden = hidden
 
 
+def split_at(n_blocks: int, n_top: int) -> int:
+    """Index of the first trainable block when the last `n_top` of `n_blocks` train (at least one does)."""
+    return max(0, n_blocks - max(1, n_top))
+
+
+def prefix_key(model: nn.Module, identity: str, n_top: int) -> PrefixKey:
+    """What a stored prefix of this model (with `identity`), split before its last `n_top` blocks, is filed under."""
+    blocks, param = decoder_blocks(model), next(model.parameters())
+    return PrefixKey(identity, str(param.dtype), param.device.type, split_at(len(blocks), n_top), len(blocks))
+
+
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     """The model's stack of decoder blocks: the longest ModuleList (model.layers for Llama-like models)."""
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
@@ -63,7 +75,8 @@ class SplitProxy:
     def __init__(self, model: nn.Module, n_top: int) -> None:
         self.model = model
         self.blocks = decoder_blocks(model)
-        self.split = max(0, len(self.blocks) - max(1, n_top))
+        self.split = split_at(len(self.blocks), n_top)
+        self.n_top = n_top
         for p in model.parameters():
             p.requires_grad_(False)
         top = list(self.blocks)[self.split:]
@@ -78,6 +91,17 @@ class SplitProxy:
         for p in self.parameters:
             p.requires_grad_(True)
         self.linears = [m for b in top for m in b.modules() if isinstance(m, nn.Linear)]
+
+    @contextlib.contextmanager
+    def weights_frozen(self) -> Iterator[None]:
+        """The trainable blocks' weights need no gradient inside this block (feature passes)."""
+        for p in self.parameters:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in self.parameters:
+                p.requires_grad_(True)
 
     def compute(self) -> contextlib.AbstractContextManager:
         """Autocast to the model's dtype for passes through the float32 top blocks (a no-op in float32)."""
@@ -158,13 +182,22 @@ class HiddenStore:
 
 
 class PrefixCache:
-    """Per-row hidden states at the split, computed on first use and stored in float16 on disk (HiddenStore)."""
+    """Per-row hidden states at the split, computed on first use and stored in float16 on disk (HiddenStore).
+
+    With `model_identity`, rows whose states stratify's loss pass kept (slapcli.proxy.prefix_store, found by token
+    ids) are read from that store instead of running the frozen bottom again."""
 
     def __init__(self, split: SplitProxy, encoded: dict[int, EncodedExample], pad_id: int,
-                 device: torch.device, spill_dir: str | None = None) -> None:
+                 device: torch.device, spill_dir: str | None = None, model_identity: str | None = None) -> None:
         self.split, self.encoded, self.pad_id, self.device = split, encoded, pad_id, device
         self.hidden = HiddenStore(spill_dir)
         self.token_budget = feature_token_budget(device)  # padded tokens per batch of every pass on these rows
+        self.stored: StoredPrefixes | None = None
+        if model_identity is not None:
+            key = PrefixKey(model_identity, str(split.compute_dtype), device.type, split.split, len(split.blocks))
+            self.stored = StoredPrefixes(key)
+        self._in_store: dict[Any, bool] = {}  # key -> whether the store holds its row (looked up once)
+        self.computed = 0  # rows whose prefix ran here (the rest came from the store)
 
     def groups(self, keys: list[Any]) -> list[list[int]]:
         """Indices into `keys` in batches of similar length under the token budget, longest first."""
@@ -172,7 +205,8 @@ class PrefixCache:
                                     self.token_budget)
 
     def ensure(self, keys: list[Any]) -> None:
-        missing = [k for k in keys if k not in self.hidden]
+        missing = [k for k in keys if k not in self.hidden and not self._stored(k)]
+        self.computed += len(missing)
         for idx in self.groups(missing):
             chunk = [missing[i] for i in idx]
             batch = {k: v.to(self.device) for k, v in collate([self.encoded[k] for k in chunk], self.pad_id).items()}
@@ -185,14 +219,34 @@ class PrefixCache:
         self.ensure(keys)
         batch = {k: v.to(self.device) for k, v in collate([self.encoded[k] for k in keys], self.pad_id).items()}
         width = batch["input_ids"].shape[1]
-        states = [self.hidden.get(k) for k in keys]
+        states = [self.hidden.get(k) if k in self.hidden else self._read_stored(k) for k in keys]
         hidden = torch.zeros(len(keys), width, states[0].shape[-1], dtype=torch.float32)
         for r, h in enumerate(states):
             hidden[r, : h.shape[0]] = h.float()
         return batch, hidden.to(self.device)
 
+    @property
+    def reused(self) -> int:
+        """Rows whose states came from the store."""
+        return sum(self._in_store.values())
+
+    def _stored(self, key: Any) -> bool:
+        if self.stored is None or not len(self.stored):
+            return False
+        if key not in self._in_store:
+            self._in_store[key] = self.encoded[key].input_ids in self.stored
+        return self._in_store[key]
+
+    def _read_stored(self, key: Any) -> torch.Tensor:
+        states = self.stored.get(self.encoded[key].input_ids) if self.stored is not None else None
+        if states is None:
+            raise SlapError("the frozen-prefix store lost a row it held")
+        return states
+
     def close(self) -> None:
         self.hidden.close()
+        if self.stored is not None:
+            self.stored.close()
 
 
 def row_features(split: SplitProxy, cache: PrefixCache, projector: GradientProjector,
@@ -208,9 +262,14 @@ def row_features(split: SplitProxy, cache: PrefixCache, projector: GradientProje
         batch, hidden = cache.batch([keys[i] for i in idx])
         split.model.zero_grad(set_to_none=True)
         projector.reset()  # drop captures of passes whose gradients were not for features (training steps)
-        with split.top_only(hidden), split.compute():
-            loss = response_losses(split.model, batch)
-        loss.sum().backward()  # the sum keeps each row's gradient its own
+        # The features are built from activations and their gradients alone: with the weights frozen for this
+        # pass and the cached states as the input that needs a gradient, backward computes no weight gradient
+        # (a third of the top blocks' backward, thrown away before). The activation gradients are the same ops.
+        hidden.requires_grad_(True)
+        with split.weights_frozen():
+            with split.top_only(hidden), split.compute():
+                loss = response_losses(split.model, batch)
+            loss.sum().backward()  # the sum keeps each row's gradient its own
         n_response = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1)  # the tokens response_losses averages
         feats.append(normalize_features(projector.features(batch["attention_mask"]), norm, n_response,
                                         reference_tokens).cpu())
@@ -222,16 +281,36 @@ def row_features(split: SplitProxy, cache: PrefixCache, projector: GradientProje
     return torch.cat(feats)[back], torch.cat(losses)[back]
 
 
-def train_step(split: SplitProxy, cache: PrefixCache, optimizer: torch.optim.Optimizer, keys: list[Any]) -> None:
-    """One AdamW step of the trainable blocks on the chosen batch (mean of its rows' losses).
+@contextlib.contextmanager
+def projection_paused(projector: GradientProjector | None) -> Iterator[None]:
+    """No projection work inside this block: the projector's hooks are off and put back after.
+
+    For passes whose features nobody reads (the training step): otherwise every trainable Linear would still
+    sketch its inputs and output gradients there. The hooks only read, so gradients are the same either way."""
+    if projector is None:
+        yield
+        return
+    projector.close()  # removes the hooks and drops what they captured
+    try:
+        yield
+    finally:
+        # The projector's own hooks, registered as its __init__ does (slapmath has no public switch for them).
+        projector._handles = [lin.register_forward_hook(projector._hook(i)) for i, lin in enumerate(projector.layers)]
+
+
+def train_step(split: SplitProxy, cache: PrefixCache, optimizer: torch.optim.Optimizer, keys: list[Any],
+               projector: GradientProjector | None = None) -> None:
+    """One AdamW step of the trainable blocks on the chosen batch (mean of its rows' losses), with `projector`'s
+    hooks off (projection_paused).
 
     The gradient is accumulated over length-grouped parts of the batch (each part's loss sum / batch size):
     the same mean, with less padding."""
     optimizer.zero_grad(set_to_none=True)
-    for idx in cache.groups(keys):
-        batch, hidden = cache.batch([keys[i] for i in idx])
-        with split.top_only(hidden), split.compute():
-            part = response_losses(split.model, batch).sum() / len(keys)
-        part.backward()
+    with projection_paused(projector):
+        for idx in cache.groups(keys):
+            batch, hidden = cache.batch([keys[i] for i in idx])
+            with split.top_only(hidden), split.compute():
+                part = response_losses(split.model, batch).sum() / len(keys)
+            part.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
