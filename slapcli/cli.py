@@ -168,8 +168,8 @@ def _check_shard(value: str | None) -> str | None:
 
 
 THREADS = typer.Option(RuntimeConfig.threads, "--threads", min=1, rich_help_panel=SCALE_PANEL,
-                       help="torch, BLAS and OpenMP threads (default: one per physical core, less the cores other "
-                            "processes keep busy).")
+                       help="torch, BLAS and OpenMP threads (default: one per physical core; 1 is faster when "
+                            "other jobs keep the cores busy). The same count gives the same bytes.")
 CACHE_DIR = typer.Option(RuntimeConfig.cache_dir, "--cache-dir", rich_help_panel=SCALE_PANEL,
                          help="Folder for big scratch files: the replay's prefix cache (1,152 bytes per token with "
                               "the default proxy: ~110 MB per 1,000 sample_data rows, docs/PERFORMANCE.md) and "

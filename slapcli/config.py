@@ -139,8 +139,8 @@ class RuntimeConfig:
     """The process's threads and scratch folder (slapcli.runtime). Never in an artifact: they change how fast a
     command runs and where its temporary files go, not what it writes."""
 
-    # torch, BLAS and OpenMP threads; None: torch's default (one per physical core) less the CPUs other processes
-    # keep busy when the command starts (runtime.free_cpus: measured, docs/PERFORMANCE.md)
+    # torch, BLAS and OpenMP threads; None: torch's own default, one per physical core (a fixed count per machine:
+    # the thread count can move the proxy's losses by a last bit, docs/PERFORMANCE.md)
     threads: int | None = None
     cache_dir: str | None = None  # the replay's prefix cache and temporary spools; None: beside the output, $TMPDIR
 

@@ -1,6 +1,8 @@
-"""Settings of the process, not of the result: how many threads a command computes with (`--threads`) and where
-its big scratch files go (`--cache-dir`). No artifact records them, so a rerun with other values reuses the
-artifacts (the bytes are the same).
+"""Settings of the process: how many threads a command computes with (`--threads`) and where its big scratch files
+go (`--cache-dir`). No artifact records them, so a rerun with other values reuses the artifacts. The scratch
+folder never changes a byte; the thread count may change the last bits of the proxy's losses (measured: 3 of 100
+rows' losses moved by under 1e-5 between 1 and 2 threads, docs/PERFORMANCE.md), so runs that must give the same
+bytes use the same `--threads`. Embeddings came out identical.
 
 Light on purpose: the CLI applies them before a stage module is imported, because the OpenMP and BLAS runtimes
 read their thread counts from the environment once, when torch, numpy or faiss first load them.
@@ -19,36 +21,22 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"
 _scratch: str | None = None  # --cache-dir of this process (one command per process), None: the default places
 
 
-def free_cpus() -> int:
-    """The CPUs this process may run on, less those other processes keep busy (the 1-minute load average), at
-    least 1. On the shared 2-core machine (load ~12) embed took 39 s with 1 thread and 52 s with 2, and 31% more
-    CPU (docs/PERFORMANCE.md): threads that wait for a busy core cost more than they bring."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
-    return max(1, cpus - busy)
-
-
 def apply(config: RuntimeConfig) -> None:
     """Set this process's threads and scratch folder; call before the stage's modules are imported.
 
-    Without --threads: the threads the libraries would take (torch's default, or the OMP_NUM_THREADS the user
-    set), lowered to `free_cpus()` when other processes keep some CPUs busy; never raised.
+    Without --threads the libraries keep their own count (torch: one per physical core, or OMP_NUM_THREADS): a
+    default that followed the machine's load would have been faster on a busy machine (docs/PERFORMANCE.md) but
+    would make the proxy's losses, and so stratify's bytes, depend on the load at the start.
     """
     global _scratch
-    threads = config.threads
-    if threads is None and "OMP_NUM_THREADS" not in os.environ:
-        free = free_cpus()
-        threads = free if free < (os.cpu_count() or 1) else None
-    if threads is not None:
+    if config.threads is not None:
         for name in THREAD_VARIABLES:
-            os.environ[name] = str(threads)
+            os.environ[name] = str(config.threads)
         import torch
         from threadpoolctl import threadpool_limits
 
-        if config.threads is None:  # the measured default only ever lowers what is already set
-            threads = min(threads, torch.get_num_threads())
-        torch.set_num_threads(threads)
-        threadpool_limits(threads)  # pools already loaded (their variables were read before we set them)
+        torch.set_num_threads(config.threads)
+        threadpool_limits(config.threads)  # pools already loaded (their variables were read before we set them)
     if config.cache_dir is not None:
         os.makedirs(config.cache_dir, exist_ok=True)
         _scratch = os.path.abspath(config.cache_dir)

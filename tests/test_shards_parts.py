@@ -197,22 +197,13 @@ def test_threads_sets_torch_threads(tmp_path: Path, data_file: Path, models: lis
     assert r.exit_code == 2 and "--threads" in r.stderr
 
 
-def test_without_threads_a_busy_machine_gets_fewer(tmp_path: Path, data_file: Path, models: list[str],
-                                                   monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-    monkeypatch.setattr(os, "cpu_count", lambda: 4)
-    monkeypatch.setattr(os, "getloadavg", lambda: (2.6, 1.0, 1.0))  # three of the four CPUs busy elsewhere
-    assert runtime.free_cpus() == 1
+def test_without_threads_the_count_is_left_alone(tmp_path: Path, data_file: Path, models: list[str]):
+    # Not lowered to follow the machine's load: the count is the libraries' own, so the same command on the same
+    # machine computes the same bits.
     torch.set_num_threads(3)
     r = invoke(["embed", data_file, "-o", tmp_path / "e.parquet", *models, "-q"])
     assert r.exit_code == 0, r.stderr
-    assert torch.get_num_threads() == 1
-    # Never more than the libraries would take: a quiet machine leaves the count as it was.
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    for name in runtime.THREAD_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    r = invoke(["embed", data_file, "-o", tmp_path / "e2.parquet", *models, "-q"])
-    assert r.exit_code == 0 and torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 3 and "OMP_NUM_THREADS" not in os.environ
 
 
 def test_cache_dir_holds_the_prefix_cache_and_nothing_stays(tmp_path: Path, data_file: Path, models: list[str],
