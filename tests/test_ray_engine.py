@@ -36,7 +36,8 @@ def ray_local() -> Iterator[Any]:
     ray = pytest.importorskip("ray")
     # Functions and classes of this module reach the workers by value: the workers cannot import a test module.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # "local": a Ray of the tests' own, even where a `ray start` cluster runs on this machine (which would be joined).
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
     ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
@@ -296,3 +297,33 @@ def test_for_worker_moves_a_copy_and_leaves_the_hooks_here(tmp_path: Path, tiny_
         assert moved.device == elsewhere and moved.advance is None
         assert next(moved_model(moved).parameters()).device == elsewhere
         assert next(model.parameters()).device == cpu  # the driver's model stays where it was
+
+
+
+
+def test_commands_hand_embed_and_the_loss_passes_to_the_engine(tmp_path: Path, tiny_encoder_dir: Path,
+                                                               tiny_proxy_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    import slapcli.cli
+    import slapcli.engine
+
+    engines: list[Counting] = []
+
+    def counting(config: EngineConfig) -> Counting:
+        assert config == EngineConfig(engine="ray", workers=3)  # the options, as given
+        engines.append(Counting(ENGINES["local"]))
+        return engines[-1]
+
+    monkeypatch.setattr(slapcli.engine, "find_spec", lambda name: object())  # as with Ray installed
+    monkeypatch.setattr(slapcli.cli, "make_engine", counting)
+    data = write_rows(tmp_path / "data.jsonl", 24)
+    models = ["--proxy-model", str(tiny_proxy_dir), "-q", "--engine", "ray", "--workers", "3"]
+    emb, strata = tmp_path / "e.parquet", tmp_path / "s.parquet"
+    for command in (["embed", str(data), "-o", str(emb), "--embed-model", str(tiny_encoder_dir)],
+                    ["stratify", str(emb), "-o", str(strata)],
+                    ["run", str(data), "-o", str(tmp_path / "out.jsonl"), "--keep", "0.5", "--workdir",
+                     str(tmp_path / "w"), "--embed-model", str(tiny_encoder_dir)]):
+        monkeypatch.setenv("SLAP_CACHE_DIR", str(tmp_path / f"cache_{command[0]}"))  # no loss pass from a cache
+        result = runner.invoke(app, [*command, *models])
+        assert result.exit_code == 0, result.output
+    # embed: its one chunk; stratify: one chunk per loss pass (with and without the prompt); run: both
+    assert [e.chunks for e in engines] == [1, 2, 3]
