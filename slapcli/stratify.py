@@ -29,7 +29,7 @@ from slapcli.budgets import ALLOCATIONS, row_budget
 from slapcli.config import StratifyConfig
 from slapcli.engine import ENGINES, Engine
 from slapcli.errors import UsageError
-from slapcli.parts import loss_terms_from_parts, write_loss_shard
+from slapcli.loss_parts import loss_terms_from_parts, write_loss_shard
 from slapcli.progress import Reporter
 from slapcli.proxy.loss import LOSS_TERMS
 from slapcli.proxy.passes import LossPass, cached_proxy_losses
