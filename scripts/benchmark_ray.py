@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "sample_data" / "mixed_400.jsonl"
 # `--ray-address local`: each run starts a Ray of its own, as a command does on a machine without a cluster, even
 # when a `ray start` cluster runs here (which a plain run would join).
-ENGINES = (("local", []), ("ray, 1 worker", ["--engine", "ray", "--workers", "1", "--ray-address", "local"]),
-           ("ray, 2 workers", ["--engine", "ray", "--workers", "2", "--ray-address", "local"]))
+ENGINES = (("local", []), ("ray1", ["--engine", "ray", "--workers", "1", "--ray-address", "local"]),
+           ("ray2", ["--engine", "ray", "--workers", "2", "--ray-address", "local"]))
 POLL_S = 0.2
 
 
@@ -81,18 +81,23 @@ def run_tree(command: list[str], log: Path) -> dict[str, Any]:
             "load_avg": (round(load_before, 2), round(os.getloadavg()[0], 2))}
 
 
-def bench(data: Path, workdir: Path, chunk_rows: int | None) -> dict[str, Any]:
+def output_path(data: Path, workdir: Path, engine: str) -> Path:
+    return workdir / f"{data.stem}.{engine}.parquet"
+
+
+def bench(data: Path, workdir: Path, chunk_rows: int | None, engines: list[str]) -> dict[str, Any]:
     slap = str(Path(sys.executable).parent / "slap")
     results: dict[str, Any] = {}
-    reference: bytes | None = None
     chunking = [] if chunk_rows is None else ["--chunk-rows", str(chunk_rows)]
     for name, options in ENGINES:
-        out = workdir / f"{data.stem}.{name.replace(', ', '_').replace(' ', '')}.parquet"
+        if name not in engines:
+            continue
+        out = output_path(data, workdir, name)
         command = [slap, "embed", str(data), "-o", str(out), "--force", "--no-resume", "-q", *chunking, *options]
         results[name] = run_tree(command, workdir / f"{out.stem}.stderr.txt")
-        written = out.read_bytes()
-        reference = written if reference is None else reference
-        results[name]["same_bytes_as_local"] = written == reference
+        # Against the local engine's artifact, of this run or of an earlier one in the same folder.
+        local = output_path(data, workdir, "local")
+        results[name]["same_bytes_as_local"] = local.exists() and out.read_bytes() == local.read_bytes()
         print(name, results[name], flush=True)
     return results
 
@@ -103,18 +108,24 @@ def main(argv: list[str] | None = None) -> None:
     # A chunk goes to one worker: embed's default 2,048-row chunks give sample_data's 400 rows one chunk, so a
     # second worker has nothing to do; smaller chunks spread small files (the same for every engine compared).
     parser.add_argument("--chunk-rows", type=int, default=None, help="embed --chunk-rows (default: embed's)")
+    parser.add_argument("--engines", default=",".join(name for name, _ in ENGINES),
+                        help="which to run, comma-separated (default: all)")
     parser.add_argument("--workdir", type=Path, default=ROOT / "work" / "perf" / "ray")
+    parser.add_argument("--skip-sample", action="store_true", help="only the repeated file")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    engines = args.engines.split(",")
+    if unknown := set(engines) - {name for name, _ in ENGINES}:
+        parser.error(f"--engines: unknown {sorted(unknown)}; choose from {[name for name, _ in ENGINES]}")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    files = [SAMPLE]
+    files = [SAMPLE] if args.rows <= 0 or not args.skip_sample else []
     if args.rows:
         files.append(args.workdir / f"repeated_{args.rows}.jsonl")
         write_repeated(files[-1], args.rows)
     results = {"cpus": os.cpu_count(), "chunk_rows": args.chunk_rows, "files": {}}
     for data in files:
         rows = sum(1 for _ in data.open(encoding="utf-8"))
-        results["files"][data.name] = {"rows": rows, "engines": bench(data, args.workdir, args.chunk_rows)}
+        results["files"][data.name] = {"rows": rows, "engines": bench(data, args.workdir, args.chunk_rows, engines)}
     text = json.dumps(results, indent=2)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
