@@ -147,7 +147,7 @@ DEVICE = typer.Option(EmbedConfig.device, "--device", callback=_check_device,
 # Where embed's chunks and the proxy loss passes run (slapcli.engine); every engine writes the same bytes.
 SCALE_PANEL = "Scale out (docs/SCALING.md)"
 ENGINE = typer.Option(EngineConfig.engine, "--engine", rich_help_panel=SCALE_PANEL,
-                      help="local (this process) or ray (workers on a Ray cluster; pip install 'slapcli[ray]').")
+                      help="local (this process) or ray (workers on a Ray cluster; pip install 'slapcli\\[ray]').")
 WORKERS = typer.Option(EngineConfig.workers, "--workers", rich_help_panel=SCALE_PANEL,
                        help="Ray workers, 1 CPU each, each holding the models (default: one per CPU of the cluster).")
 NUM_GPUS = typer.Option(EngineConfig.num_gpus, "--num-gpus", rich_help_panel=SCALE_PANEL,
