@@ -2,7 +2,8 @@
 
 Issue 4 asks `slap` at keep 0.6-0.7 to reach the held-out loss of full data. Whether any selection can is a
 property of the data and the protocol before it is one of the method. With the quality benchmark's data,
-prefix caches, trainer and recipe (scripts/benchmark_quality.py, same `--workdir` options), this measures:
+prefix caches, trainer and recipe (scripts/benchlib/, shared with benchmark_quality.py; the same `--workdir`
+options), this measures:
 
 1. The learning curve: random subsets at `--keeps` (several seeds) and full data. Its slope is what a
    selection has to win back at each keep ratio.
@@ -30,9 +31,7 @@ Outputs: `<workdir>/bound.json` and the report, docs/BOUND.md for the shared mix
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import shlex
 import sys
 import time
@@ -43,15 +42,26 @@ import faiss
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchmark_quality as bq
-from benchmark_cost import machine_info
+from benchlib.common import ROOT, floats, log, rel
+from benchlib.data import add_data_options, build_data
+from benchlib.influence import cached_influence, influence_scores
+from benchlib.report import data_line, git, machine_info, pyplot, schedule_words, spread
+from benchlib.stages import cached_stage
+from benchlib.trainer import (
+    HiddenCache,
+    TopTrainer,
+    add_recipe_options,
+    load_split_proxy,
+    prefix_cache_key,
+    recipe_key,
+    run_file,
+    run_in_parallel,
+    train_and_evaluate,
+    write_run,
+)
 
 from slapcli.models import DEFAULT_PROXY_MODEL, ensure_gguf_converted, resolve_model
-from slapcli.proxy import response_losses
 
-ROOT = bq.ROOT
 TARGETS = {
     "heldout-a": "held-out half A (the oracle: it sees rows it is scored on)",
     "train": "the training rows' own mean gradient (no dev set)",
@@ -89,13 +99,6 @@ def top_rows(scores: np.ndarray, keep: float) -> np.ndarray:
     return np.sort(order[: round(keep * len(scores))])
 
 
-def checkpoint_steps(total: int, count: int) -> list[int]:
-    """`count` optimizer steps spread evenly over 1..total-1 (step 0 has no second moments to precondition by)."""
-    if total < 2:
-        return [0]
-    return sorted({int(x) for x in np.rint(np.linspace(1, total - 1, max(1, count)))})
-
-
 def nearest_neighbour_cosine(embeddings: np.ndarray) -> np.ndarray:
     """Per row, the cosine of its nearest other row (unit-norm inputs): faiss's exact inner-product search for
     the two nearest, of which the one that is not the row itself (with an exact copy both score the same)."""
@@ -104,92 +107,6 @@ def nearest_neighbour_cosine(embeddings: np.ndarray) -> np.ndarray:
     index.add(x)
     sims, ids = index.search(x, 2)
     return np.where(ids[:, 0] == np.arange(len(x)), sims[:, 1], sims[:, 0]).astype(np.float32)
-
-
-# ---------------------------------------------------------------------------------------------- influence
-
-
-def flat_gradient(trainer: bq.TopTrainer, cache: bq.HiddenCache, rows: list[int]) -> torch.Tensor:
-    """Gradient of the mean row loss over `rows` w.r.t. the trainable blocks, flattened."""
-    model = trainer.model
-    model.zero_grad(set_to_none=True)
-    batch, hidden = cache.batch(rows, trainer.pad_id)
-    with trainer.split.top_only(hidden):
-        response_losses(model, batch).mean().backward()
-    grad = torch.cat([q.grad.reshape(-1) for q in trainer.split.parameters])
-    model.zero_grad(set_to_none=True)
-    return grad
-
-
-def metric_gradient(trainer: bq.TopTrainer, cache: bq.HiddenCache, domains: np.ndarray, where: np.ndarray,
-                    chunk: int = 16) -> torch.Tensor:
-    """Gradient of the metric (mean over domains of the mean row loss) restricted to the rows in `where`."""
-    present = sorted(set(domains[where].tolist()))
-    total = None
-    for d in present:
-        rows = np.flatnonzero(where & (domains == d)).tolist()
-        for s in range(0, len(rows), chunk):
-            part = rows[s:s + chunk]
-            g = flat_gradient(trainer, cache, part) * (len(part) / len(rows) / len(present))
-            total = g if total is None else total + g
-    assert total is not None
-    return total
-
-
-def adam_direction(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], grad: torch.Tensor) -> torch.Tensor:
-    """`grad` divided by AdamW's bias-corrected sqrt(second moment) + eps: the per-coordinate scaling the optimizer
-    applies to a step, so that the inner product with a row's gradient is the first-order loss change of a step
-    on that row."""
-    group = optimizer.param_groups[0]
-    states = [optimizer.state.get(p, {}) for p in params]
-    if not states[0]:
-        return grad
-    beta2, eps = group["betas"][1], group["eps"]
-    correction = 1.0 - beta2 ** float(states[0]["step"])
-    v = torch.cat([s["exp_avg_sq"].reshape(-1) for s in states])
-    return grad / ((v / correction).sqrt() + eps)
-
-
-def influence_scores(trainer: bq.TopTrainer, caches: dict[str, bq.HiddenCache], target: str, half_a: np.ndarray,
-                     checkpoints: int, seed: int) -> dict[str, Any]:
-    """Per training row: sum over checkpoints of lr * <g_row, P g_target> along the full-data run (shuffle `seed`)."""
-    train, heldout = caches["train"], caches["heldout"]
-    n = len(train)
-    rows = np.arange(n)
-    optimizer, schedule, rng = trainer.start(n, seed)
-    total = trainer.total_steps(n)
-    at = checkpoint_steps(total, checkpoints)
-    train_domains, held_domains = np.array(train.domains), np.array(heldout.domains)
-    scores = np.zeros(n)
-    per_checkpoint = []
-    t0 = time.perf_counter()
-    for step, batch_rows in enumerate(trainer.batches(rows, rng)):
-        if step in at:
-            if target == "heldout-a":
-                g_target = metric_gradient(trainer, heldout, held_domains, half_a)
-            else:
-                g_target = metric_gradient(trainer, train, train_domains, np.ones(n, dtype=bool))
-            direction = adam_direction(optimizer, trainer.split.parameters, g_target)
-            lr = schedule.get_last_lr()[0]
-            mine = np.array([float(flat_gradient(trainer, train, [i]) @ direction) for i in range(n)])
-            scores += lr * mine
-            per_checkpoint.append({"step": step, "lr": lr, "negative_share": float((mine < 0).mean())})
-            bq.log(f"  influence ({target}) at step {step}/{total}: {time.perf_counter() - t0:.0f} s")
-        trainer.step(train, batch_rows, optimizer, schedule)
-    return {"scores": scores, "checkpoints": per_checkpoint, "seconds": round(time.perf_counter() - t0, 1)}
-
-
-def cached_influence(path: Path, key: str, compute: Any) -> dict[str, Any]:
-    if path.exists():
-        saved = np.load(path, allow_pickle=False)
-        if str(saved["key"]) == key:
-            return {"scores": saved["scores"], "checkpoints": json.loads(str(saved["checkpoints"])),
-                    "seconds": float(saved["seconds"]), "cached": True}
-    out = compute()
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, key=key, scores=out["scores"], checkpoints=json.dumps(out["checkpoints"]), seconds=out["seconds"])
-    os.replace(tmp, path)
-    return {**out, "cached": False}
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -203,7 +120,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out = {}
     for (kind, keep), members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         out[f"{kind}@{keep:.2f}"] = {"kind": kind, "keep": keep, "rows": members[0]["rows"],
-                                     **{part: bq.spread([m[part] for m in members]) for part in ("all", "a", "b")}}
+                                     **{part: spread([m[part] for m in members]) for part in ("all", "a", "b")}}
     return out
 
 
@@ -245,11 +162,7 @@ def findings(summary: dict[str, Any], keeps: list[float], oracle_keeps: list[flo
 
 
 def write_plot(summary: dict[str, Any], path: Path, title: str) -> None:
-    import matplotlib  # optional extra `bench`
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()  # optional extra `bench`
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=120, sharey=False)
     for ax, half, name in ((axes[0], "a", "half A (the oracle's target)"), (axes[1], "b", "half B (unseen rows)")):
         rnd = sorted((c["keep"], c[half]) for c in summary.values() if c["kind"] == "random")
@@ -281,12 +194,12 @@ def write_markdown(results: dict[str, Any], path: Path, plot: Path | None) -> No
     half = results["halves"]
     lines = ["# Can any subset train as well as the full data? A learning curve and an influence heuristic", "",
              f"Written by `scripts/benchmark_bound.py` on {results['finished']} (commit `{results['commit'][:10]}`). "
-             f"Every number comes from `{bq.rel(results['out'])}` of that run (git-ignored); rerun the command to "
+             f"Every number comes from `{rel(results['out'])}` of that run (git-ignored); rerun the command to "
              "reproduce it.", "", "## Protocol", "",
-             bq.data_line(d),
+             data_line(d),
              f"- **Trainer and recipe**: as scripts/benchmark_quality.py: SmolLM2-135M-Instruct, top "
              f"{c['train_blocks']} blocks trained from the pretrained weights on cached hidden states, AdamW lr "
-             f"{c['lr']:g}, {bq.schedule_words(c)}, batch {c['batch_size']}, {c['epochs']} epoch(s), response-token "
+             f"{c['lr']:g}, {schedule_words(c)}, batch {c['batch_size']}, {c['epochs']} epoch(s), response-token "
              f"loss, max {c['max_tokens']} tokens; {c['train_seeds']} shuffle(s) per subset (their mean).",
              f"- **Held-out halves**: A = {half['a']} rows, B = {half['b']} rows, half of each domain each (seed "
              f"{c['half_seed']}). Metric everywhere: mean over domains of the mean row loss.",
@@ -327,7 +240,7 @@ def write_markdown(results: dict[str, Any], path: Path, plot: Path | None) -> No
         lines.append("")
     analysis = results.get("analysis")
     if analysis and Path(analysis).is_file() and Path(analysis).read_text().strip():
-        lines += ["## Reading (hand-written, kept in `" + bq.rel(analysis) + "`)", "",
+        lines += ["## Reading (hand-written, kept in `" + rel(analysis) + "`)", "",
                   Path(analysis).read_text().strip(), ""]
     lines += ["## Wall times", "", "| stage | seconds |", "| --- | ---: |"]
     lines += [f"| {k} | {v:.0f} |" for k, v in results["wall"].items()]
@@ -342,25 +255,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", type=Path, default=Path("work/quality"),
                    help="the quality benchmark's workdir (data, embeddings and prefix caches are shared)")
-    p.add_argument("--train", type=Path, default=None, metavar="FILE", help="as benchmark_quality.py")
-    p.add_argument("--heldout", type=Path, default=None, metavar="FILE", help="as benchmark_quality.py")
-    p.add_argument("--domain-field", default="domain")
-    p.add_argument("--on-bad-line", choices=["error", "skip"], default="error")
-    p.add_argument("--train-rows", type=int, default=None)
-    p.add_argument("--heldout-per-domain", type=int, default=None)
-    p.add_argument("--code-share", type=float, default=None)
-    p.add_argument("--data-seed", type=int, default=0)
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--train-blocks", type=int, default=2)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--schedule", choices=["constant", "cosine"], default="constant")
-    p.add_argument("--warmup", type=float, default=0.0)
-    p.add_argument("--keeps", type=bq.floats, default=[0.5, 0.6, 0.7, 0.8, 0.9], help="learning-curve keep ratios")
+    add_data_options(p)  # as benchmark_quality.py
+    add_recipe_options(p)
+    p.add_argument("--keeps", type=floats, default=[0.5, 0.6, 0.7, 0.8, 0.9], help="learning-curve keep ratios")
     p.add_argument("--random-seeds", type=int, default=3, help="random subsets per keep")
     p.add_argument("--train-seeds", type=int, default=1, help="shuffles per subset (its loss is their mean)")
-    p.add_argument("--oracle-keeps", type=bq.floats, default=[0.7])
+    p.add_argument("--oracle-keeps", type=floats, default=[0.7])
     p.add_argument("--targets", default=",".join(TARGETS),
                    help=f"influence targets, comma list of {', '.join(TARGETS)}; empty: no oracle")
     p.add_argument("--half-seed", type=int, default=0,
@@ -397,34 +297,33 @@ def main(argv: list[str] | None = None) -> int:
     for sub in ("logs", "runs"):
         (workdir / sub).mkdir(parents=True, exist_ok=True)
     wall: dict[str, float] = {}
-    data = bq.build_data(args, workdir)
+    data = build_data(args, workdir)
     train_file, heldout_file = workdir / "train.jsonl", workdir / "heldout.jsonl"
-    bq.log(f"data: {data['train_rows']} training rows {data['train_per_domain']}, {data['heldout_rows']} held-out")
+    log(f"data: {data['train_rows']} training rows {data['train_per_domain']}, {data['heldout_rows']} held-out")
 
     ensure_gguf_converted(resolve_model(DEFAULT_PROXY_MODEL))
     emb = workdir / "embeddings.parquet"
-    stage = bq.cached_stage("embed", ["embed", str(train_file), "-o", str(emb), "--max-tokens",
-                                      str(args.max_tokens), "--device", "cpu", "--quiet"], emb, workdir)
+    stage = cached_stage("embed", ["embed", str(train_file), "-o", str(emb), "--max-tokens",
+                                   str(args.max_tokens), "--device", "cpu", "--quiet"], emb, workdir)
     wall[f"slap embed (for redundancy){' (cached)' if stage['cached'] else ''}"] = stage["wall_s"]
     vectors = np.stack(pq.read_table(emb, columns=["embedding"])["embedding"].to_numpy(zero_copy_only=False))
     nn_cos = nearest_neighbour_cosine(vectors.astype(np.float32))
     redundancy = {"quantiles": {f"p{int(q * 100)}": float(np.quantile(nn_cos, q)) for q in (0.1, 0.5, 0.9, 0.99)},
                   "share_above_0.9": float((nn_cos > 0.9).mean()), "share_above_0.8": float((nn_cos > 0.8).mean())}
 
-    ref, tokenizer, split, pad_id = bq.load_split_proxy(args.train_blocks)
+    ref, tokenizer, split, pad_id = load_split_proxy(args.train_blocks)
     prefix: dict[str, dict[str, Any]] = {}
-    caches: dict[str, bq.HiddenCache] = {}
+    caches: dict[str, HiddenCache] = {}
     for key, path in (("train", train_file), ("heldout", heldout_file)):
-        fp = hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
-        ckey = f"{fp}:{ref.identity}:{split.split}:{args.max_tokens}"
+        ckey = prefix_cache_key(path, ref.identity, split.split, args.max_tokens)
         t0 = time.perf_counter()
-        prefix[key] = bq.HiddenCache.build(workdir / f"prefix_{key}", path, split, tokenizer, args.max_tokens, ckey)
-        caches[key] = bq.HiddenCache(workdir / f"prefix_{key}")
+        prefix[key] = HiddenCache.build(workdir / f"prefix_{key}", path, split, tokenizer, args.max_tokens, ckey)
+        caches[key] = HiddenCache(workdir / f"prefix_{key}")
         built = prefix[key]
         wall[f"prefix cache, {key} rows{' (cached)' if built['cached'] else ''}"] = (
             float(built.get("seconds", 0.0)) if built["cached"] else time.perf_counter() - t0)
-    trainer = bq.TopTrainer(split, pad_id, args)
-    run_key = bq.recipe_key(args, prefix)
+    trainer = TopTrainer(split, pad_id, args)
+    run_key = recipe_key(args, prefix)
     n = len(caches["train"])
     half_a = halves(caches["heldout"].domains, args.half_seed)
     held_domains = np.array(caches["heldout"].domains)
@@ -459,29 +358,27 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     train_seeds = list(range(args.train_seeds))
 
-    def run_path(tag: str, ts: int | None) -> Path:
-        return workdir / "runs" / f"{tag}{'' if ts is None else f'_t{ts}'}.{run_key}.json"
-
     def usable(path: Path) -> bool:  # run files from before per-row losses were recorded are trained again
         return path.exists() and "heldout_rows" in json.loads(path.read_text())
 
-    pending = [(run_path(tag, ts), rows, ts) for _, _, rows, tag in subsets
-               for ts in (train_seeds if rows is not None else [None]) if not usable(run_path(tag, ts))]
+    wanted = [(run_file(workdir, tag, ts, run_key), rows, ts) for _, _, rows, tag in subsets
+              for ts in (train_seeds if rows is not None else [None])]
+    pending = [w for w in wanted if not usable(w[0])]
     t0 = time.perf_counter()
     if args.jobs > 1 and len(pending) > 1:
-        bq.log(f"training {len(pending)} runs in {min(args.jobs, len(pending))} processes")
-        bq.run_in_parallel(pending, args, workdir)
+        log(f"training {len(pending)} runs in {min(args.jobs, len(pending))} processes")
+        run_in_parallel(pending, args, workdir)
     else:
         for i, (path, rows, ts) in enumerate(pending):
-            bq.write_run(path, bq.train_and_evaluate(trainer, caches, rows, ts))
-            bq.log(f"  run {i + 1}/{len(pending)} {path.name}")
+            write_run(path, train_and_evaluate(trainer, caches, rows, ts))
+            log(f"  run {i + 1}/{len(pending)} {path.name}")
     wall[f"training and evaluation of {len(pending)} pending run(s), wall clock"] = time.perf_counter() - t0
 
     runs = []
     run_seconds = 0.0
     for kind, keep, rows, tag in subsets:
         for ts in (train_seeds if rows is not None else [None]):
-            one = json.loads(run_path(tag, ts).read_text())
+            one = json.loads(run_file(workdir, tag, ts, run_key).read_text())
             run_seconds += float(one.get("train_wall_s", 0.0)) + float(one.get("eval_s", 0.0))
             losses = np.array(one["heldout_rows"])
             runs.append({"kind": kind, "keep": keep, "tag": tag, "train_seed": ts,
@@ -502,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     m = machine_info()
     results = {
         "command": shlex.join([".venv/bin/python", "scripts/benchmark_bound.py", *(argv or sys.argv[1:])]),
-        "commit": bq.git("rev-parse", "HEAD"), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "commit": git("rev-parse", "HEAD"), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "data": data,
         "machine": m, "machine_line": f"{m['nproc']} cores ({m['cpu_model']}), {m['memory_gib']} GiB, no GPU used; "
                                       f"torch {m['torch']}, transformers {m['transformers']}; training in "
@@ -517,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     results["wall"] = wall
     out_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
     for line in findings(results["summary"], args.keeps, args.oracle_keeps, args.targets):
-        bq.log(line)
+        log(line)
     plot = args.docs.parent / f"{args.docs.stem.lower()}_curve.png"
     try:
         write_plot(results["summary"], plot, f"Top-{args.train_blocks}-block fine-tune, {args.epochs} epoch(s), "
@@ -525,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         plot = None
     write_markdown(results, args.docs, plot)
-    bq.log(f"report: {args.docs}")
+    log(f"report: {args.docs}")
     return 0
 
 

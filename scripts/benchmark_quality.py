@@ -31,213 +31,53 @@ Usage (from the repository root):
 
 Outputs: `<workdir>/results.json` (every run) and, unless `--no-docs`, docs/RESULTS_clean300.md and
 docs/results_clean300_quality.png (needs matplotlib: `pip install -e '.[bench]'`).
+
+This file is the command: its options, the plan of runs and the report's words. The data, the `slap` stages, the
+prefix caches, the trainer and run files, the gradient signals and the shared report pieces are scripts/benchlib/,
+which benchmark_bound.py and benchmark_regimes.py use too.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import math
 import os
-import random
 import re
 import shlex
-import subprocess
 import sys
 import time
-from collections import Counter
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-
-from slapcli.errors import SlapError
-from slapcli.io.readers import ReadStats, SourceReader, iter_examples, record_value
-from slapcli.io.writers import atomic_path
-from slapcli.models import DEFAULT_PROXY_MODEL, ModelRef, ensure_gguf_converted, load_causal_lm, resolve_model
-from slapcli.proxy import (
-    EncodedExample,
-    SplitProxy,
-    collate,
-    encode_examples,
-    length_sorted_batches,
-    response_losses,
+from benchlib.common import ROOT, floats, log, rel
+from benchlib.data import add_data_options, build_data
+from benchlib.influence import gradient_alignment
+from benchlib.report import at_keeps, code_version, data_line, fmt, machine_info, pyplot, schedule_words, spread
+from benchlib.stages import available_methods, cached_stage, kept_rows
+from benchlib.trainer import (
+    HiddenCache,
+    TopTrainer,
+    add_recipe_options,
+    load_split_proxy,
+    prefix_cache_key,
+    recipe_key,
+    response_token_counts,
+    run_file,
+    run_in_parallel,
+    train_and_evaluate,
+    write_run,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark_cost import machine_info  # one description of the machine for every benchmark
+from slapcli.models import DEFAULT_PROXY_MODEL, ensure_gguf_converted, resolve_model
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = Path("/work/shared/data")
-DOMAIN_FILES = {"general": "alpaca_5000.jsonl", "code": "code_alpaca_2k.jsonl"}
-PREFIX_BATCH = 16  # rows per frozen-bottom forward when filling the cache
-EVAL_BATCH = 16
 # The methods issue 4 asks for, in the order of the report; anything else `slap select` offers is appended.
 EXPECTED_METHODS = ["slap", "embedding", "stratified", "ccs", "kcenter", "loss", "ifd"]
 
 
-def log(msg: str) -> None:
-    sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {msg}\n")
-    sys.stderr.flush()
-
-
-def floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
-
-
-# ---------------------------------------------------------------------------------------------- data
-
-
-def _usable_rows(path: Path) -> list[dict[str, str]]:
-    """Rows with a non-blank output (`slap embed` stops on the others), exact duplicates dropped."""
-    seen: set[tuple[str, str, str]] = set()
-    rows = []
-    with path.open("rb") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            obj = json.loads(line)
-            key = (obj.get("instruction", ""), obj.get("input", ""), obj.get("output", ""))
-            if not key[2].strip() or key in seen:
-                continue
-            seen.add(key)
-            rows.append({"instruction": key[0], "input": key[1], "output": key[2]})
-    return rows
-
-
-def build_data(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    """train.jsonl and heldout.jsonl in `workdir`, disjoint: from the user's `--train` (and `--heldout`) files,
-    else from ../shared/data (natural domain mix unless --code-share, equal held-out rows per domain)."""
-    if args.train is not None:
-        train, heldout, info = user_data(args)
-    else:
-        train, heldout, info = shared_data(args)
-    train_path, heldout_path = workdir / "train.jsonl", workdir / "heldout.jsonl"
-    info = {"train": str(train_path), "heldout": str(heldout_path), "train_rows": len(train),
-            "heldout_rows": len(heldout), **info}
-    new = {p: b"".join(json.dumps(r, ensure_ascii=False, default=str).encode() + b"\n" for r in rows)
-           for p, rows in ((train_path, train), (heldout_path, heldout))}
-    if any(p.exists() and p.read_bytes() != b for p, b in new.items()):
-        # Other data than the cached artifacts were made from: start the whole workdir over.
-        raise SystemExit(f"{workdir} holds data built with other settings; use another --workdir or remove it")
-    for p, b in new.items():
-        if not p.exists():
-            p.write_bytes(b)
-    (workdir / "data.json").write_text(json.dumps(info, indent=2) + "\n")
-    return info
-
-
-def shared_data(args: argparse.Namespace) -> tuple[list[dict], list[dict], dict[str, Any]]:
-    pools = {d: _usable_rows(SHARED_DATA / f) for d, f in DOMAIN_FILES.items()}
-    total = sum(len(p) for p in pools.values())
-    share = args.code_share if args.code_share is not None else len(pools["code"]) / total
-    train_rows = 300 if args.train_rows is None else args.train_rows
-    per_domain = 60 if args.heldout_per_domain is None else args.heldout_per_domain
-    n_train = {"code": round(train_rows * share)}
-    n_train["general"] = train_rows - n_train["code"]
-    rng = random.Random(args.data_seed)
-    train, heldout = [], []
-    for domain, pool in pools.items():
-        need = n_train[domain] + per_domain
-        if need > len(pool):
-            raise SystemExit(f"{domain}: {need} rows wanted, {len(pool)} usable in {DOMAIN_FILES[domain]}")
-        picked = rng.sample(pool, need)
-        heldout += [{**r, "domain": domain} for r in picked[:per_domain]]
-        train += [{**r, "domain": domain} for r in picked[per_domain:]]
-    rng.shuffle(train)
-    return train, heldout, {
-        "kind": "shared", "train_per_domain": n_train, "heldout_per_domain": per_domain, "code_share": share,
-        "seed": args.data_seed, "sources": [str(SHARED_DATA / f) for f in DOMAIN_FILES.values()],
-        "usable_rows": {d: len(p) for d, p in pools.items()}}
-
-
-def read_user_rows(path: Path, domain_field: str, on_bad_line: str) -> tuple[list[dict[str, Any]], list[tuple],
-                                                                            dict[str, int]]:
-    """Records of a data file in any container and layout `slap` reads, each with a `domain` (the value of
-    `domain_field`, "all" where it is missing), and the rows' contents (to tell duplicates and leaks apart).
-
-    A row `slap` cannot use (malformed, or with no response) stops the benchmark with slap's own error, naming
-    the file, line and field, unless `on_bad_line` is "skip". Exact repeats of an earlier row are dropped:
-    stratify would drop them anyway, and a random subset should not spend its budget on them."""
-    rows: list[dict[str, Any]] = []
-    contents: list[tuple] = []
-    seen: set[tuple] = set()
-    stats = ReadStats()
-    duplicates = 0
-    try:
-        with SourceReader(str(path)) as reader:
-            for parsed in iter_examples(reader, on_bad_line=on_bad_line, stats=stats):
-                content = tuple((t.role, t.text) for t in parsed.example.turns)
-                if content in seen:
-                    duplicates += 1
-                    continue
-                seen.add(content)
-                value = dict(record_value(parsed.record))
-                domain = value.get(domain_field)
-                rows.append({**value, "domain": "all" if domain is None else str(domain)})
-                contents.append(content)
-    except SlapError as e:
-        hint = "" if on_bad_line == "skip" else " (--on-bad-line skip drops such rows and counts them)"
-        raise SystemExit(f"error: {e}{hint}") from None
-    for example in stats.bad_examples:
-        log(f"skipped: {example}")
-    return rows, contents, {"bad_row": stats.bad_skipped, "duplicate": duplicates}
-
-
-def by_domain(rows: list[dict[str, Any]]) -> dict[str, int]:
-    return dict(sorted(Counter(r["domain"] for r in rows).items()))
-
-
-def user_data(args: argparse.Namespace) -> tuple[list[dict], list[dict], dict[str, Any]]:
-    """--train FILE [--heldout FILE]: without a held-out file, `--heldout-per-domain` rows (60) of each domain
-    are split off the training file. `--train-rows`, when given, samples that many training rows (seeded)."""
-    rng = random.Random(args.data_seed)
-    rows, contents, dropped = read_user_rows(args.train, args.domain_field, args.on_bad_line)
-    info: dict[str, Any] = {"kind": "user", "seed": args.data_seed, "domain_field": args.domain_field,
-                            "sources": [str(args.train)], "dropped": {"train": dropped}}
-    if args.heldout is not None:
-        heldout, held_contents, info["dropped"]["heldout"] = read_user_rows(args.heldout, args.domain_field,
-                                                                            args.on_bad_line)
-        info["sources"].append(str(args.heldout))
-        if args.heldout_per_domain is not None:
-            heldout = [r for d in by_domain(heldout) for r in
-                       capped(rng, [r for r in heldout if r["domain"] == d], args.heldout_per_domain)]
-        # A held-out row that is also a training row would reward the methods that keep it.
-        leaked = set(held_contents)
-        keep = [c not in leaked for c in contents]
-        info["dropped"]["train"]["in_heldout"] = keep.count(False)
-        pool = [r for r, k in zip(rows, keep, strict=True) if k]
-    else:
-        per_domain = 60 if args.heldout_per_domain is None else args.heldout_per_domain
-        heldout, pool = [], []
-        for d in by_domain(rows):
-            mine = [r for r in rows if r["domain"] == d]
-            if len(mine) <= per_domain:
-                raise SystemExit(f"{args.train}: domain {d!r} has {len(mine)} usable rows, not more than the "
-                                 f"{per_domain} held-out rows asked for (--heldout-per-domain)")
-            rng.shuffle(mine)
-            heldout += mine[:per_domain]
-            pool += mine[per_domain:]
-        rng.shuffle(pool)
-        info["heldout_per_domain"] = per_domain
-    if args.train_rows is not None:
-        if args.train_rows > len(pool):
-            raise SystemExit(f"{args.train}: --train-rows {args.train_rows} but only {len(pool)} usable training rows")
-        pool = rng.sample(pool, args.train_rows)
-    if not pool or not heldout:
-        raise SystemExit(f"{args.train}: no training rows left" if not pool else "no held-out rows")
-    info.update({"train_per_domain": by_domain(pool), "heldout_by_domain": by_domain(heldout)})
-    return pool, heldout, info
-
-
-def capped(rng: random.Random, rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
-    return rows if len(rows) <= n else rng.sample(rows, n)
+# ---------------------------------------------------------------------------------------------- plan
 
 
 def parse_variant(text: str) -> tuple[str, str, list[str], list[float] | None]:
@@ -257,392 +97,7 @@ def parse_variant(text: str) -> tuple[str, str, list[str], list[float] | None]:
     return label.strip(), words[0], words[1:], keeps
 
 
-def read_rows(path: Path) -> tuple[list[Any], list[str]]:
-    """Parsed examples (as slapcli reads them) and each row's domain."""
-    with SourceReader(str(path)) as reader:
-        examples = [p.example for p in iter_examples(reader)]
-    with path.open() as f:
-        domains = [json.loads(line).get("domain", "all") for line in f if line.strip()]
-    if len(domains) != len(examples):
-        raise SystemExit(f"{path}: {len(examples)} rows parsed but {len(domains)} lines")
-    return examples, domains
-
-
-# ---------------------------------------------------------------------------------------------- machine
-
-
-def git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def slap_executable() -> str:
-    beside = Path(sys.executable).parent / "slap"
-    return str(beside) if beside.exists() else "slap"
-
-
-def run_slap(args: list[str], log_path: Path) -> dict[str, Any]:
-    """Wall and CPU seconds of one whole `slap` subprocess (start, imports, model loading and I/O included)."""
-    command = [slap_executable(), *args]
-    load_before = os.getloadavg()[0]
-    with log_path.open("wb") as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        tail = log_path.read_text(errors="replace")[-2000:]
-        raise RuntimeError(f"`{' '.join(command)}` exited with {code}:\n{tail}")
-    return {"wall_s": round(wall, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
-            "load_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)], "command": command}
-
-
-def available_methods() -> list[str]:
-    """The methods `slap select --help` lists ("One of: a, b, c."), read at run time."""
-    out = subprocess.run([slap_executable(), "select", "--help"], capture_output=True, text=True,
-                         env={**os.environ, "COLUMNS": "300"}).stdout
-    flat = " ".join(re.sub(r"[│╭╮╰╯─]", " ", out).split())
-    m = re.search(r"One of: (.*?)\.", flat)
-    if not m:
-        raise SystemExit("cannot read the method list from `slap select --help`")
-    return [x.strip() for x in m.group(1).split(",") if x.strip()]
-
-
-def cached_stage(name: str, args: list[str], output: Path, workdir: Path) -> dict[str, Any]:
-    """Run a stage unless its output and timing record exist (a complete output is renamed into place)."""
-    record = output.with_name(output.name + ".timing.json")
-    if output.exists() and record.exists():
-        t = json.loads(record.read_text())
-        if "slapcli" not in t:  # a record from before versions were kept: the last commit before the stage started
-            started = int(output.stat().st_mtime - t["wall_s"])
-            t["slapcli"] = git("log", "-1", f"--before=@{started}", "--format=%h", "--", "slapcli") + "(by start time)"
-        return {**t, "cached": True}
-    force = ["--force"] if output.exists() else []
-    version = slapcli_version()  # the code the subprocess imports is the code there when it starts
-    t = run_slap([*args, *force], workdir / "logs" / f"{name}.stderr.txt")
-    t.update(finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), slapcli=version)
-    record.write_text(json.dumps(t, indent=2) + "\n")
-    return {**t, "cached": False}
-
-
-def slapcli_version() -> str:
-    """The last commit touching slapcli/, plus "+dirty" when slapcli/ has uncommitted changes."""
-    dirty = "+dirty" if git("status", "--short", "--", "slapcli") else ""
-    return git("log", "-1", "--format=%h", "--", "slapcli") + dirty
-
-
-def kept_rows(selection: Path) -> np.ndarray:
-    table = pq.read_table(selection, columns=["row", "kept"])
-    rows, kept = table["row"].to_numpy(), table["kept"].to_numpy(zero_copy_only=False)
-    return np.sort(rows[kept.astype(bool)]).astype(np.int64)
-
-
-# ---------------------------------------------------------------------------------------------- prefix cache
-
-
-class HiddenCache:
-    """Hidden states entering the trainable blocks, one float16 [tokens, H] slab per row, in a disk memmap.
-
-    index.npz holds, per row, its token offset and length, and the token ids and response mask (all rows
-    concatenated), so a batch is rebuilt without the tokenizer.
-    """
-
-    def __init__(self, folder: Path) -> None:
-        index = np.load(folder / "index.npz")
-        self.offsets = index["offsets"]
-        self.ids, self.mask = index["ids"], index["mask"]
-        self.domains = [str(d) for d in index["domains"]]
-        self.hidden_size = int(index["hidden_size"])
-        self.hidden = np.memmap(folder / "hidden.f16", dtype=np.float16, mode="r",
-                                shape=(int(self.offsets[-1]), self.hidden_size))
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def example(self, i: int) -> EncodedExample:
-        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        ids, mask = self.ids[a:b].tolist(), self.mask[a:b].tolist()
-        n_resp = sum(mask)
-        return EncodedExample(ids, mask, len(ids) - n_resp, n_resp, False)
-
-    def length(self, i: int) -> int:
-        return int(self.offsets[i + 1] - self.offsets[i])
-
-    def batch(self, rows: list[int], pad_id: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        batch = collate([self.example(i) for i in rows], pad_id)
-        hidden = torch.zeros(len(rows), batch["input_ids"].shape[1], self.hidden_size, dtype=torch.float32)
-        for r, i in enumerate(rows):
-            a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-            hidden[r, : b - a] = torch.from_numpy(np.asarray(self.hidden[a:b], dtype=np.float32))
-        return batch, hidden
-
-    @staticmethod
-    def build(folder: Path, data: Path, split: SplitProxy, tokenizer: Any, max_tokens: int, key: str) -> dict:
-        """Fill the cache for every row of `data` unless a complete one with the same key exists."""
-        meta_path = folder / "meta.json"
-        if meta_path.exists() and json.loads(meta_path.read_text()).get("key") == key:
-            return {**json.loads(meta_path.read_text()), "cached": True}
-        folder.mkdir(parents=True, exist_ok=True)
-        meta_path.unlink(missing_ok=True)
-        examples, domains = read_rows(data)
-        encoded = encode_examples(tokenizer, examples, max_tokens)
-        lengths = np.array([len(e) for e in encoded], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        hidden_size = int(split.model.config.hidden_size)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-        tmp = folder / "hidden.f16.tmp"
-        mm = np.memmap(tmp, dtype=np.float16, mode="w+", shape=(max(1, int(offsets[-1])), hidden_size))
-        t0 = time.perf_counter()
-        done = 0
-        split.model.eval()
-        with torch.inference_mode():
-            for rows in length_sorted_batches(lengths.tolist(), PREFIX_BATCH):
-                h = split.prefix(collate([encoded[i] for i in rows], pad_id))
-                for r, i in enumerate(rows):
-                    mm[offsets[i]:offsets[i + 1]] = h[r, : lengths[i]].to(torch.float16).numpy()
-                done += len(rows)
-                if done % (PREFIX_BATCH * 8) < len(rows) or done == len(rows):
-                    log(f"  prefix cache {data.name}: {done}/{len(encoded)} rows, {time.perf_counter() - t0:.0f} s")
-        mm.flush()
-        del mm
-        np.savez(folder / "index.npz", offsets=offsets,
-                 ids=np.concatenate([np.array(e.input_ids, dtype=np.int32) for e in encoded]),
-                 mask=np.concatenate([np.array(e.response_mask, dtype=bool) for e in encoded]),
-                 domains=np.array(domains), hidden_size=hidden_size)
-        os.replace(tmp, folder / "hidden.f16")
-        meta = {"key": key, "rows": len(encoded), "tokens": int(offsets[-1]),
-                "response_tokens": int(sum(e.n_response_tokens for e in encoded)),
-                "truncated_rows": int(sum(e.truncated for e in encoded)),
-                "seconds": round(time.perf_counter() - t0, 2),
-                "mib": round(int(offsets[-1]) * hidden_size * 2 / 2**20, 1)}
-        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-        return {**meta, "cached": False}
-
-
-# ---------------------------------------------------------------------------------------------- training
-
-
-class TopTrainer:
-    """Trains the top blocks of the split proxy from their pretrained weights on one subset at a time."""
-
-    def __init__(self, split: SplitProxy, pad_id: int, args: argparse.Namespace) -> None:
-        self.split, self.model, self.pad_id, self.args = split, split.model, pad_id, args
-        self.initial = [p.detach().clone() for p in split.parameters]
-
-    def reset(self) -> None:
-        with torch.no_grad():
-            for p, p0 in zip(self.split.parameters, self.initial, strict=True):
-                p.copy_(p0)
-
-    def start(self, n_rows: int, seed: int) -> tuple[torch.optim.Optimizer, Any, np.random.Generator]:
-        """Pretrained top blocks, and the recipe's optimizer and learning-rate schedule for `n_rows` rows."""
-        a = self.args
-        self.reset()
-        torch.manual_seed(seed)
-        optimizer = torch.optim.AdamW(self.split.parameters, lr=a.lr, weight_decay=0.0)
-        total = self.total_steps(n_rows)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, total, a.schedule, round(a.warmup * total)))
-        self.model.train()
-        return optimizer, schedule, np.random.default_rng(seed)
-
-    def total_steps(self, n_rows: int) -> int:
-        """Optimizer steps of the recipe on `n_rows` rows (the last batch of an epoch may be short)."""
-        return math.ceil(n_rows / self.args.batch_size) * self.args.epochs
-
-    def step(self, cache: HiddenCache, rows: list[int], optimizer: torch.optim.Optimizer, schedule: Any) -> float:
-        batch, hidden = cache.batch(rows, self.pad_id)
-        with self.split.top_only(hidden), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.args.bf16):
-            loss = response_losses(self.model, batch).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        return float(loss.detach())
-
-    def batches(self, rows: np.ndarray, rng: np.random.Generator) -> Iterator[list[int]]:
-        """The recipe's batches: every epoch a new shuffle of `rows`."""
-        for _ in range(self.args.epochs):
-            order = rng.permutation(rows).tolist()
-            for s in range(0, len(order), self.args.batch_size):
-                yield order[s:s + self.args.batch_size]
-
-    def train(self, cache: HiddenCache, rows: np.ndarray, seed: int) -> dict[str, Any]:
-        a = self.args
-        optimizer, schedule, rng = self.start(len(rows), seed)
-        steps, losses = 0, []
-        t0 = time.perf_counter()
-        for batch_rows in self.batches(rows, rng):
-            losses.append(self.step(cache, batch_rows, optimizer, schedule))
-            steps += 1
-        return {"steps": steps, "train_s": round(time.perf_counter() - t0, 2),
-                "train_loss_first": round(losses[0], 4) if losses else None,
-                "train_loss_last_epoch": round(float(np.mean(losses[-max(1, steps // a.epochs):])), 4)
-                if losses else None}
-
-    def evaluate(self, cache: HiddenCache) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        self.model.eval()
-        out = np.zeros(len(cache), dtype=np.float64)
-        with torch.inference_mode():
-            for rows in length_sorted_batches([cache.length(i) for i in range(len(cache))], EVAL_BATCH):
-                batch, hidden = cache.batch(rows, self.pad_id)
-                with self.split.top_only(hidden):
-                    out[rows] = response_losses(self.model, batch).numpy()
-        domains = np.array(cache.domains)
-        per_domain = {d: round(float(out[domains == d].mean()), 5) for d in sorted(set(cache.domains))}
-        # Per-row losses too: benchmark_bound.py scores halves of the held-out set apart.
-        return {"heldout": per_domain, "mean": round(float(np.mean(list(per_domain.values()))), 5),
-                "eval_s": round(time.perf_counter() - t0, 2), "heldout_rows": [round(float(x), 5) for x in out]}
-
-
-def lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
-    """Multiplier of the learning rate at optimizer step `step` of `total`: linear warmup over `warmup` steps,
-    then constant or a cosine decay to zero at the last step."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-    raise ValueError(f"schedule must be constant or cosine, got {schedule!r}")
-
-
-def schedule_words(config: dict[str, Any]) -> str:
-    """The learning-rate schedule of a results file's config, in words (configs before --schedule: constant)."""
-    schedule, warmup = config.get("schedule", "constant"), config.get("warmup", 0.0)
-    words = "constant rate" if schedule == "constant" else "cosine decay to zero"
-    return words + (f" after a linear warmup over {warmup:.0%} of the steps" if warmup else "")
-
-
-def recipe_of(args: argparse.Namespace) -> dict[str, Any]:
-    """The training recipe's settings; those left at the defaults of earlier reports are omitted, so run files
-    cached under an older recipe key stay valid."""
-    recipe = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "train_blocks", "max_tokens")}
-    if args.bf16:
-        recipe["bf16"] = True
-    if args.schedule != "constant" or args.warmup:
-        recipe.update(schedule=args.schedule, warmup=args.warmup)
-    return recipe
-
-
-def recipe_key(args: argparse.Namespace, prefix_cache: dict[str, dict[str, Any]]) -> str:
-    """Names the run files of one recipe on one pair of prefix caches (train, held-out)."""
-    blob = json.dumps([recipe_of(args), prefix_cache["train"]["key"], prefix_cache["heldout"]["key"]])
-    return hashlib.blake2b(blob.encode(), digest_size=6).hexdigest()
-
-
-def train_and_evaluate(trainer: TopTrainer, caches: dict[str, HiddenCache], rows: np.ndarray | None,
-                       train_seed: int | None) -> dict[str, Any]:
-    """One run file's content: train on `rows` with one shuffle seed (None: the untrained model), then evaluate."""
-    one: dict[str, Any] = {"train_seed": train_seed}
-    if rows is None:
-        trainer.reset()
-    else:
-        tr = trainer.train(caches["train"], rows, train_seed)
-        one.update({"train_wall_s": tr["train_s"], "steps": tr["steps"], "train_loss_first": tr["train_loss_first"],
-                    "train_loss_last_epoch": tr["train_loss_last_epoch"]})
-    one.update(trainer.evaluate(caches["heldout"]))
-    return one
-
-
-def write_run(path: Path, one: dict[str, Any]) -> None:
-    # Atomic: parallel workers and the main process read run files as the record of finished runs.
-    with atomic_path(str(path)) as tmp:
-        Path(tmp).write_text(json.dumps(one, indent=2) + "\n")
-
-
-def load_split_proxy(train_blocks: int) -> tuple[ModelRef, Any, SplitProxy, int]:
-    """The default proxy in float32 on the CPU, split above its top `train_blocks` blocks: (ref, tokenizer,
-    split, pad id)."""
-    ref = resolve_model(DEFAULT_PROXY_MODEL)
-    tokenizer, model = load_causal_lm(ref, torch.device("cpu"), torch.float32)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    return ref, tokenizer, SplitProxy(model, train_blocks), pad_id
-
-
-def load_trainer(args: argparse.Namespace, workdir: Path) -> tuple[TopTrainer, dict[str, HiddenCache]]:
-    """The proxy split for training and the (already built) prefix caches of `workdir`."""
-    _, _, split, pad_id = load_split_proxy(args.train_blocks)
-    caches = {key: HiddenCache(workdir / f"prefix_{key}") for key in ("train", "heldout")}
-    return TopTrainer(split, pad_id, args), caches
-
-
-# A pool process builds its trainer once (model load ~10 s) and reuses it for every run it is handed.
-_POOL_TRAINER: dict[str, Any] = {}
-
-
-def _pool_init(args: argparse.Namespace, workdir: Path) -> None:
-    torch.set_num_threads(args.threads)
-    _POOL_TRAINER["trainer"], _POOL_TRAINER["caches"] = load_trainer(args, workdir)
-
-
-def _pool_run(run_path: Path, rows: np.ndarray | None, train_seed: int | None) -> dict[str, Any]:
-    one = train_and_evaluate(_POOL_TRAINER["trainer"], _POOL_TRAINER["caches"], rows, train_seed)
-    write_run(run_path, one)
-    return one
-
-
-def run_in_parallel(pending: list[tuple[Path, np.ndarray | None, int | None]], args: argparse.Namespace,
-                    workdir: Path) -> None:
-    """Train the pending runs in `args.jobs` processes; each writes its run file, which the report then reads."""
-    # Largest subsets first, so the last process to finish is not left alone with a full-data run.
-    pending = sorted(pending, key=lambda p: -1 if p[1] is None else -len(p[1]))
-    with ProcessPoolExecutor(max_workers=min(args.jobs, len(pending)), mp_context=get_context("spawn"),
-                             initializer=_pool_init, initargs=(args, workdir)) as pool:
-        futures = {pool.submit(_pool_run, *p): p[0] for p in pending}
-        for i, future in enumerate(as_completed(futures)):
-            one = future.result()
-            took = f" (trained {one['train_wall_s']} s)" if "train_wall_s" in one else ""
-            log(f"  run file {i + 1}/{len(pending)} {futures[future].name}: held-out mean {one['mean']:.4f}{took}")
-
-
-# ---------------------------------------------------------------------------------------------- diagnostic
-
-
-def gradient_alignment(trainer: TopTrainer, train: HiddenCache, heldout: HiddenCache, path: Path,
-                       key: str) -> dict[str, np.ndarray]:
-    """Per training row: cosine of its loss gradient (trainable blocks, pretrained weights) with the held-out one.
-
-    The held-out gradient is that of the mean row loss over all held-out rows. This is what a first-order
-    data-selection score aims at (`slap`'s first-order term uses a projected version of it against its own
-    target sample): a row with a high cosine is one whose training step lowers the held-out loss at the start.
-    Cached in `path` (npz) under `key`.
-    """
-    if path.exists():
-        cached = np.load(path)
-        if str(cached["key"]) == key:
-            return {"cos": cached["cos"], "response_tokens": cached["response_tokens"],
-                    "seconds": float(cached["seconds"])}
-    trainer.reset()
-    model, params = trainer.model, trainer.split.parameters
-    model.train()
-
-    def grad(cache: HiddenCache, rows: list[int]) -> torch.Tensor:
-        model.zero_grad(set_to_none=True)
-        batch, hidden = cache.batch(rows, trainer.pad_id)
-        with trainer.split.top_only(hidden):
-            response_losses(model, batch).sum().backward()
-        return torch.cat([q.grad.flatten() for q in params])
-
-    t0 = time.perf_counter()
-    target = torch.zeros(sum(q.numel() for q in params))
-    for start in range(0, len(heldout), EVAL_BATCH):
-        target += grad(heldout, list(range(start, min(len(heldout), start + EVAL_BATCH))))
-    target /= len(heldout)
-    cos = np.zeros(len(train))
-    for i in range(len(train)):
-        g = grad(train, [i])
-        cos[i] = float(g @ target) / max(1e-30, float(g.norm() * target.norm()))
-    model.zero_grad(set_to_none=True)
-    resp = response_token_counts(train)
-    seconds = round(time.perf_counter() - t0, 1)
-    np.savez(path, key=key, cos=cos, response_tokens=resp, seconds=seconds)
-    log(f"gradient alignment of {len(train)} rows: {seconds:.0f} s")
-    return {"cos": cos, "response_tokens": resp, "seconds": seconds}
+# ---------------------------------------------------------------------------------------------- probes and diagnostic
 
 
 PROBES = {
@@ -658,10 +113,6 @@ def probe_list(text: str) -> list[str]:
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown probe(s) {', '.join(unknown)}; known: {', '.join(PROBES)}")
     return names
-
-
-def response_token_counts(cache: HiddenCache) -> np.ndarray:
-    return np.array([int(cache.mask[cache.offsets[i]:cache.offsets[i + 1]].sum()) for i in range(len(cache))])
 
 
 def probe_subsets(strata: Path, selections: dict[str, dict[str, Any]], align: dict[str, np.ndarray],
@@ -719,13 +170,6 @@ def selection_diagnostics(align: dict[str, np.ndarray], selections: dict[str, di
 # ---------------------------------------------------------------------------------------------- report
 
 
-def spread(values: list[float]) -> dict[str, float]:
-    """Mean, sample sd (0 for one value), min, max and count of a list of losses."""
-    v = np.array(values, dtype=np.float64)
-    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "min": float(v.min()),
-            "max": float(v.max()), "n": len(v)}
-
-
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
     """Per method x keep: mean loss (random: mean, sd, min, max over seeds) and comparisons with random/full."""
     runs = [r for r in results["runs"] if r.get("mean") is not None]
@@ -754,11 +198,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_plot(results: dict[str, Any], summary: dict[str, Any], path: Path) -> None:
-    import matplotlib  # optional extra `bench`: imported only here
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()  # optional extra `bench`: imported only here
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     cells = summary["cells"]
     if "random" in cells:
@@ -785,36 +225,6 @@ def write_plot(results: dict[str, Any], summary: dict[str, Any], path: Path) -> 
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-
-
-def at_keeps(keeps: list[str]) -> str:
-    return f"keep {', '.join(keeps)}" if keeps else "no keep ratio"
-
-
-def fmt(x: float | None, digits: int = 4) -> str:
-    return "" if x is None else f"{x:.{digits}f}"
-
-
-def data_line(d: dict[str, Any]) -> str:
-    """The report's description of its data: the shared mix, or the user's files and what was dropped from them."""
-    train_mix = ", ".join(f"{v} {k}" for k, v in d["train_per_domain"].items())
-    if d.get("kind") != "user":
-        return (f"- **Data**: {d['train_rows']} training rows from `../shared/data` ({train_mix}: the natural mix), "
-                f"and a disjoint held-out set of {d['heldout_per_domain']} rows per domain; seed {d['seed']}, exact "
-                "duplicates and rows with an empty output dropped. Each row has a `domain` field.")
-    held = ", ".join(f"{v} {k}" for k, v in d["heldout_by_domain"].items())
-    if len(d["sources"]) > 1:
-        source = (f"{d['train_rows']} training rows from `{d['sources'][0]}` ({train_mix}) and {d['heldout_rows']} "
-                  f"held-out rows from `{d['sources'][1]}` ({held})")
-    else:
-        source = (f"{d['train_rows']} training rows from `{d['sources'][0]}` ({train_mix}) and a disjoint held-out "
-                  f"set split off the same file, {d['heldout_per_domain']} rows per domain ({held})")
-    what = {"bad_row": "rows slap cannot use (skipped under `--on-bad-line skip`)", "duplicate": "exact repeats",
-            "in_heldout": "rows also in the held-out file"}
-    dropped = "; ".join(f"from {name}, " + ", ".join(f"{v} {what.get(k, k)}" for k, v in counts.items() if v)
-                        for name, counts in d["dropped"].items() if any(counts.values()))
-    return (f"- **Data**: {source}; seed {d['seed']}; domains from the `{d['domain_field']}` field (`all` where "
-            f"missing). Dropped before anything ran: {dropped or 'nothing'}.")
 
 
 def write_markdown(results: dict[str, Any], summary: dict[str, Any], path: Path, plot: Path | None,
@@ -1037,21 +447,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", type=Path, default=Path("work/quality"), help="data, artifacts, caches, results")
-    p.add_argument("--train", type=Path, default=None, metavar="FILE",
-                   help="your training data (any container and layout slap reads); default: the shared mix")
-    p.add_argument("--heldout", type=Path, default=None, metavar="FILE",
-                   help="your held-out data; default: split off --train, --heldout-per-domain rows per domain")
-    p.add_argument("--domain-field", default="domain",
-                   help="field of --train/--heldout rows naming their domain (rows without it: domain 'all')")
-    p.add_argument("--on-bad-line", choices=["error", "skip"], default="error",
-                   help="a --train/--heldout row slap cannot use (malformed, no response): stop, or skip and count it")
-    p.add_argument("--train-rows", type=int, default=None,
-                   help="training rows (default: 300 of the shared mix, all rows of --train)")
-    p.add_argument("--heldout-per-domain", type=int, default=None,
-                   help="held-out rows per domain (default: 60; all rows of a --heldout file)")
-    p.add_argument("--code-share", type=float, default=None,
-                   help="share of code rows in the training file (default: as in the shared files, ~29%%)")
-    p.add_argument("--data-seed", type=int, default=0)
+    add_data_options(p)
     p.add_argument("--keeps", type=floats, default=[0.5, 0.6, 0.7, 0.8])
     p.add_argument("--methods", default="all",
                    help="comma-separated `slap select` methods besides random (default: every one it offers)")
@@ -1062,14 +458,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variant-keeps", type=floats, default=None, help="keep ratios of the variants (default: --keeps)")
     p.add_argument("--random-seeds", type=int, default=3, help="random subsets per keep (seeds 0..N-1)")
     p.add_argument("--seed", type=int, default=0, help="seed of stratify and of the non-random selections")
-    p.add_argument("--max-tokens", type=int, default=256, help="tokens per row, for the proxy and the training")
-    p.add_argument("--train-blocks", type=int, default=2, help="top decoder blocks that train")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
-                   help="learning-rate schedule of the training runs (cosine decays to zero at the last step)")
-    p.add_argument("--warmup", type=float, default=0.0, help="share of the steps with a linear learning-rate warmup")
+    add_recipe_options(p)
     p.add_argument("--train-seed", type=int, default=0, help="first shuffle seed of the training runs")
     p.add_argument("--train-seeds", type=int, default=3,
                    help="training runs per subset (shuffle seeds train-seed, train-seed+1, ...); a subset's loss is "
@@ -1113,13 +502,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def rel(path: str) -> str:
-    try:
-        return str(Path(path).resolve().relative_to(ROOT))
-    except ValueError:
-        return path
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -1130,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": shlex.join([".venv/bin/python", "scripts/benchmark_quality.py", *(argv or sys.argv[1:])]),
-        "code": {"commit": git("rev-parse", "HEAD"), "slapcli_changes": git("status", "--short", "--", "slapcli")},
+        "code": code_version(),
         "machine": machine_info(), "load_average_start": os.getloadavg(), "notes": [],
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
@@ -1204,8 +586,7 @@ def main(argv: list[str] | None = None) -> int:
                         "trainable_parameters": sum(p.numel() for p in split.parameters)}
     caches, results["prefix_cache"] = {}, {}
     for key, path in (("train", train), ("heldout", heldout)):
-        fp = hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
-        ckey = f"{fp}:{ref.identity}:{split.split}:{args.max_tokens}"
+        ckey = prefix_cache_key(path, ref.identity, split.split, args.max_tokens)
         results["prefix_cache"][key] = HiddenCache.build(workdir / f"prefix_{key}", path, split, tokenizer,
                                                          args.max_tokens, ckey)
         caches[key] = HiddenCache(workdir / f"prefix_{key}")
@@ -1231,15 +612,14 @@ def main(argv: list[str] | None = None) -> int:
         jobs += [(p["method"], p["keep"], p["seed"], p.pop("rows"), p) for p in probes]
     train_seeds = list(range(args.train_seed, args.train_seed + args.train_seeds))
 
-    def run_path_of(tag: str, ts: int | None) -> Path:
-        return workdir / "runs" / f"{tag}{'' if ts is None else f'_t{ts}'}.{run_key}.json"
-
     for _, _, _, rows, sel in jobs:
         if rows is not None and rows.size and int(rows.max()) >= n_train:
             raise SystemExit(f"{sel and sel['path']}: row {int(rows.max())} beyond the {n_train} training rows")
     tags = [f"{method}_k{keep:.2f}_s{seed}" if sel else method for method, keep, seed, _, sel in jobs]
-    pending = [(run_path_of(tag, ts), rows, ts) for tag, (_, _, _, rows, _) in zip(tags, jobs, strict=True)
-               for ts in (train_seeds if rows is not None else [None]) if not run_path_of(tag, ts).exists()]
+    wanted = [(run_file(workdir, tag, ts, run_key), rows, ts)
+              for tag, (_, _, _, rows, _) in zip(tags, jobs, strict=True)
+              for ts in (train_seeds if rows is not None else [None])]
+    pending = [w for w in wanted if not w[0].exists()]
     if args.jobs > 1 and len(pending) > 1:
         log(f"training {len(pending)} runs in {min(args.jobs, len(pending))} processes of {args.threads} thread(s)")
         run_in_parallel(pending, args, workdir)
@@ -1248,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
         tag = tags[i]
         per_seed = []
         for ts in (train_seeds if rows is not None else [None]):  # the untrained model needs one evaluation
-            run_path = run_path_of(tag, ts)
+            run_path = run_file(workdir, tag, ts, run_key)
             if run_path.exists():
                 one = json.loads(run_path.read_text())
             else:

@@ -1,4 +1,5 @@
-"""The upper-bound benchmark's math (scripts/benchmark_bound.py) and the trainer's schedule, against naive versions."""
+"""The upper-bound benchmark's math (scripts/benchmark_bound.py, scripts/benchlib/influence.py) and the trainer's
+schedule and run keys (scripts/benchlib/trainer.py), against naive versions."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import benchmark_bound as bb
-import benchmark_quality as bq
+from benchlib.influence import adam_direction, checkpoint_steps
+from benchlib.trainer import lr_factor, recipe_key, recipe_of
 
 
 def test_halves_take_half_of_each_domain_and_are_seeded() -> None:
@@ -44,9 +46,9 @@ def test_top_rows_keeps_the_highest_scores_ties_by_row() -> None:
 
 
 def test_checkpoint_steps_skip_step_zero_and_stay_in_range() -> None:
-    assert bb.checkpoint_steps(125, 4) == [1, 42, 83, 124]
-    assert bb.checkpoint_steps(3, 10) == [1, 2]
-    assert bb.checkpoint_steps(1, 4) == [0]
+    assert checkpoint_steps(125, 4) == [1, 42, 83, 124]
+    assert checkpoint_steps(3, 10) == [1, 2]
+    assert checkpoint_steps(1, 4) == [0]
 
 
 def test_nearest_neighbour_cosine_matches_a_naive_loop() -> None:
@@ -70,7 +72,7 @@ def test_adam_direction_is_the_scaling_of_adamw_itself() -> None:
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
     opt = torch.optim.AdamW(params, lr=0.1, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
-    assert torch.equal(bb.adam_direction(opt, params, torch.ones(17)), torch.ones(17))  # no state yet
+    assert torch.equal(adam_direction(opt, params, torch.ones(17)), torch.ones(17))  # no state yet
     for _ in range(3):
         for p in params:
             p.grad = torch.randn_like(p)
@@ -78,28 +80,31 @@ def test_adam_direction_is_the_scaling_of_adamw_itself() -> None:
     g = torch.randn(17)
     v = torch.cat([opt.state[p]["exp_avg_sq"].reshape(-1) for p in params])
     expected = g / ((v / (1 - 0.999 ** 3)).sqrt() + 1e-8)
-    assert torch.allclose(bb.adam_direction(opt, params, g), expected)
+    assert torch.allclose(adam_direction(opt, params, g), expected)
 
 
 def test_lr_factor_warms_up_then_decays_to_zero() -> None:
     total, warm = 100, 10
-    values = [bq.lr_factor(s, total, "cosine", warm) for s in range(total)]
+    values = [lr_factor(s, total, "cosine", warm) for s in range(total)]
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
     assert values[10] == pytest.approx(1.0)
     assert values[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
     assert all(b <= a for a, b in itertools.pairwise(values[10:]))
-    assert [bq.lr_factor(s, total, "constant", 0) for s in (0, 50, 99)] == [1.0, 1.0, 1.0]
+    assert [lr_factor(s, total, "constant", 0) for s in (0, 50, 99)] == [1.0, 1.0, 1.0]
     with pytest.raises(ValueError):
-        bq.lr_factor(0, 10, "linear", 0)
+        lr_factor(0, 10, "linear", 0)
 
 
 def test_the_default_recipe_keeps_the_run_files_of_earlier_reports() -> None:
     args = argparse.Namespace(epochs=1, batch_size=8, lr=1e-4, train_blocks=2, max_tokens=256, bf16=False,
                               schedule="constant", warmup=0.0)
-    assert bq.recipe_of(args) == {"epochs": 1, "batch_size": 8, "lr": 1e-4, "train_blocks": 2, "max_tokens": 256}
+    assert recipe_of(args) == {"epochs": 1, "batch_size": 8, "lr": 1e-4, "train_blocks": 2, "max_tokens": 256}
     caches = {"train": {"key": "t"}, "heldout": {"key": "h"}}
     cosine = argparse.Namespace(**{**vars(args), "schedule": "cosine", "warmup": 0.05})
-    assert bq.recipe_key(args, caches) != bq.recipe_key(cosine, caches)
+    assert recipe_key(args, caches) != recipe_key(cosine, caches)
+    # The keys themselves, as the run files of existing workdirs are named: moving the trainer must not rename them.
+    assert recipe_key(args, caches) == "eaf01d9ee37e"
+    assert recipe_key(argparse.Namespace(**{**vars(cosine), "bf16": True}), caches) == "3352ba377859"
 
 
 def test_unknown_targets_are_refused() -> None:

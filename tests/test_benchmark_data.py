@@ -1,4 +1,5 @@
-"""The quality benchmark's data step on a user's files (issue 4: it is to be rerun on data we have not seen)."""
+"""The quality benchmark's data step (scripts/benchlib/data.py) on a user's files (issue 4: it is to be rerun on
+data we have not seen), with benchmark_quality.py's options."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import benchmark_quality as bq
+from benchlib.data import build_data, read_rows
+from benchlib.report import data_line
 
 from slapcli.io.readers import SourceReader, iter_examples
 
@@ -46,9 +49,9 @@ def test_split_off_the_training_file_balances_heldout_per_domain(tmp_path: Path)
     common = ["--train", str(src), "--domain-field", "source", "--heldout-per-domain", "5", "--workdir", str(work)]
     # As slap itself does, a row with no response stops the run, naming file and line, unless told to skip it.
     with pytest.raises(SystemExit, match=r"mine\.jsonl:62: .*no response.*--on-bad-line skip"):
-        bq.build_data(bq.parse_args(common), work)
+        build_data(bq.parse_args(common), work)
     args = bq.parse_args([*common, "--on-bad-line", "skip"])
-    info = bq.build_data(args, work)
+    info = build_data(args, work)
 
     assert info["dropped"]["train"] == {"bad_row": 1, "duplicate": 1}
     assert info["heldout_by_domain"] == {"chat": 5, "math": 5}
@@ -57,7 +60,7 @@ def test_split_off_the_training_file_balances_heldout_per_domain(tmp_path: Path)
     assert [r["domain"] for r in read_back(work / "heldout.jsonl")].count("math") == 5
     # The report of user data goes to the workdir, not over docs/RESULTS.md, and borrows no analysis.
     assert args.docs == work / "RESULTS.md" and args.analysis is None
-    assert "split off the same file, 5 rows per domain" in bq.data_line(info)
+    assert "split off the same file, 5 rows per domain" in data_line(info)
 
 
 def test_split_needs_more_rows_than_heldout_per_domain(tmp_path: Path) -> None:
@@ -67,7 +70,7 @@ def test_split_needs_more_rows_than_heldout_per_domain(tmp_path: Path) -> None:
     args = bq.parse_args(["--train", str(src), "--domain-field", "source", "--heldout-per-domain", "3",
                           "--workdir", str(work)])
     with pytest.raises(SystemExit, match="domain 'b' has 3 usable rows"):
-        bq.build_data(args, work)
+        build_data(args, work)
 
 
 def test_heldout_file_is_used_whole_and_leaks_leave_the_training_rows(tmp_path: Path) -> None:
@@ -76,7 +79,7 @@ def test_heldout_file_is_used_whole_and_leaks_leave_the_training_rows(tmp_path: 
     work = tmp_path / "work"
     work.mkdir()
     args = bq.parse_args(["--train", str(train), "--heldout", str(held), "--workdir", str(work)])
-    info = bq.build_data(args, work)
+    info = build_data(args, work)
 
     assert info["dropped"]["train"]["in_heldout"] == 5
     assert info["train_rows"] == 25 and info["heldout_rows"] == 15
@@ -85,7 +88,7 @@ def test_heldout_file_is_used_whole_and_leaks_leave_the_training_rows(tmp_path: 
     assert not set(train_rows) & set(held_rows)
     # The written files are still the user's layout, which slap and the trainer read back.
     assert all("conversations" in r and r["domain"] == "all" for r in read_back(work / "train.jsonl"))
-    examples, domains = bq.read_rows(work / "train.jsonl")
+    examples, domains = read_rows(work / "train.jsonl")
     assert len(examples) == 25 and set(domains) == {"all"}
 
 
@@ -95,14 +98,14 @@ def test_train_rows_samples_and_a_rerun_with_other_settings_is_refused(tmp_path:
     work = tmp_path / "work"
     work.mkdir()
     common = ["--train", str(train), "--heldout", str(held), "--workdir", str(work)]
-    info = bq.build_data(bq.parse_args([*common, "--train-rows", "12"]), work)
+    info = build_data(bq.parse_args([*common, "--train-rows", "12"]), work)
     assert info["train_rows"] == 12
-    again = bq.build_data(bq.parse_args([*common, "--train-rows", "12"]), work)  # same data: the cache stands
+    again = build_data(bq.parse_args([*common, "--train-rows", "12"]), work)  # same data: the cache stands
     assert again["train_rows"] == 12
     with pytest.raises(SystemExit, match="holds data built with other settings"):
-        bq.build_data(bq.parse_args([*common, "--train-rows", "13"]), work)
+        build_data(bq.parse_args([*common, "--train-rows", "13"]), work)
     with pytest.raises(SystemExit, match="only 40 usable training rows"):
-        bq.build_data(bq.parse_args([*common, "--train-rows", "41", "--workdir", str(tmp_path)]), tmp_path)
+        build_data(bq.parse_args([*common, "--train-rows", "41", "--workdir", str(tmp_path)]), tmp_path)
 
 
 def test_a_bad_row_names_file_and_line(tmp_path: Path) -> None:
@@ -111,7 +114,7 @@ def test_a_bad_row_names_file_and_line(tmp_path: Path) -> None:
     work = tmp_path / "work"
     work.mkdir()
     with pytest.raises(SystemExit, match=r"bad\.jsonl.*2"):
-        bq.build_data(bq.parse_args(["--train", str(src), "--workdir", str(work)]), work)
+        build_data(bq.parse_args(["--train", str(src), "--workdir", str(work)]), work)
 
 
 def test_options_of_user_data_are_checked() -> None:
