@@ -17,7 +17,8 @@
 Every method with a random choice runs `--seeds` selection seeds and every subset `--train-seeds` shuffles
 (3 and 3). With `--equal-steps M,...`, those methods' subsets are also trained for as many optimizer steps as
 full data (cycling through the subset), beside the equal-epochs runs. The training recipe, caches and run files
-are benchmark_quality.py's (top blocks of SmolLM2-135M from cached hidden states, 1 epoch, lr 1e-4, batch 8).
+are scripts/benchlib's, as for benchmark_quality.py (top blocks of SmolLM2-135M from cached hidden states, 1 epoch,
+lr 1e-4, batch 8).
 
 Usage (from the repository root; ~1 h per draw on 2 cores, most of it the slap replays):
 
@@ -45,12 +46,24 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+import damage
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchmark_quality as bq
-import damage
+from benchlib.common import floats, log
+from benchlib.data import DOMAIN_FILES, SHARED_DATA, shared_data, usable_rows
+from benchlib.report import git, machine_info
+from benchlib.stages import cached_stage, kept_rows
+from benchlib.trainer import (
+    HiddenCache,
+    TopTrainer,
+    load_split_proxy,
+    load_trainer,
+    prefix_cache_key,
+    recipe_key,
+    recipe_of,
+    train_and_evaluate,
+    write_run,
+)
 
 from slapcli.models import DEFAULT_PROXY_MODEL, ensure_gguf_converted, resolve_model
 
@@ -68,13 +81,13 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def shared_args(args: argparse.Namespace, train_rows: int) -> argparse.Namespace:
-    """What benchmark_quality.shared_data reads, for one draw of the shared mix."""
+    """What benchlib.data.shared_data reads, for one draw of the shared mix."""
     return argparse.Namespace(code_share=None, train_rows=train_rows, heldout_per_domain=args.heldout_per_domain,
                               data_seed=args.data_seed)
 
 
 def build_noisy(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    train, heldout, info = bq.shared_data(shared_args(args, args.train_rows))
+    train, heldout, info = shared_data(shared_args(args, args.train_rows))
     pool = damage.make_noisy_pool(train, args.damaged_share, args.data_seed, args.kinds)
     write_jsonl(workdir / "train.jsonl", pool)
     write_jsonl(workdir / "heldout.jsonl", heldout)
@@ -88,8 +101,8 @@ def build_noisy(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 def build_targeted(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Pool = a draw of the mix; dev + held-out = other rows of the target domain (never in the pool)."""
     extra = args.target_rows + args.heldout_per_domain
-    train, heldout, info = bq.shared_data(shared_args(args, args.train_rows))
-    spare = [r for r in bq._usable_rows(bq.SHARED_DATA / bq.DOMAIN_FILES[args.target_domain])
+    train, heldout, info = shared_data(shared_args(args, args.train_rows))
+    spare = [r for r in usable_rows(SHARED_DATA / DOMAIN_FILES[args.target_domain])
              if {**r, "domain": args.target_domain} not in train and {**r, "domain": args.target_domain} not in heldout]
     rng = random.Random(args.data_seed + 1)
     picked = [{**r, "domain": args.target_domain} for r in rng.sample(spare, extra)]
@@ -110,7 +123,7 @@ def pool_labels(path: Path, field: str, default: str) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- training
 
 
-class EqualStepsTrainer(bq.TopTrainer):
+class EqualStepsTrainer(TopTrainer):
     """The recipe, but for a fixed number of optimizer steps: the subset is reshuffled and cycled through."""
 
     def __init__(self, *args: Any, steps: int, **kwargs: Any) -> None:
@@ -136,19 +149,19 @@ _WORKER: dict[str, Any] = {}
 
 def _init(recipe: argparse.Namespace, workdir: Path, steps: int) -> None:
     torch.set_num_threads(recipe.threads)
-    trainer, caches = bq.load_trainer(recipe, workdir)
+    trainer, caches = load_trainer(recipe, workdir)
     if (workdir / "prefix_heldout_damaged").exists():
-        caches["heldout_damaged"] = bq.HiddenCache(workdir / "prefix_heldout_damaged")
+        caches["heldout_damaged"] = HiddenCache(workdir / "prefix_heldout_damaged")
     _WORKER.update(plain=trainer, caches=caches,
                    equal=EqualStepsTrainer(trainer.split, trainer.pad_id, recipe, steps=steps))
 
 
 def _run(path: Path, rows: np.ndarray, seed: int, equal_steps: bool) -> dict[str, Any]:
     trainer = _WORKER["equal" if equal_steps else "plain"]
-    one = bq.train_and_evaluate(trainer, _WORKER["caches"], rows, seed)
+    one = train_and_evaluate(trainer, _WORKER["caches"], rows, seed)
     if "heldout_damaged" in _WORKER["caches"]:  # the same trained model, on the damaged answers
         one["damaged"] = trainer.evaluate(_WORKER["caches"]["heldout_damaged"])
-    bq.write_run(path, one)
+    write_run(path, one)
     return one
 
 
@@ -181,7 +194,7 @@ def damage_table(selections: dict[str, dict[str, Any]], labels: np.ndarray) -> d
     out: dict[str, dict[str, Any]] = {}
     for sel in selections.values():
         kept = np.zeros(len(labels), dtype=bool)
-        kept[bq.kept_rows(Path(sel["path"]))] = True
+        kept[kept_rows(Path(sel["path"]))] = True
         key = f"{sel['label']}@{sel['keep']:.2f}"
         entry = out.setdefault(key, {"method": sel["label"], "keep": sel["keep"], "by_seed": []})
         entry["by_seed"].append({k: float(1 - kept[labels == k].mean()) for k in kinds})
@@ -270,7 +283,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"{', '.join(damage.DAMAGE_KINDS)}, equal)")
     p.add_argument("--target-domain", default="code", help="targeted: the domain of the dev and held-out rows")
     p.add_argument("--target-rows", type=int, default=64, help="targeted: rows in the dev file")
-    p.add_argument("--keeps", type=bq.floats, default=None, help="default: 0.7 (noisy), 0.1,0.2,0.3 (targeted)")
+    p.add_argument("--keeps", type=floats, default=None, help="default: 0.7 (noisy), 0.1,0.2,0.3 (targeted)")
     p.add_argument("--methods", default=None, help="default: stratified,slap (noisy); nearest,slap (targeted)")
     p.add_argument("--seeds", type=int, default=3, help="selection seeds of methods with a random choice")
     p.add_argument("--train-seeds", type=int, default=3)
@@ -286,7 +299,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.regime == "clean":
         args.damaged_share = 0.0
-    # benchmark_quality's recipe fields this script does not vary (its run files and keys read them).
+    # The shared trainer's recipe fields this script does not vary (its run files and keys read them).
     args.bf16, args.schedule, args.warmup = False, "constant", 0.0
     args.keeps = args.keeps or ([0.1, 0.2, 0.3] if args.regime == "targeted" else [0.7])
     args.methods = [m for m in (args.methods or ("nearest,slap" if args.regime == "targeted"
@@ -302,14 +315,14 @@ def main(argv: list[str] | None = None) -> int:
         (workdir / sub).mkdir(parents=True, exist_ok=True)
     data = build_targeted(args, workdir) if args.regime == "targeted" else build_noisy(args, workdir)
     train, heldout = workdir / "train.jsonl", workdir / "heldout.jsonl"
-    bq.log(f"{args.regime}: {data['train_rows']} pool rows -> {workdir}")
+    log(f"{args.regime}: {data['train_rows']} pool rows -> {workdir}")
 
     ensure_gguf_converted(resolve_model(DEFAULT_PROXY_MODEL))
     common = ["--device", "cpu", "--quiet"]
     emb, strata = workdir / "embeddings.parquet", workdir / "strata.parquet"
-    bq.cached_stage("embed", ["embed", str(train), "-o", str(emb), "--max-tokens", str(args.max_tokens), *common],
-                    emb, workdir)
-    bq.cached_stage("stratify", ["stratify", str(emb), "-o", str(strata), *common], strata, workdir)
+    cached_stage("embed", ["embed", str(train), "-o", str(emb), "--max-tokens", str(args.max_tokens), *common],
+                 emb, workdir)
+    cached_stage("stratify", ["stratify", str(emb), "-o", str(strata), *common], strata, workdir)
     target = ["--target", str(workdir / "target.jsonl")] if args.regime == "targeted" else []
     plan = [("random", "random", k, s, []) for k in args.keeps for s in range(args.seeds)]
     for m in args.methods:
@@ -320,16 +333,16 @@ def main(argv: list[str] | None = None) -> int:
     for label, method, keep, seed, extra in plan:
         name = f"{label}_k{keep:.2f}_s{seed}"
         out = workdir / "selections" / f"{name}.parquet"
-        t = bq.cached_stage(f"select_{name}", ["select", str(strata), "-o", str(out), "--method", method, "--keep",
-                                               str(keep), "--seed", str(seed), *extra, *common], out, workdir)
+        t = cached_stage(f"select_{name}", ["select", str(strata), "-o", str(out), "--method", method, "--keep",
+                                            str(keep), "--seed", str(seed), *extra, *common], out, workdir)
         selections[name] = {"label": label, "keep": keep, "seed": seed, "path": str(out), "wall_s": t["wall_s"]}
-        bq.log(f"select {name}: {t['wall_s']} s")
+        log(f"select {name}: {t['wall_s']} s")
 
     results: dict[str, Any] = {
         "regime": args.regime, "data": data, "seeds": args.seeds, "train_seeds": list(range(args.train_seeds)),
         "command": shlex.join([".venv/bin/python", "scripts/benchmark_regimes.py", *(argv or sys.argv[1:])]),
-        "commit": bq.git("rev-parse", "HEAD"), "machine": bq.machine_info(), "selections": selections,
-        "recipe": bq.recipe_of(args)}
+        "commit": git("rev-parse", "HEAD"), "machine": machine_info(), "selections": selections,
+        "recipe": recipe_of(args)}
     labels = pool_labels(train, "domain", "all") if args.regime == "targeted" else pool_labels(train, "damage", "clean")
     if args.regime == "noisy":
         results["damage"] = damage_table(selections, labels)
@@ -345,21 +358,20 @@ def main(argv: list[str] | None = None) -> int:
             if size <= len(domain_rows):
                 subsets += [("oracle: domain rows", k, s, np.sort(np.random.default_rng(s).choice(
                     domain_rows, size, replace=False))) for s in range(args.seeds)]
-    subsets += [(sel["label"], sel["keep"], sel["seed"], bq.kept_rows(Path(sel["path"])))
+    subsets += [(sel["label"], sel["keep"], sel["seed"], kept_rows(Path(sel["path"])))
                 for sel in selections.values()]
 
     if not args.no_train:
-        ref, tokenizer, split, _ = bq.load_split_proxy(args.train_blocks)
+        ref, tokenizer, split, _ = load_split_proxy(args.train_blocks)
         prefix = {}
         damaged = workdir / "heldout_damaged.jsonl"
         evaluated = [("train", train), ("heldout", heldout)] + ([("heldout_damaged", damaged)] if damaged.exists()
                                                                   else [])
         for key, path in evaluated:
-            fp = hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
-            prefix[key] = bq.HiddenCache.build(workdir / f"prefix_{key}", path, split, tokenizer, args.max_tokens,
-                                               f"{fp}:{ref.identity}:{split.split}:{args.max_tokens}")
+            prefix[key] = HiddenCache.build(workdir / f"prefix_{key}", path, split, tokenizer, args.max_tokens,
+                                            prefix_cache_key(path, ref.identity, split.split, args.max_tokens))
         del split
-        run_key = bq.recipe_key(args, prefix)
+        run_key = recipe_key(args, prefix)
         if damaged.exists():  # run files with the damage margin are not those without it
             run_key = hashlib.blake2b((run_key + prefix["heldout_damaged"]["key"]).encode(), digest_size=6).hexdigest()
             pairs = [json.loads(line) for line in damaged.read_text().splitlines() if line.strip()]
@@ -377,14 +389,14 @@ def main(argv: list[str] | None = None) -> int:
         pending = [(run_path(lb, k, s, eq, ts), rows, ts, eq) for lb, k, s, rows, eq in jobs
                    for ts in results["train_seeds"] if not run_path(lb, k, s, eq, ts).exists()]
         pending.sort(key=lambda p: -len(p[1]))
-        bq.log(f"training {len(pending)} runs in {args.jobs} process(es)")
+        log(f"training {len(pending)} runs in {args.jobs} process(es)")
         recipe = copy.copy(args)
         with ProcessPoolExecutor(max_workers=max(1, min(args.jobs, len(pending) or 1)),
                                  mp_context=get_context("spawn"), initializer=_init,
                                  initargs=(recipe, workdir, full_steps)) as pool:
             futures = {pool.submit(_run, *p): p[0].name for p in pending}
             for i, future in enumerate(as_completed(futures)):
-                bq.log(f"  run {i + 1}/{len(pending)} {futures[future]}: {future.result()['mean']:.4f}")
+                log(f"  run {i + 1}/{len(pending)} {futures[future]}: {future.result()['mean']:.4f}")
         table = []
         grouped: dict[tuple[str, float, bool], list[float]] = {}
         margins: dict[tuple[str, float, bool], list[dict[str, float]]] = {}
@@ -425,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     results["wall_s"] = round(time.perf_counter() - t0, 1)
     (workdir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     write_markdown(results, workdir / "RESULTS.md")
-    bq.log(f"report: {workdir / 'RESULTS.md'}")
+    log(f"report: {workdir / 'RESULTS.md'}")
     return 0
 
 
