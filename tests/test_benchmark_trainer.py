@@ -23,6 +23,7 @@ from benchlib.stages import available_methods
 from benchlib.trainer import (
     HiddenCache,
     TopTrainer,
+    pad_token,
     prefix_cache_key,
     response_token_counts,
     run_file,
@@ -58,8 +59,7 @@ def setup(tiny_proxy_dir: Path, tmp_path: Path) -> tuple[TopTrainer, dict[str, H
         meta = HiddenCache.build(tmp_path / f"prefix_{key}", data, split, tokenizer, 64, f"k-{key}")
         assert not meta["cached"] and meta["rows"] == n
         caches[key] = HiddenCache(tmp_path / f"prefix_{key}")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return TopTrainer(split, pad, recipe()), caches, split, tokenizer
+    return TopTrainer(split, pad_token(tokenizer), recipe()), caches, split, tokenizer
 
 
 def test_prefix_cache_holds_the_proxys_tokens_and_hidden_states(setup, tmp_path: Path) -> None:

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from benchlib.common import log
-
 from slapcli.errors import SlapError
 from slapcli.io.readers import ReadStats, SourceReader, iter_examples, record_value
 

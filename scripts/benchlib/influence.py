@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from benchlib.common import log
 from benchlib.trainer import EVAL_BATCH, HiddenCache, TopTrainer, response_token_counts
-
 from slapcli.proxy import response_losses
 
 

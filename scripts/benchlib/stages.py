@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
+
 from benchlib.report import git
 
 

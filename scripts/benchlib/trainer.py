@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from benchlib.common import log
 from benchlib.data import read_rows
-
 from slapcli.io.writers import atomic_path
 from slapcli.models import DEFAULT_PROXY_MODEL, ModelRef, load_causal_lm, resolve_model
 from slapcli.proxy import (
@@ -63,6 +63,11 @@ def add_recipe_options(p: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- prefix cache
+
+
+def pad_token(tokenizer: Any) -> int:
+    """The id batches are padded with, as the replay pads them (pad, else end of text, else 0)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
 
 def prefix_cache_key(data: Path, identity: str, split_index: int, max_tokens: int) -> str:
@@ -121,7 +126,6 @@ class HiddenCache:
         lengths = np.array([len(e) for e in encoded], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         hidden_size = int(split.model.config.hidden_size)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         tmp = folder / "hidden.f16.tmp"
         mm = np.memmap(tmp, dtype=np.float16, mode="w+", shape=(max(1, int(offsets[-1])), hidden_size))
         t0 = time.perf_counter()
@@ -129,7 +133,7 @@ class HiddenCache:
         split.model.eval()
         with torch.inference_mode():
             for rows in length_sorted_batches(lengths.tolist(), PREFIX_BATCH):
-                h = split.prefix(collate([encoded[i] for i in rows], pad_id))
+                h = split.prefix(collate([encoded[i] for i in rows], pad_token(tokenizer)))
                 for r, i in enumerate(rows):
                     mm[offsets[i]:offsets[i + 1]] = h[r, : lengths[i]].to(torch.float16).numpy()
                 done += len(rows)
@@ -295,8 +299,7 @@ def load_split_proxy(train_blocks: int) -> tuple[ModelRef, Any, SplitProxy, int]
     split, pad id)."""
     ref = resolve_model(DEFAULT_PROXY_MODEL)
     tokenizer, model = load_causal_lm(ref, torch.device("cpu"), torch.float32)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    return ref, tokenizer, SplitProxy(model, train_blocks), pad_id
+    return ref, tokenizer, SplitProxy(model, train_blocks), pad_token(tokenizer)
 
 
 def load_trainer(args: argparse.Namespace, workdir: Path) -> tuple[TopTrainer, dict[str, HiddenCache]]:
