@@ -171,9 +171,10 @@ THREADS = typer.Option(RuntimeConfig.threads, "--threads", min=1, rich_help_pane
                        help="torch, BLAS and OpenMP threads (default: one per physical core; 1 is faster when "
                             "other jobs keep the cores busy). The same count gives the same bytes.")
 CACHE_DIR = typer.Option(RuntimeConfig.cache_dir, "--cache-dir", rich_help_panel=SCALE_PANEL,
-                         help="Folder for big scratch files: the replay's prefix cache (1,152 bytes per token with "
-                              "the default proxy: ~110 MB per 1,000 sample_data rows, docs/PERFORMANCE.md) and "
-                              "temporary spools. Default: beside the output, and $TMPDIR.")
+                         help="Folder for big scratch files: the frozen prefix states stratify keeps for select "
+                              "(DIR/prefix: give both the same DIR) and the replay's own prefix cache (1,152 bytes "
+                              "per token with the default proxy, docs/PERFORMANCE.md), temporary spools. Default: "
+                              "the slapcli cache, beside the output, $TMPDIR.")
 # Panels of `select --help` that a user does not need: tuning the replay, and the ablations the benchmarks run.
 REPLAY_PANEL = "Replay tuning"
 ABLATION_PANEL = "Advanced: ablations of the batch score (for the benchmarks)"
@@ -512,11 +513,12 @@ def stratify_cmd(
                                           "OUTPUT.loss-part-I-of-N; the same command without --shard then reads "
                                           "the N parts and does the rest."),
     threads: int | None = THREADS,
+    cache_dir: str | None = CACHE_DIR,
     force: bool = FORCE,
     quiet: bool = QUIET,
 ) -> None:
     """Stage 2: cluster, bin by proxy loss, drop duplicates and damaged rows, and split the row budget over strata."""
-    _runtime(threads, None)
+    _runtime(threads, cache_dir)
     with importing():
         from slapcli.artifacts import read_meta
         from slapcli.stratify import stratify

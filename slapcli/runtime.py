@@ -43,6 +43,11 @@ def apply(config: RuntimeConfig) -> None:
         tempfile.tempdir = _scratch  # every anonymous spool (stdin copies, export's buffers) goes there too
 
 
+def chosen_cache_dir() -> str | None:
+    """--cache-dir of this command, None when not given."""
+    return _scratch
+
+
 def scratch_dir(beside: str) -> str:
     """Where a big scratch file of the command writing `beside` goes: --cache-dir, else the output's folder (the
     disk the user chose for big files)."""

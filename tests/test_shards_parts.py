@@ -207,7 +207,7 @@ def test_without_threads_the_count_is_left_alone(tmp_path: Path, data_file: Path
 
 
 def test_cache_dir_holds_the_prefix_cache_and_nothing_stays(tmp_path: Path, data_file: Path, models: list[str],
-                                                            monkeypatch: pytest.MonkeyPatch):
+                                                            monkeypatch: pytest.MonkeyPatch, slap_cache_dir: Path):
     import slapcli.proxy.split
 
     made_in: list[str | None] = []
@@ -220,13 +220,19 @@ def test_cache_dir_holds_the_prefix_cache_and_nothing_stays(tmp_path: Path, data
     monkeypatch.setattr(slapcli.proxy.split.HiddenStore, "__init__", spy)
     emb, strata = tmp_path / "e.parquet", tmp_path / "s.parquet"
     assert invoke(["embed", data_file, "-o", emb, *models, "-q"]).exit_code == 0
-    assert invoke(["stratify", emb, "-o", strata, "--proxy-model", models[3], "--clusters", 3, "-q"]).exit_code == 0
     cache = tmp_path / "scratch" / "slap"
+    # stratify keeps the frozen prefix's states for select: in --cache-dir, not in the slapcli cache.
+    r = invoke(["stratify", emb, "-o", strata, "--proxy-model", models[3], "--clusters", 3, "--cache-dir", cache,
+                "-q"])
+    assert r.exit_code == 0, r.stderr
+    assert any((cache / "prefix").iterdir()) and not (slap_cache_dir / "prefix").exists()
+    runtime.reset()
     r = invoke(["select", strata, "-o", tmp_path / "sel.parquet", "--proxy-model", models[3], "--keep", 0.5,
                 "--proj-dim", 32, "--cache-dir", cache, "-q"])
     assert r.exit_code == 0, r.stderr
     assert made_in == [str(cache)]
-    assert list(cache.iterdir()) == []  # the store was an anonymous file: gone with the process's handle
+    # The replay's own store was an anonymous file: gone with the process's handle, nothing beside the prefix store.
+    assert [p.name for p in cache.iterdir()] == ["prefix"]
 
     made_in.clear()
     runtime.reset()  # the default again: beside the output

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from slapcli.models import cache_dir
+from slapcli.runtime import chosen_cache_dir
 
 STORE_FORMAT = "prefix-store-v1"
 KEEP_STORES = 2  # complete stores kept in the cache: this run's, and the one before (another --keep, another data)
@@ -68,7 +69,10 @@ class PrefixKey:
 
 
 def store_root() -> Path:
-    return cache_dir() / "prefix"
+    """`--cache-dir DIR` (its `prefix/`) when the command was given one: the disk the user chose for big files;
+    else the slapcli cache's. Stratify writes there and select reads there, so both need the same --cache-dir."""
+    chosen = chosen_cache_dir()
+    return Path(chosen) / "prefix" if chosen else cache_dir() / "prefix"
 
 
 class PrefixWriter:
