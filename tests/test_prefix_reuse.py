@@ -34,15 +34,15 @@ def _examples(texts=TEXTS) -> list[Example]:
     return [Example((Turn("user", p), Turn("assistant", r))) for p, r in texts]
 
 
-def _load(tiny_proxy_dir):
+def _load(tiny_proxy_dir, dtype=torch.float32):
     ref = resolve_model(str(tiny_proxy_dir))
-    tokenizer, model = load_causal_lm(ref, torch.device("cpu"), torch.float32)
+    tokenizer, model = load_causal_lm(ref, torch.device("cpu"), dtype)
     return ref, tokenizer, model
 
 
-def _store_loss_pass(tiny_proxy_dir, examples, max_tokens=64, identity=None) -> None:
+def _store_loss_pass(tiny_proxy_dir, examples, max_tokens=64, identity=None, dtype=torch.float32) -> None:
     """What stratify's loss pass does: score the rows and keep their prefix states on the way."""
-    ref, tokenizer, model = _load(tiny_proxy_dir)
+    ref, tokenizer, model = _load(tiny_proxy_dir, dtype)
     key = prefix_key(model, identity or ref.identity, N_TOP)
     writer = PrefixWriter(key)
     capture = PrefixCapture(decoder_blocks(model)[key.split], writer)
@@ -50,8 +50,8 @@ def _store_loss_pass(tiny_proxy_dir, examples, max_tokens=64, identity=None) -> 
     assert writer.finish() is not None
 
 
-def _replay_features(tiny_proxy_dir, examples, reuse: bool, max_tokens=64, n_top=N_TOP):
-    ref, tokenizer, model = _load(tiny_proxy_dir)
+def _replay_features(tiny_proxy_dir, examples, reuse: bool, max_tokens=64, n_top=N_TOP, dtype=torch.float32):
+    ref, tokenizer, model = _load(tiny_proxy_dir, dtype)
     encoded = dict(enumerate(encode_examples(tokenizer, examples, max_tokens)))
     split = SplitProxy(model, n_top)
     cache = PrefixCache(split, encoded, tokenizer.pad_token_id, torch.device("cpu"),
@@ -90,6 +90,18 @@ def test_a_stale_store_is_not_reused(tiny_proxy_dir):
     fits = sum(n <= short for n in lengths)
     assert _replay_features(tiny_proxy_dir, _examples(), reuse=True, max_tokens=short)[2:] == (
         fits, len(TEXTS) - fits)
+
+
+def test_bf16_replay_reuses_a_bf16_pass_only(tiny_proxy_dir):
+    """The accelerator path (bf16 proxy, float32 trainable blocks under autocast), exercised on the CPU: the prefix
+    a bf16 loss pass keeps is what a bf16 replay computes, and a float32 replay does not take it."""
+    _store_loss_pass(tiny_proxy_dir, _examples(), dtype=torch.bfloat16)
+    assert _replay_features(tiny_proxy_dir, _examples(), reuse=True)[2:] == (0, len(TEXTS))
+    feats, losses, reused, _ = _replay_features(tiny_proxy_dir, _examples(), reuse=True, dtype=torch.bfloat16)
+    ref_feats, ref_losses, _, _ = _replay_features(tiny_proxy_dir, _examples(), reuse=False, dtype=torch.bfloat16)
+    assert reused == len(TEXTS)
+    torch.testing.assert_close(losses, ref_losses, atol=2e-2, rtol=2e-2)  # bf16 compute: its own rounding
+    torch.testing.assert_close(feats, ref_feats, atol=2e-2, rtol=2e-2)
 
 
 def test_a_store_is_complete_or_absent(tiny_proxy_dir, tmp_path):
