@@ -220,6 +220,7 @@ def test_odd_but_valid_data_runs_and_exports_its_own_lines(tmp_path, models, cas
     assert len(kept) == ROWS // 2
     # Each kept row is its source line byte for byte (the BOM is no part of the row; CRLF rows keep their CR).
     assert all(line in source_lines or b"\xef\xbb\xbf" + line in source_lines for line in kept), kept
+    assert not any(line.startswith(b"\xef\xbb\xbf") for line in kept)  # never a BOM inside the output
     assert data.read_bytes() == content and hidden(tmp_path) == []
 
 
