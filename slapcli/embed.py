@@ -233,6 +233,9 @@ def embed(input_path: str, output_path: str, config: EmbedConfig, reporter: Repo
     # A bad --fields fails before any model loads; the artifact records the mapping itself (not a dataset_info.json
     # path), so later stages parse the same way from anywhere.
     mapping = field_map(config.fields, config.layout)
+    if os.path.lexists(parts_folder(output_path)) and not os.path.isdir(parts_folder(output_path)):
+        raise UsageError(f"{parts_folder(output_path)}: not a folder, where embed keeps the finished chunks of "
+                         f"{output_path}; remove it (slap makes no such file) or choose another output")
     device = pick_device(config.device)
     embed_ref = resolve_model(config.embed_model)
     proxy_ref = resolve_model(config.proxy_model)

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -100,9 +101,14 @@ class ReplayState:
     def load(cls, path: str, key: str, pool: StratifiedPool, split: SplitProxy,
              optimizer: torch.optim.Optimizer) -> ReplayState | None:
         """The state saved at `path` under `key`, with the pool, weights, optimizer and torch RNG put back as they
-        were; None (nothing changed) when it was written with other settings or data."""
-        state = torch.load(path, weights_only=True)  # our own file, and still no unpickling of code
-        if state["key"] != key:
+        were; None (nothing changed) when it was written with other settings or data, or cannot be read."""
+        try:
+            with warnings.catch_warnings():  # torch's remarks on a file that is not its own: it is refused anyway
+                warnings.simplefilter("ignore")
+                state = torch.load(path, weights_only=True)  # our own file, and still no unpickling of code
+        except Exception:  # damaged or not ours (unpickling, zip, EOF errors): resume state, so start over
+            return None
+        if not isinstance(state, dict) or state.get("key") != key:
             return None
         pool.remaining = state["remaining"].numpy().astype(np.int64)
         pool.queues = [deque(q) for q in state["queues"]]
@@ -159,7 +165,7 @@ def run_replay(job: SelectionJob, pool: StratifiedPool, embeddings: np.ndarray,
     if config.resume and os.path.exists(ckpt_path):
         saved = ReplayState.load(ckpt_path, ckpt_key, pool, split, optimizer)
         if saved is None:
-            reporter.warn(f"{ckpt_path} was written with other settings or data: starting over")
+            reporter.warn(f"{ckpt_path} was written with other settings or data, or is damaged: starting over")
         else:
             state = saved
             reporter.log(f"resuming from {ckpt_path}: step {state.step}, {len(state.choices):,} rows chosen")

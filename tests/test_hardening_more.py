@@ -310,3 +310,31 @@ def test_a_read_only_file_system_is_one_line_and_leaves_nothing(tmp_path, work, 
     assert r.exit_code == 1
     assert r.stderr.strip() == f"error: {out}: Read-only file system; nothing was written"
     assert not out.exists() and hidden(tmp_path) == []
+
+
+# --- resume state that is not what slap left -----------------------------------------------------------------------
+
+
+def test_a_file_where_embed_keeps_its_chunks_is_one_line(tmp_path, data, models, monkeypatch):
+    (tmp_path / ".e.parquet.parts").write_text("not a folder")
+    no_models(monkeypatch)
+    line = one_line(invoke(["embed", data, "-o", tmp_path / "e.parquet", *models, "-q"]))
+    assert line.startswith(f"error: {tmp_path / '.e.parquet.parts'}: not a folder")
+    assert (tmp_path / ".e.parquet.parts").read_text() == "not a folder" and not (tmp_path / "e.parquet").exists()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "empty", "truncated"])
+def test_a_damaged_select_checkpoint_starts_over(tmp_path, work, models, damage):
+    out = tmp_path / "sel.parquet"
+    args = ["select", work / "strata.parquet", "-o", out, "--checkpoint-minutes", "0", *models[2:], "-q"]
+    whole = tmp_path / "whole.parquet"
+    r = invoke(["select", work / "strata.parquet", "-o", whole, "--checkpoint-minutes", "0", *models[2:], "-q"])
+    assert r.exit_code == 0, r.stderr
+    ckpt = tmp_path / "sel.parquet.ckpt"
+    ckpt.write_bytes({"garbage": b"\x80\x04not a checkpoint", "empty": b"",
+                      "truncated": gzip.compress(b"x" * 1000)[:30]}[damage])
+    r = invoke(args)
+    assert r.exit_code == 0, r.stderr
+    assert r.stderr.strip() == (f"warning: {ckpt} was written with other settings or data, or is damaged: "
+                                "starting over")
+    assert out.read_bytes() == whole.read_bytes() and not ckpt.exists()
