@@ -35,7 +35,7 @@ def rows() -> list[dict]:
              "output": " ".join(rng.choice(words) for _ in range(40))} for i in range(N)]
 
 
-def fake_terms(meta, src, name, wanted_rows, loss_pass, reporter, view=None):
+def fake_terms(meta, src, name, wanted_rows, loss_pass, reporter, view=None, engine=None):
     """Ordinary rows: loss 2, end loss ~1, tail = head; the flagged rows carry one damage signature each."""
     rng = np.random.default_rng(len(wanted_rows) + (view is not None))
     rows_ = wanted_rows.tolist()
