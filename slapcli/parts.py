@@ -16,8 +16,9 @@ is refused with one line naming the part. Slicing and naming: `slapcli.shard`.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import pyarrow.parquet as pq
 
@@ -30,6 +31,13 @@ from slapcli.shard import EMBED_PART, Shard, parse_part_name, part_path
 # Embedding stats that count the shard's own rows (summed over the parts); every other stat describes the whole
 # read of the source, which each shard makes in full, and must be equal in every part.
 SUMMED_STATS = ("rows", "truncated")
+
+
+class _Part(Protocol):
+    path: str
+
+
+P = TypeVar("P", bound=_Part)  # an embed part here, a loss part in slapcli.loss_parts
 
 
 def shard_record(shard: Shard, chunks_total: int, chunk_rows: dict[int, int]) -> dict[str, Any]:
@@ -69,8 +77,10 @@ def _run_identity(meta: ArtifactMeta) -> dict[str, Any]:
             "read statistics": {k: v for k, v in meta.stats.items() if k not in SUMMED_STATS}}
 
 
-def check_set(parts: list[Any], describe: str, shard_of: Any, identity_of: Any, name_hint: str) -> list[Any]:
-    """The parts of one run, every shard once, sorted by shard; else one line naming the part at fault."""
+def check_set(parts: list[P], describe: str, shard_of: Callable[[P], Shard],
+              identity_of: Callable[[P], dict[str, Any]], name_hint: str) -> list[P]:
+    """The parts of one run, every shard once, sorted by shard; else one line naming the part at fault (`describe`
+    says what a part is, `identity_of` what all parts of one run share, `name_hint` the output they belong to)."""
     first = parts[0]
     count = shard_of(first).count
     for part in parts[1:]:
@@ -82,7 +92,7 @@ def check_set(parts: list[Any], describe: str, shard_of: Any, identity_of: Any, 
         if differ:
             raise UsageError(f"{part.path}: a {describe} of another run than {first.path} (its {differ[0]} "
                              "differs); remove it or rerun its shard with the same data and options")
-    by_index: dict[int, Any] = {}
+    by_index: dict[int, P] = {}
     for part in parts:
         index = shard_of(part).index
         if index in by_index:
