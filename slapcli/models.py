@@ -197,12 +197,13 @@ def pick_dtype(device: torch.device) -> torch.dtype:
 def cache_dir() -> Path:
     """`$SLAP_CACHE_DIR`, else `$XDG_CACHE_HOME/slapcli`, else `~/.cache/slapcli` (read at call time)."""
     explicit = os.environ.get("SLAP_CACHE_DIR")
-    if explicit:
-        return Path(explicit).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg:
-        return Path(xdg).expanduser() / "slapcli"
-    return Path.home() / ".cache" / "slapcli"
+    path = (Path(explicit).expanduser() if explicit else Path(xdg).expanduser() / "slapcli" if xdg
+            else Path.home() / ".cache" / "slapcli")
+    # Checked when asked for, before the work whose result goes there (a file in its place failed after it).
+    if os.path.lexists(path) and not path.is_dir():
+        raise UsageError(f"{path}: the slapcli cache is not a folder; remove it, or set SLAP_CACHE_DIR to a folder")
+    return path
 
 
 def gguf_cache_path(ref: ModelRef, tokenizer_only: bool = False) -> Path:

@@ -338,3 +338,18 @@ def test_a_damaged_select_checkpoint_starts_over(tmp_path, work, models, damage)
     assert r.stderr.strip() == (f"warning: {ckpt} was written with other settings or data, or is damaged: "
                                 "starting over")
     assert out.read_bytes() == whole.read_bytes() and not ckpt.exists()
+
+
+def test_a_cache_that_is_not_a_folder_is_one_line_before_the_proxy_pass(tmp_path, work, models, monkeypatch):
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("SLAP_CACHE_DIR", str(tmp_path / "afile"))
+    from slapcli.proxy import passes
+
+    def no_pass(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the proxy pass ran before the cache was checked")
+
+    monkeypatch.setattr(passes, "proxy_losses", no_pass)
+    line = one_line(invoke(["stratify", work / "embeddings.parquet", "-o", tmp_path / "s.parquet", *models[2:], "-q"]))
+    assert line == (f"error: {tmp_path / 'afile'}: the slapcli cache is not a folder; remove it, or set "
+                    "SLAP_CACHE_DIR to a folder")
+    assert not (tmp_path / "s.parquet").exists() and hidden(tmp_path) == []
