@@ -353,3 +353,18 @@ def test_a_cache_that_is_not_a_folder_is_one_line_before_the_proxy_pass(tmp_path
     assert line == (f"error: {tmp_path / 'afile'}: the slapcli cache is not a folder; remove it, or set "
                     "SLAP_CACHE_DIR to a folder")
     assert not (tmp_path / "s.parquet").exists() and hidden(tmp_path) == []
+
+
+@pytest.mark.parametrize("command", ["export", "run"])
+def test_stdout_closed_is_one_line_before_any_work(tmp_path, data, work, models, command):
+    import subprocess
+    import sys
+
+    args = {"export": ["export", work / "selection.parquet"],
+            "run": ["run", data, "--workdir", tmp_path / "w2", *models]}[command]
+    argv = " ".join(f"'{a}'" for a in [sys.executable, "-m", "slapcli", *args, "-o", "-"])
+    proc = subprocess.run(f"{argv} >&-", shell=True, capture_output=False, stderr=subprocess.PIPE, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2
+    assert proc.stderr.decode().strip() == "error: -o -: stdout is closed; give a file name"
+    assert not (tmp_path / "w2").exists() and hidden(tmp_path) == []

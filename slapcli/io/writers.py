@@ -78,6 +78,8 @@ def check_output_path(output: str, inputs: Sequence[str | None], force: bool, ar
         if artifact:
             raise UsageError("-o -: an artifact is a Parquet file, not a stream; give a file name such as "
                              "work/out.parquet")
+        if sys.stdout is None:  # started with stdout closed (`>&-`): found before the work, not at its end
+            raise UsageError("-o -: stdout is closed; give a file name")
         return
     for source in inputs:
         if source and source != STDOUT and same_file(source, output):
@@ -212,6 +214,8 @@ def atomic_path(output: str) -> Iterator[str]:
 def open_output(output: str) -> Iterator[BinaryIO]:
     """A binary stream to `output` (atomically replaced at the end) or to stdout for '-'."""
     if output == STDOUT:
+        if sys.stdout is None:  # started with stdout closed (`>&-`): Python has no stream to give
+            raise UsageError("-o -: stdout is closed; give a file name")
         stream = sys.stdout.buffer
         try:
             yield stream
