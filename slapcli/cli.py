@@ -296,6 +296,8 @@ def _check_input(path: str | None, option: str = "", data: bool = False) -> None
 
     Data (`data`, `--input`, `--target`) may also be a folder or glob pattern of shards, read as one dataset.
     """
+    if path == STDIN and sys.stdin is None:  # started with stdin closed (`<&-`)
+        raise UsageError("-: stdin is closed; pipe the data in or give a file name")
     if path is None or path == STDIN:
         return
     where = f" ({option})" if option else ""

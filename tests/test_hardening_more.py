@@ -355,16 +355,24 @@ def test_a_cache_that_is_not_a_folder_is_one_line_before_the_proxy_pass(tmp_path
     assert not (tmp_path / "s.parquet").exists() and hidden(tmp_path) == []
 
 
-@pytest.mark.parametrize("command", ["export", "run"])
-def test_stdout_closed_is_one_line_before_any_work(tmp_path, data, work, models, command):
+@pytest.mark.parametrize("case", ["export-stdout", "run-stdout", "embed-stdin", "run-stdin"])
+def test_a_closed_stdin_or_stdout_is_one_line_before_any_work(tmp_path, data, work, models, case):
     import subprocess
     import sys
 
-    args = {"export": ["export", work / "selection.parquet"],
-            "run": ["run", data, "--workdir", tmp_path / "w2", *models]}[command]
-    argv = " ".join(f"'{a}'" for a in [sys.executable, "-m", "slapcli", *args, "-o", "-"])
-    proc = subprocess.run(f"{argv} >&-", shell=True, capture_output=False, stderr=subprocess.PIPE, timeout=300,
+    args, closed, message = {
+        "export-stdout": (["export", work / "selection.parquet", "-o", "-"], ">&-", "-o -: stdout is closed"),
+        "run-stdout": (["run", data, "--workdir", tmp_path / "w2", *models, "-o", "-"], ">&-",
+                       "-o -: stdout is closed"),
+        "embed-stdin": (["embed", "-", "-o", tmp_path / "e.parquet", *models], "<&-", "-: stdin is closed"),
+        "run-stdin": (["run", "-", "--workdir", tmp_path / "w2", "-o", tmp_path / "x.jsonl", *models], "<&-",
+                      "-: stdin is closed"),
+    }[case]
+    argv = " ".join(f"'{a}'" for a in [sys.executable, "-m", "slapcli", *args])
+    # Started by a shell with the stream closed, as `slap ... >&-` (Python then has None for it).
+    proc = subprocess.run(f"{argv} {closed}", shell=True, stderr=subprocess.PIPE, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2
-    assert proc.stderr.decode().strip() == "error: -o -: stdout is closed; give a file name"
-    assert not (tmp_path / "w2").exists() and hidden(tmp_path) == []
+    assert proc.stderr.decode().strip().startswith(f"error: {message}")
+    assert len(proc.stderr.decode().strip().splitlines()) == 1
+    assert not (tmp_path / "w2").exists() and not (tmp_path / "e.parquet").exists() and hidden(tmp_path) == []

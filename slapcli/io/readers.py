@@ -266,6 +266,8 @@ class SourceReader:
         self.shards = list_shards(path)  # a folder's (or pattern's) data files; None for one file
         if self.shards is None and path != STDIN and not os.path.exists(path):
             raise UsageError(f"{path}: no such file")
+        if path == STDIN and sys.stdin is None:  # started with stdin closed (`<&-`)
+            raise UsageError("-: stdin is closed; pipe the data in or give a file name")
         self.path = path
         self.name = display_name(path)
         self.stream = is_stream(path)  # read once, like stdin: never opened or fingerprinted a second time
