@@ -376,3 +376,18 @@ def test_a_closed_stdin_or_stdout_is_one_line_before_any_work(tmp_path, data, wo
     assert proc.stderr.decode().strip().startswith(f"error: {message}")
     assert len(proc.stderr.decode().strip().splitlines()) == 1
     assert not (tmp_path / "w2").exists() and not (tmp_path / "e.parquet").exists() and hidden(tmp_path) == []
+
+
+@pytest.mark.parametrize("which", ["input", "output", "workdir"])
+def test_a_name_that_is_not_utf8_is_one_line_before_any_work(tmp_path, data, models, monkeypatch, which):
+    latin1 = os.fsdecode(b"caf\xe9")  # a Latin-1 name as Python holds it: with a surrogate
+    monkeypatch.chdir(tmp_path)
+    if which == "input":
+        os.link(data, latin1 + ".jsonl")
+    no_models(monkeypatch)
+    args = {"input": ["run", latin1 + ".jsonl", "-o", "out.jsonl", "--workdir", "w"],
+            "output": ["run", data, "-o", latin1 + ".jsonl", "--workdir", "w"],
+            "workdir": ["run", data, "-o", "out.jsonl", "--workdir", latin1]}[which]
+    line = one_line(invoke([*args, *models]))
+    assert "caf\\xe9" in line and "not valid UTF-8" in line, line
+    assert set(os.listdir(tmp_path)) - {"data.jsonl", latin1 + ".jsonl", "slap-cache"} == set()  # nothing made
