@@ -303,7 +303,7 @@ def profile_replay(data: Path, seed: int, proj_dim: int, trainable_blocks: int) 
         "full_fwd_bwd_all_rows_s": round(full_fwd_bwd_s, 3),
         "prefix_ms_per_row": round(1000 * prefix_s / n, 1),
         "feature_ms_per_row": round(1000 * features_s / n, 1),
-        "prefix_cache_mib": round(sum(h.numel() * h.element_size() for h in cache.hidden.values()) / 2**20, 1),
+        "prefix_cache_mib": round(cache.hidden.nbytes / 2**20, 1),
     }
 
 

@@ -187,6 +187,7 @@ def test_hidden_store_round_trips_and_leaves_no_file(tmp_path):
         got = store.get(k)
         assert got.dtype == torch.float16 and got.shape == v.shape
         torch.testing.assert_close(got.float(), v.half().float())
+    assert store.nbytes == 2 * 7 * (5 + 1 + 40)  # float16
     assert list(tmp_path.iterdir()) == []  # the file was unlinked at creation: nothing to clean up after a kill
     store.close()
 

@@ -165,6 +165,11 @@ class HiddenStore:
     def __contains__(self, key: Any) -> bool:
         return key in self._where
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes written so far (what the file takes on disk)."""
+        return self._end
+
     def put(self, key: Any, states: torch.Tensor) -> None:
         data = states.detach().to("cpu", torch.float16).contiguous().numpy()
         os.pwrite(self._fd, data.tobytes(), self._end)
