@@ -38,9 +38,12 @@ IN_FLIGHT_PER_WORKER = 2  # one chunk running, one queued: a worker never waits 
 class ChunkWorker:
     """One worker: holds the stage's context on its device for the whole pass and maps chunks through `fn`."""
 
-    def __init__(self, fn: Callable[[Any, Any], Any], context: Any, device: str) -> None:
+    def __init__(self, fn: Callable[[Any, Any], Any], context: Any, device: str, threads: int) -> None:
         import torch
 
+        # The command's own thread count: a proxy loss's last bits depend on how its sums are split over threads
+        # (docs/PERFORMANCE.md, --threads), so the same threads give the local engine's bytes.
+        torch.set_num_threads(threads)
         self.fn = fn
         self.context = context.for_worker(torch.device(device))
 
@@ -50,9 +53,10 @@ class ChunkWorker:
 
 @dataclass(frozen=True)
 class RayEngine:
-    """Chunks on `workers` Ray actors (1 CPU and `num_gpus` GPUs each), results in chunk order."""
+    """Chunks on `workers` Ray actors, results in chunk order. Each runs as many torch threads as the command
+    (`--threads`, else torch's default here), reserves as many CPUs, and `num_gpus` GPUs."""
 
-    workers: int | None = None  # None: one per CPU of the cluster, or per `num_gpus` share of its GPUs
+    workers: int | None = None  # None: as many as the cluster's nodes hold
     num_gpus: float = 0.0
     address: str | None = None  # None: ray.init's own choice (RAY_ADDRESS, a running local Ray, else a new one)
 
@@ -60,12 +64,13 @@ class RayEngine:
         import torch
 
         connect(self.address)
-        workers = self.worker_count(ray.cluster_resources())
+        threads = torch.get_num_threads()
+        workers = self.worker_count([node["Resources"] for node in ray.nodes() if node.get("Alive")], threads)
         # The context goes into the object store once, as CPU weights; each worker moves it to its own device.
         shipped = ray.put(context.for_worker(torch.device("cpu")))  # type: ignore[attr-defined]
-        actor = ray.remote(ChunkWorker).options(num_cpus=1, num_gpus=self.num_gpus)
+        actor = ray.remote(ChunkWorker).options(num_cpus=threads, num_gpus=self.num_gpus)
         device = "cuda" if self.num_gpus > 0 else "cpu"
-        actors = [actor.remote(fn, shipped, device) for _ in range(workers)]
+        actors = [actor.remote(fn, shipped, device, threads) for _ in range(workers)]
         try:
             pending: deque[Any] = deque()
             turns = cycle(actors)
@@ -86,19 +91,25 @@ class RayEngine:
             for a in actors:
                 ray.kill(a)
 
-    def worker_count(self, resources: dict[str, float]) -> int:
-        """`workers`, or as many as the cluster holds; more than it holds would wait forever: one line instead."""
-        cpus, gpus = int(resources.get("CPU", 0)), resources.get("GPU", 0.0)
-        fits = cpus if self.num_gpus <= 0 else min(cpus, int(gpus // self.num_gpus + 1e-9))
+    def worker_count(self, nodes: list[dict[str, float]], threads: int = 1) -> int:
+        """`workers`, or as many as the nodes hold (`threads` CPUs and `num_gpus` GPUs each, on one node); more
+        than they hold would wait forever: one line instead."""
+        def fits(node: dict[str, float]) -> int:
+            by_cpu = int(node.get("CPU", 0) // threads)
+            return by_cpu if self.num_gpus <= 0 else min(by_cpu, int(node.get("GPU", 0) // self.num_gpus + 1e-9))
+
+        room = sum(fits(node) for node in nodes)
+        cpus, gpus = sum(n.get("CPU", 0) for n in nodes), sum(n.get("GPU", 0) for n in nodes)
+        each = f"{threads} CPU{'s' if threads > 1 else ''}" + (f" and {self.num_gpus:g} GPUs" if self.num_gpus else "")
+        has = f"the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs on {len(nodes)} node{'s' if len(nodes) > 1 else ''}"
+        hint = " (--threads sets a worker's CPUs)" if threads > 1 else ""
         if self.workers is None:
-            if fits < 1:
-                raise UsageError(f"--num-gpus {self.num_gpus:g}: the Ray cluster has {gpus:g} GPUs and {cpus} CPUs, "
-                                 "not enough for one worker")
-            return fits
-        if self.workers > fits:
-            need = f"{self.workers} CPUs" + (f" and {self.workers * self.num_gpus:g} GPUs" if self.num_gpus else "")
-            raise UsageError(f"--workers {self.workers}: needs {need}; the Ray cluster has {cpus} CPUs and "
-                             f"{gpus:g} GPUs")
+            if room < 1:
+                raise UsageError(f"a Ray worker needs {each} on one node; {has}{hint}")
+            return room
+        if self.workers > room:
+            raise UsageError(f"--workers {self.workers}: each needs {each} on one node; {has}, room for {room}"
+                             f"{hint}")
         return self.workers
 
 

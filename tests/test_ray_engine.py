@@ -164,6 +164,26 @@ def test_results_in_chunk_order_and_chunks_pulled_lazily(ray_local):
     assert list(results) == [("cpu", i) for i in range(1, 20)]
 
 
+def threads_of(context: Echo, chunk: int) -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def test_a_worker_computes_with_the_command_s_threads(ray_local):
+    import torch
+
+    from slapcli.ray_engine import RayEngine
+
+    # Ray alone would give a 1-CPU worker one thread; a proxy loss's last bits depend on the count.
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert list(RayEngine().map(threads_of, Echo(), [0, 1])) == [2, 2]  # one worker: 2 of the 2 CPUs
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_worker_s_error_is_raised_as_it_would_be_here(ray_local):
     from slapcli.ray_engine import RayEngine
 
@@ -175,16 +195,22 @@ def test_worker_count_fits_the_cluster():
     pytest.importorskip("ray")
     from slapcli.ray_engine import RayEngine
 
-    assert RayEngine().worker_count({"CPU": 8.0}) == 8
-    assert RayEngine(num_gpus=1).worker_count({"CPU": 8.0, "GPU": 2.0}) == 2
-    assert RayEngine(num_gpus=0.5).worker_count({"CPU": 8.0, "GPU": 2.0}) == 4
-    assert RayEngine(workers=3).worker_count({"CPU": 8.0}) == 3
-    with pytest.raises(UsageError, match="--workers 9: needs 9 CPUs; the Ray cluster has 8 CPUs"):
-        RayEngine(workers=9).worker_count({"CPU": 8.0})
-    with pytest.raises(UsageError, match="--workers 3: needs 3 CPUs and 3 GPUs"):
-        RayEngine(workers=3, num_gpus=1).worker_count({"CPU": 8.0, "GPU": 2.0})
-    with pytest.raises(UsageError, match="not enough for one worker"):
-        RayEngine(num_gpus=1).worker_count({"CPU": 8.0})
+    eight, two_gpus = [{"CPU": 8.0}], [{"CPU": 8.0, "GPU": 2.0}]
+    assert RayEngine().worker_count(eight) == 8
+    assert RayEngine().worker_count(eight, threads=2) == 4  # a worker reserves the CPUs of its threads
+    assert RayEngine().worker_count([{"CPU": 3.0}, {"CPU": 3.0}], threads=2) == 2  # one per node: 2 CPUs left over
+    assert RayEngine(num_gpus=1).worker_count(two_gpus) == 2
+    assert RayEngine(num_gpus=0.5).worker_count(two_gpus) == 4
+    assert RayEngine(workers=3).worker_count(eight) == 3
+    with pytest.raises(UsageError, match=r"--workers 9: each needs 1 CPU on one node; the Ray cluster has 8 CPUs and "
+                                         r"0 GPUs on 1 node, room for 8$"):
+        RayEngine(workers=9).worker_count(eight)
+    with pytest.raises(UsageError, match="--workers 3: each needs 1 CPU and 1 GPUs on one node"):
+        RayEngine(workers=3, num_gpus=1).worker_count(two_gpus)
+    with pytest.raises(UsageError, match=r"a Ray worker needs 1 CPU and 1 GPUs on one node"):
+        RayEngine(num_gpus=1).worker_count(eight)
+    with pytest.raises(UsageError, match=r"needs 16 CPUs on one node; .* on 2 nodes \(--threads sets a worker's"):
+        RayEngine().worker_count([{"CPU": 8.0}, {"CPU": 8.0}], threads=16)
 
 
 def test_engine_options_are_checked_before_anything_loads(monkeypatch: pytest.MonkeyPatch):
