@@ -150,7 +150,8 @@ SCALE_PANEL = "Scale out (docs/SCALING.md)"
 ENGINE = typer.Option(EngineConfig.engine, "--engine", rich_help_panel=SCALE_PANEL,
                       help="local (this process) or ray (workers on a Ray cluster; pip install 'slapcli\\[ray]').")
 WORKERS = typer.Option(EngineConfig.workers, "--workers", rich_help_panel=SCALE_PANEL,
-                       help="Ray workers, 1 CPU each, each holding the models (default: one per CPU of the cluster).")
+                       help="Ray workers, each holding the models and computing with --threads threads on as many CPUs "
+                            "(default: as many as the cluster holds; --threads 1: one per CPU).")
 NUM_GPUS = typer.Option(EngineConfig.num_gpus, "--num-gpus", rich_help_panel=SCALE_PANEL,
                         help="GPUs per Ray worker (e.g. 1, or 0.5 for two per GPU); 0: the workers run on CPUs.")
 RAY_ADDRESS = typer.Option(EngineConfig.address, "--ray-address", rich_help_panel=SCALE_PANEL,

@@ -154,6 +154,6 @@ class EngineConfig:
     writes the same bytes, so a rerun with another engine reuses the artifacts."""
 
     engine: str = "local"
-    workers: int | None = None  # ray: one actor per worker, 1 CPU each; None: one per CPU (per GPU share with GPUs)
+    workers: int | None = None  # ray: one actor each, with --threads CPUs; None: as many as the cluster holds
     num_gpus: float = 0.0  # ray: GPUs per worker (its models then run there in bf16, as `--device cuda` does)
     address: str | None = None  # ray: the cluster (`auto`, `HOST:6379`, `local`); None: ray.init's own choice
