@@ -24,7 +24,7 @@ from itertools import cycle
 from typing import Any, TypeVar
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import OutOfMemoryError, RayError, RayTaskError
 
 from slapcli.errors import SlapError, UsageError
 
@@ -135,6 +135,9 @@ def result(ref: Any) -> Any:
         if isinstance(cause, BaseException):
             raise cause from None
         raise
-    except RayActorError as e:
-        raise SlapError(f"a Ray worker died ({str(e).splitlines()[0]}); rerun to continue (embed resumes from the "
-                        "chunks it finished)") from None
+    except RayError as e:  # a worker died (killed, out of memory, its node gone): Ray's message is many lines
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = "each worker holds the models: fewer --workers, or more memory; " if isinstance(
+            e, OutOfMemoryError) else ""
+        raise SlapError(f"a Ray worker died ({first}); {hint}rerun to continue (embed resumes from the chunks it "
+                        "finished)") from None

@@ -191,6 +191,24 @@ def test_a_worker_s_error_is_raised_as_it_would_be_here(ray_local):
         list(RayEngine(workers=2).map(divide, Echo(), [1, 2, 0, 4]))
 
 
+def test_a_worker_that_dies_is_one_line(monkeypatch: pytest.MonkeyPatch):
+    pytest.importorskip("ray")
+    from ray.exceptions import OutOfMemoryError
+
+    from slapcli import ray_engine
+    from slapcli.errors import SlapError
+
+    def out_of_memory(ref: Any) -> Any:  # what Ray's memory monitor raises when it kills a worker
+        raise OutOfMemoryError("2 worker(s) were killed due to the node running low on memory.\nRefer to ...")
+
+    monkeypatch.setattr(ray_engine.ray, "get", out_of_memory)
+    with pytest.raises(SlapError) as caught:
+        ray_engine.result(object())
+    assert str(caught.value) == (
+        "a Ray worker died (2 worker(s) were killed due to the node running low on memory.); each worker holds the "
+        "models: fewer --workers, or more memory; rerun to continue (embed resumes from the chunks it finished)")
+
+
 def test_worker_count_fits_the_cluster():
     pytest.importorskip("ray")
     from slapcli.ray_engine import RayEngine
