@@ -64,8 +64,8 @@ with on_stop_signals(exit_at_once):
         MAX_NAME_BYTES,
         STDOUT,
         atomic_path,
+        check_name,
         check_output_path,
-        check_utf8_name,
         forget_written,
         output_lock,
         read_lock,
@@ -302,7 +302,7 @@ def _check_input(path: str | None, option: str = "", data: bool = False) -> None
         raise UsageError("-: stdin is closed; pipe the data in or give a file name")
     if path is None or path == STDIN:
         return
-    check_utf8_name(path)
+    check_name(path)
     where = f" ({option})" if option else ""
     data = data or option in ("--input", "--target")
     if data and (os.path.isdir(path) or (glob.has_magic(path) and not os.path.exists(path))):

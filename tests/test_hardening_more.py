@@ -391,3 +391,12 @@ def test_a_name_that_is_not_utf8_is_one_line_before_any_work(tmp_path, data, mod
     line = one_line(invoke([*args, *models]))
     assert "caf\\xe9" in line and "not valid UTF-8" in line, line
     assert set(os.listdir(tmp_path)) - {"data.jsonl", latin1 + ".jsonl", "slap-cache"} == set()  # nothing made
+
+
+@pytest.mark.parametrize("name", ["out.jsonl\r", "out\n.jsonl", "out\t.jsonl"])
+def test_a_name_with_a_control_character_is_one_line(tmp_path, work, name):
+    # `slap export ... -o out.jsonl` run from a script saved with Windows line endings passes "out.jsonl\r".
+    line = one_line(invoke(["export", work / "selection.parquet", "-o", tmp_path / name]))
+    assert "the name holds a control character" in line
+    assert ("Windows line endings" in line) == name.endswith("\r")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("out")] and hidden(tmp_path) == []

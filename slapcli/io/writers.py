@@ -63,15 +63,21 @@ def same_file(a: str, b: str) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
-def check_utf8_name(path: str) -> None:
+def check_name(path: str) -> None:
     """A path slap records or writes must be UTF-8: a name in another encoding (bytes Python keeps as surrogates,
-    e.g. Latin-1 `caf\xe9.jsonl`) cannot go into an artifact's JSON record nor through pyarrow."""
+    e.g. Latin-1 `caf\xe9.jsonl`) cannot go into an artifact's JSON record nor through pyarrow. Nor may it hold a
+    control character: `out.jsonl\r` (a script with Windows line endings) is a mistake, and every message naming
+    it would break in two."""
     try:
         path.encode("utf-8")
     except UnicodeEncodeError:
         shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
         raise UsageError(f"{shown}: the name is not valid UTF-8 (artifacts record names as UTF-8, Parquet writes "
                          "them so); rename it") from None
+    control = next((c for c in path if ord(c) < 32 or ord(c) == 127), None)
+    if control is not None:
+        hint = " (a script with Windows line endings?)" if control == "\r" else ""
+        raise UsageError(f"{path!r}: the name holds a control character {control!r}{hint}; check the command")
 
 
 def check_output_path(output: str, inputs: Sequence[str | None], force: bool, artifact: bool = False) -> None:
@@ -82,7 +88,7 @@ def check_output_path(output: str, inputs: Sequence[str | None], force: bool, ar
     written to directly, except for artifacts, which are files); an existing file only with --force; and the
     folder must be one that can hold it.
     """
-    check_utf8_name(output)
+    check_name(output)
     folder_output = bool(output) and output.endswith(("/", os.sep)) and not artifact  # export -o DIR/
     if not output or (output.endswith(os.sep) and not folder_output):
         raise UsageError(f"-o {output!r}: give a file name")
@@ -268,7 +274,7 @@ def output_lock(output: str) -> Iterator[None]:
     if output == STDOUT or is_stream_target(output):
         yield
         return
-    check_utf8_name(output)  # `run`'s artifacts come here unchecked: a work folder's name
+    check_name(output)  # `run`'s artifacts come here unchecked: a work folder's name
     path = companion_path(output, ".lock")
     folder = os.path.dirname(path)
     created = _missing_folders(folder)
