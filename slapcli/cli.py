@@ -419,7 +419,7 @@ def embed_cmd(
     """Stage 1: embed every row, count its proxy tokens and hash its content."""
     _runtime(threads, None)
     with importing():
-        from slapcli.embed import embed
+        from slapcli.stages.embed import embed
     engine_config = _engine_config(engine, workers, num_gpus, ray_address)
     _check_input(input, data=True)
     _check_read_options(layout, input_format, on_bad_line, max_tokens)
@@ -526,7 +526,7 @@ def stratify_cmd(
     _runtime(threads, cache_dir)
     with importing():
         from slapcli.artifacts import read_meta
-        from slapcli.stratify import stratify
+        from slapcli.stages.stratify import stratify
     engine_config = _engine_config(engine, workers, num_gpus, ray_address)
     this_shard = _shard(shard)
     if is_part_argument(embeddings):  # the parts of a sharded embed: merged once into the artifact they make up
@@ -662,7 +662,7 @@ def select_cmd(
     with importing():
         from slapcli.artifacts import read_meta
         from slapcli.replay import checkpoint_path
-        from slapcli.select import select
+        from slapcli.stages.select import select
         from slapcli.summary import selection_summary
     _check_input(strata)
     _check_input(input, "--input")
@@ -712,7 +712,7 @@ def export_cmd(
 ) -> None:
     """Stage 4: write the kept rows exactly as they were in the input."""
     with importing():
-        from slapcli.export import export
+        from slapcli.stages.export import export
     _check_input(selection)
     _check_input(input, "--input")
     _check_choice("--order", order, ORDERS)
@@ -849,11 +849,11 @@ def run_cmd(
     _runtime(threads, cache_dir)
     with importing():
         from slapcli.artifacts import read_meta
-        from slapcli.embed import embed
-        from slapcli.export import export
         from slapcli.pipeline import reuse_or_run
-        from slapcli.select import select
-        from slapcli.stratify import stratify
+        from slapcli.stages.embed import embed
+        from slapcli.stages.export import export
+        from slapcli.stages.select import select
+        from slapcli.stages.stratify import stratify
         from slapcli.summary import selection_summary
     _check_input(input, data=True)
     _check_input(target, "--target")

@@ -1,8 +1,8 @@
 """Exact copies across embed's chunks: a row whose content was embedded in an earlier chunk takes that row's vector
 and token counts instead of running the models again (10,000 identical rows encode one text, not one per chunk).
 
-Used by `slapcli.embed` (while embedding) and `slapcli.parts` (merging the parts of `embed --shard`, which fills in
-what a shard could not know), so that both write the bytes of one unsharded run.
+Used by `slapcli.stages.embed` (while embedding) and `slapcli.parts` (merging the parts of `embed --shard`, which
+fills in what a shard could not know), so that both write the bytes of one unsharded run.
 """
 
 from __future__ import annotations

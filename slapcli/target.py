@@ -33,8 +33,8 @@ def read_target_examples(path: str, limit: int = TARGET_ROWS) -> list[Example]:
 
 def embed_target(examples: list[Example], embed_config: dict[str, Any], device: str) -> np.ndarray:
     """Unit-norm embeddings of the dev rows with the encoder and settings the pool was embedded with."""
-    from slapcli.embed import encode_texts
     from slapcli.models import DEFAULT_EMBED_MODEL, load_encoder, pick_device, resolve_model
+    from slapcli.stages.embed import encode_texts
 
     torch_device = pick_device(device)
     tokenizer, encoder = load_encoder(resolve_model(embed_config.get("embed_model", DEFAULT_EMBED_MODEL)),

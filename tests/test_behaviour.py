@@ -22,12 +22,12 @@ from typer.testing import CliRunner
 
 from slapcli.artifacts import read_meta
 from slapcli.cli import app
-from slapcli.embed import EmbedConfig, embed
 from slapcli.methods.pool import StratifiedPool
 from slapcli.methods.registry import method_names
 from slapcli.progress import Reporter
-from slapcli.select import SelectConfig, select
-from slapcli.stratify import StratifyConfig, stratify
+from slapcli.stages.embed import EmbedConfig, embed
+from slapcli.stages.select import SelectConfig, select
+from slapcli.stages.stratify import StratifyConfig, stratify
 
 runner = CliRunner()
 QUIET = Reporter(quiet=True)
@@ -380,7 +380,7 @@ def test_duplicates_are_found_across_row_groups() -> None:
     # Real embeddings artifacts hold many row groups, so the hash column arrives as several chunks.
     import pyarrow as pa
 
-    from slapcli.stratify import first_occurrence
+    from slapcli.stages.stratify import first_occurrence
 
     hashes = pa.chunked_array([["a", "b", "c"], ["d", "a", "e"], ["b", "f", "d"]])
     assert first_occurrence(hashes).tolist() == [0, 1, 2, 3, 0, 5, 1, 7, 3]

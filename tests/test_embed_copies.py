@@ -1,6 +1,6 @@
 """Embed: exact copies are encoded once across chunks, and the bar moves per encoder batch.
 
-Copies of a row embedded in an earlier chunk take its vector and token counts (slapcli.embed.KnownRows): the
+Copies of a row embedded in an earlier chunk take its vector and token counts (slapcli.stages.embed.KnownRows): the
 artifact holds the same values as if each chunk had encoded them, a resumed run writes the same bytes as an
 uninterrupted one, and data without such copies gives the same bytes as before copies were looked for.
 """
@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 
 from slapcli import cli
 from slapcli import copies as copies_module
-from slapcli import embed as embed_module
 from slapcli.progress import ProgressTask
+from slapcli.stages import embed as embed_module
 
 runner = CliRunner()
 

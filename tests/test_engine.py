@@ -12,9 +12,9 @@ import numpy as np
 import torch
 
 from slapcli.config import EmbedConfig
-from slapcli.embed import embed, embed_chunk
 from slapcli.engine import ENGINES
 from slapcli.progress import Reporter
+from slapcli.stages.embed import embed, embed_chunk
 
 C = TypeVar("C")
 B = TypeVar("B")
@@ -54,9 +54,9 @@ def test_another_engine_writes_the_same_artifact(tmp_path: Path, tiny_encoder_di
 
 def test_the_per_chunk_function_is_the_stage_s_work(tmp_path: Path, tiny_encoder_dir: Path, tiny_proxy_dir: Path):
     # embed_chunk is importable and needs nothing but its context and rows: what a worker elsewhere would run.
-    from slapcli.embed import EmbedWork
     from slapcli.io.readers import ReadStats, SourceReader, iter_examples
     from slapcli.models import load_encoder, load_tokenizer, resolve_model
+    from slapcli.stages.embed import EmbedWork
 
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"Q{i}", "output": f"A{i}"}) + "\n" for i in range(5)))

@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from slapcli import export as export_module
 from slapcli.cli import app
+from slapcli.stages import export as export_module
 
 ROWS = 40
 runner = CliRunner()

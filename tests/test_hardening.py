@@ -503,7 +503,7 @@ def test_a_run_holds_its_work_folder(tmp_path, data, models):
 @pytest.mark.parametrize("when", ["after-rename", "before-rename"])
 def test_a_signal_after_the_final_rename_reports_success(tmp_path, data, models, monkeypatch, when):
     _emb, _strata, sel = chain(tmp_path, data, models)
-    import slapcli.export as export_module  # the export command imports its stage when it runs
+    import slapcli.stages.export as export_module  # the export command imports its stage when it runs
 
     real_export = export_module.export
 

@@ -146,7 +146,7 @@ def test_the_lock_file_of_a_killed_command_blocks_nothing(tmp_path, data, work, 
 
 def no_models(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fail the test if a model loads: a mistake in the data must be found before that."""
-    from slapcli import embed as embed_module
+    from slapcli.stages import embed as embed_module
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("a model loaded before the data was checked")

@@ -164,7 +164,7 @@ def test_embed_and_run_read_a_fifo_once(tmp_path: Path, models: list[str]) -> No
 
 
 def test_exact_duplicates_are_embedded_once(tmp_path: Path, models: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    import slapcli.embed as embed_module
+    import slapcli.stages.embed as embed_module
 
     seen: list[int] = []
     real = embed_module.encode_texts

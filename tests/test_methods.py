@@ -12,13 +12,13 @@ from typer.testing import CliRunner
 
 from slapcli.cli import app
 from slapcli.config import EmbedConfig, SelectConfig, StratifyConfig
-from slapcli.embed import embed
 from slapcli.errors import UsageError
 from slapcli.methods import registry
 from slapcli.methods.base import MethodResult, Selection, SelectionJob
 from slapcli.progress import Reporter
-from slapcli.select import select
-from slapcli.stratify import stratify
+from slapcli.stages.embed import embed
+from slapcli.stages.select import select
+from slapcli.stages.stratify import stratify
 
 QUIET = Reporter(quiet=True)
 

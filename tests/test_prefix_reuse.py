@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from slapcli.config import EmbedConfig, SelectConfig, StratifyConfig
-from slapcli.embed import embed
 from slapcli.io.layouts import Example, Turn
 from slapcli.models import load_causal_lm, resolve_model
 from slapcli.progress import Reporter
@@ -19,9 +18,10 @@ from slapcli.proxy import compute_loss_terms, encode_examples
 from slapcli.proxy import prefix_store as ps
 from slapcli.proxy.prefix_store import PrefixCapture, PrefixKey, PrefixWriter, StoredPrefixes
 from slapcli.proxy.split import PrefixCache, SplitProxy, decoder_blocks, prefix_key, row_features, train_step
-from slapcli.select import select
 from slapcli.slapmath import GradientProjector
-from slapcli.stratify import stratify
+from slapcli.stages.embed import embed
+from slapcli.stages.select import select
+from slapcli.stages.stratify import stratify
 
 QUIET = Reporter(quiet=True)
 TEXTS = [("Write a haiku about rain", "Soft rain on the roof, again and again"), ("Add 2 and 3", "5"),

@@ -19,10 +19,10 @@ from typer.testing import CliRunner
 
 from slapcli.cli import app
 from slapcli.config import EmbedConfig, EngineConfig, StratifyConfig
-from slapcli.embed import embed
 from slapcli.engine import ENGINES, check_engine
 from slapcli.errors import UsageError
 from slapcli.progress import Reporter
+from slapcli.stages.embed import embed
 
 C = TypeVar("C")
 B = TypeVar("B")
@@ -111,7 +111,7 @@ def test_stratify_on_ray_writes_the_local_bytes(ray_local, tmp_path: Path, tiny_
                                                 tiny_proxy_dir: Path, monkeypatch: pytest.MonkeyPatch):
     from slapcli.proxy import passes
     from slapcli.ray_engine import RayEngine
-    from slapcli.stratify import stratify
+    from slapcli.stages.stratify import stratify
 
     monkeypatch.setattr(passes, "LOSS_CHUNK_ROWS", 10)  # 3 chunks per pass: both workers get some
     data = write_rows(tmp_path / "data.jsonl", 30)
@@ -323,9 +323,9 @@ def test_for_worker_moves_a_copy_and_leaves_the_hooks_here(tmp_path: Path, tiny_
                                                            tiny_proxy_dir: Path):
     import torch
 
-    from slapcli.embed import EmbedWork
     from slapcli.models import load_causal_lm, load_encoder, load_tokenizer, resolve_model
     from slapcli.proxy.passes import LossPass, LossWork
+    from slapcli.stages.embed import EmbedWork
 
     cpu, elsewhere = torch.device("cpu"), torch.device("meta")  # "meta": another device, on any machine
     tokenizer, encoder = load_encoder(resolve_model(str(tiny_encoder_dir)), cpu)

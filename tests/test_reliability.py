@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from slapcli import embed as embed_module
 from slapcli.artifacts import read_meta
 from slapcli.cli import app
+from slapcli.stages import embed as embed_module
 
 BAD_DIR = Path(__file__).resolve().parent / "data" / "bad"
 BAD_EXPECTED = json.loads((BAD_DIR / "expected.json").read_text(encoding="utf-8"))
@@ -136,7 +136,7 @@ def test_killed_embed_resumes_to_the_same_bytes(tmp_path, data_file, models, mon
     assert not parts_of(full).exists()  # an uninterrupted run leaves only the artifact
 
     out = tmp_path / "run" / "e.parquet"
-    proc = start_slap(tmp_path, embed_args(data_file, out, models), [("slapcli.embed", "encode_texts", 0.3)])
+    proc = start_slap(tmp_path, embed_args(data_file, out, models), [("slapcli.stages.embed", "encode_texts", 0.3)])
     wait_for(lambda: len(part_files(out)) >= 3, proc)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
@@ -258,7 +258,7 @@ def test_a_signal_while_torch_is_imported_gives_one_line(tmp_path, data_file, mo
 @STOP_SIGNALS
 def test_a_signal_stops_embed_cleanly(tmp_path, data_file, models, signum):
     out = tmp_path / "run" / "e.parquet"
-    proc = start_slap(tmp_path, embed_args(data_file, out, models), [("slapcli.embed", "encode_texts", 0.3)])
+    proc = start_slap(tmp_path, embed_args(data_file, out, models), [("slapcli.stages.embed", "encode_texts", 0.3)])
     wait_for(lambda: len(part_files(out)) >= 1, proc)
     proc.send_signal(signum)
     assert_clean_interrupt(proc, signum)

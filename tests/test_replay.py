@@ -118,9 +118,9 @@ def _tiny_strata(tmp_path, tiny_encoder_dir, tiny_proxy_dir, rows: int) -> None:
     """d.jsonl -> e.parquet -> s.parquet in tmp_path (3 clusters, keep 0.5) with the tiny models."""
     import json
 
-    from slapcli.embed import EmbedConfig, embed
     from slapcli.progress import Reporter
-    from slapcli.stratify import StratifyConfig, stratify
+    from slapcli.stages.embed import EmbedConfig, embed
+    from slapcli.stages.stratify import StratifyConfig, stratify
 
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"task {i} about {'abc'[i % 3]}", "output": f"answer {i * 7}"})
@@ -140,7 +140,7 @@ def test_killed_select_resumes_to_the_same_selection(tmp_path, tiny_encoder_dir,
     from slapcli import replay
     from slapcli.artifacts import read_meta
     from slapcli.progress import Reporter
-    from slapcli.select import SelectConfig, select
+    from slapcli.stages.select import SelectConfig, select
 
     _tiny_strata(tmp_path, tiny_encoder_dir, tiny_proxy_dir, rows=40)
     quiet = Reporter(quiet=True)
@@ -206,7 +206,7 @@ def test_select_without_curvature_records_no_curvature_term(tmp_path, tiny_encod
     import pyarrow.parquet as pq
 
     from slapcli.progress import Reporter
-    from slapcli.select import SelectConfig, select
+    from slapcli.stages.select import SelectConfig, select
 
     _tiny_strata(tmp_path, tiny_encoder_dir, tiny_proxy_dir, rows=24)
     quiet = Reporter(quiet=True)
@@ -261,7 +261,7 @@ def test_eta_scale_changes_the_choice_and_is_validated(tmp_path, tiny_encoder_di
 
     from slapcli.errors import UsageError
     from slapcli.progress import Reporter
-    from slapcli.select import SelectConfig, select
+    from slapcli.stages.select import SelectConfig, select
 
     _tiny_strata(tmp_path, tiny_encoder_dir, tiny_proxy_dir, rows=24)
     quiet = Reporter(quiet=True)

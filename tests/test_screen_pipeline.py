@@ -16,12 +16,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from slapcli import stratify as stratify_module
 from slapcli.artifacts import read_meta
-from slapcli.embed import EmbedConfig, embed
 from slapcli.progress import Reporter
-from slapcli.select import SelectConfig, select
-from slapcli.stratify import StratifyConfig, stratify
+from slapcli.stages import stratify as stratify_module
+from slapcli.stages.embed import EmbedConfig, embed
+from slapcli.stages.select import SelectConfig, select
+from slapcli.stages.stratify import StratifyConfig, stratify
 
 QUIET = Reporter(quiet=True)
 N = 40

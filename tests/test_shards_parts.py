@@ -149,7 +149,7 @@ def test_a_shard_needs_a_file_input(tmp_path: Path, data_file: Path, models: lis
 def test_sharded_loss_pass_gives_the_unsharded_strata(tmp_path: Path, data_file: Path, models: list[str],
                                                       monkeypatch: pytest.MonkeyPatch):
     import slapcli.proxy.passes
-    import slapcli.stratify
+    import slapcli.stages.stratify
 
     monkeypatch.setattr(slapcli.proxy.passes, "LOSS_CHUNK_ROWS", 8)  # several chunks of the pass on a few dozen rows
     emb = tmp_path / "e.parquet"
@@ -164,7 +164,7 @@ def test_sharded_loss_pass_gives_the_unsharded_strata(tmp_path: Path, data_file:
         assert r.exit_code == 0, r.stderr
     assert not strata.exists() and len(list(tmp_path.glob("s.parquet.loss-part-*"))) == 3
     calls: list[int] = []
-    monkeypatch.setattr(slapcli.stratify, "cached_proxy_losses", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(slapcli.stages.stratify, "cached_proxy_losses", lambda *a, **k: calls.append(1))
     r = invoke(["stratify", emb, "-o", strata, *proxy])
     assert r.exit_code == 0 and "from 3 loss parts" in r.stderr, r.stderr
     assert not calls  # no proxy pass here: every loss came from the parts

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from slapcli.methods.base import SelectConfig
-from slapcli.select import target_scope
+from slapcli.stages.select import target_scope
 
 
 def naive_round_robin(dev: np.ndarray, emb: np.ndarray, eligible: np.ndarray, k: int) -> list[int]:

@@ -15,7 +15,6 @@ import numpy as np
 
 from slapcli.artifacts import check_source, read_embeddings, read_meta, read_table
 from slapcli.config import DiagnoseConfig
-from slapcli.embed import EmbedConfig, content_hash, encode_texts
 from slapcli.errors import DataError, UsageError
 from slapcli.io.layouts import detect_layout
 from slapcli.io.readers import ReadStats, SourceReader, iter_examples, record_value
@@ -24,6 +23,7 @@ from slapcli.progress import Reporter
 from slapcli.report.damage import damage_kinds
 from slapcli.report.neighbours import exact_duplicate_groups, near_duplicate_groups, nearest_neighbour_cosine
 from slapcli.report.numbers import quantiles
+from slapcli.stages.embed import EmbedConfig, content_hash, encode_texts
 
 # Loss outliers: above Q3 + 3 IQR (Tukey's "far out"), a rule fixed before looking at any data.
 OUTLIER_IQR = 3.0
