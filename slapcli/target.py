@@ -15,11 +15,10 @@ from slapcli.errors import UsageError
 from slapcli.io.layouts import Example
 from slapcli.io.readers import SourceReader, iter_examples
 
-TARGET_ROWS = 64  # rows of the dev file that are used; LESS-style dev sets are a few dozen rows
 
-
-def read_target_examples(path: str, limit: int = TARGET_ROWS) -> list[Example]:
-    """The first `limit` rows of the dev file (any container and layout slap reads); bad rows stop with file/line."""
+def read_target_examples(path: str, limit: int) -> list[Example]:
+    """The first `limit` rows (SelectConfig.target_rows) of the dev file, in any container and layout slap reads;
+    bad rows stop with file/line."""
     examples = []
     with SourceReader(path) as reader:
         for row in iter_examples(reader):
