@@ -16,9 +16,10 @@
 
 Every method with a random choice runs `--seeds` selection seeds and every subset `--train-seeds` shuffles
 (3 and 3). With `--equal-steps M,...`, those methods' subsets are also trained for as many optimizer steps as
-full data (cycling through the subset), beside the equal-epochs runs. The training recipe, caches and run files
-are scripts/benchlib's, as for benchmark_quality.py (top blocks of SmolLM2-135M from cached hidden states, 1 epoch,
-lr 1e-4, batch 8).
+full data (cycling through the subset), beside the equal-epochs runs. An ablation is a `--variant LABEL=METHOD
+[select options]` (e.g. 'slap-prop=slap --allocation proportional'), seeded as its method. The training recipe,
+caches and run files are scripts/benchlib's, as for benchmark_quality.py (top blocks of SmolLM2-135M from cached
+hidden states, 1 epoch, lr 1e-4, batch 8).
 
 Usage (from the repository root; ~1 h per draw on 2 cores, most of it the slap replays):
 
@@ -269,6 +270,15 @@ def parse_kinds(text: str) -> dict[str, float] | None:
     return out
 
 
+def parse_variant(text: str) -> tuple[str, str, list[str]]:
+    """'LABEL=METHOD --opt value ...' -> (label, method, select options)."""
+    label, sep, rest = text.partition("=")
+    words = shlex.split(rest)
+    if not sep or not label or not words or "/" in label or "_" in label:
+        raise argparse.ArgumentTypeError(f"expected LABEL=METHOD [OPTIONS] (LABEL without '/' or '_'), got {text!r}")
+    return label, words[0], words[1:]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -285,6 +295,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target-rows", type=int, default=64, help="targeted: rows in the dev file")
     p.add_argument("--keeps", type=floats, default=None, help="default: 0.7 (noisy), 0.1,0.2,0.3 (targeted)")
     p.add_argument("--methods", default=None, help="default: stratified,slap (noisy); nearest,slap (targeted)")
+    p.add_argument("--variant", action="append", type=parse_variant, default=[], metavar="LABEL=METHOD [OPTIONS]",
+                   help="an ablation: select with METHOD and these `slap select` options, reported as LABEL, e.g. "
+                        "--variant 'slap-prop=slap --allocation proportional' (repeatable)")
     p.add_argument("--seeds", type=int, default=3, help="selection seeds of methods with a random choice")
     p.add_argument("--train-seeds", type=int, default=3)
     p.add_argument("--equal-steps", default="", help="methods (random too) also trained for full data's steps")
@@ -325,10 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     cached_stage("stratify", ["stratify", str(emb), "-o", str(strata), *common], strata, workdir)
     target = ["--target", str(workdir / "target.jsonl")] if args.regime == "targeted" else []
     plan = [("random", "random", k, s, []) for k in args.keeps for s in range(args.seeds)]
-    for m in args.methods:
+    for label, m, options in [(m, m, []) for m in args.methods] + args.variant:
         seeds = range(args.seeds) if m in SEEDED else [0]
-        extra = target if m in ("slap", "nearest") else []
-        plan += [(m, m, k, s, extra) for k in args.keeps for s in seeds]
+        extra = (target if m in ("slap", "nearest") else []) + options
+        plan += [(label, m, k, s, extra) for k in args.keeps for s in seeds]
     selections: dict[str, dict[str, Any]] = {}
     for label, method, keep, seed, extra in plan:
         name = f"{label}_k{keep:.2f}_s{seed}"

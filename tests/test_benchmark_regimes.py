@@ -81,3 +81,12 @@ def test_equal_steps_trainer_cycles_the_subset_for_exactly_the_steps() -> None:
     batches = list(trainer.batches(np.arange(10), np.random.default_rng(0)))
     assert len(batches) == 7 and trainer.total_steps(10) == 7
     assert sorted(r for b in batches[:3] for r in b) == list(range(10))  # one whole pass before any row repeats
+
+
+def test_variant_is_a_label_a_method_and_select_options() -> None:
+    args = br.parse_args(["noisy", "--workdir", "w", "--variant", "slap-prop=slap --allocation proportional",
+                          "--variant", "rnd=random"])
+    assert args.variant == [("slap-prop", "slap", ["--allocation", "proportional"]), ("rnd", "random", [])]
+    for bad in ("slap", "=slap", "a_b=slap", "a=", "a/b=slap"):
+        with pytest.raises(SystemExit):
+            br.parse_args(["noisy", "--workdir", "w", "--variant", bad])
