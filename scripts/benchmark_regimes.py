@@ -294,7 +294,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target-domain", default="code", help="targeted: the domain of the dev and held-out rows")
     p.add_argument("--target-rows", type=int, default=64, help="targeted: rows in the dev file")
     p.add_argument("--keeps", type=floats, default=None, help="default: 0.7 (noisy), 0.1,0.2,0.3 (targeted)")
-    p.add_argument("--methods", default=None, help="default: stratified,slap (noisy); nearest,slap (targeted)")
+    p.add_argument("--methods", default=None, help="default: stratified,slap (noisy, clean); nearest,slap "
+                                                      "(targeted); '' for random and the variants alone")
     p.add_argument("--variant", action="append", type=parse_variant, default=[], metavar="LABEL=METHOD [OPTIONS]",
                    help="an ablation: select with METHOD and these `slap select` options, reported as LABEL, e.g. "
                         "--variant 'slap-prop=slap --allocation proportional' (repeatable)")
@@ -315,8 +316,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # The shared trainer's recipe fields this script does not vary (its run files and keys read them).
     args.bf16, args.schedule, args.warmup = False, "constant", 0.0
     args.keeps = args.keeps or ([0.1, 0.2, 0.3] if args.regime == "targeted" else [0.7])
-    args.methods = [m for m in (args.methods or ("nearest,slap" if args.regime == "targeted"
-                                                 else "stratified,slap")).split(",") if m]
+    if args.methods is None:  # '' = no methods but random and the variants
+        args.methods = "nearest,slap" if args.regime == "targeted" else "stratified,slap"
+    args.methods = [m for m in args.methods.split(",") if m]
     return args
 
 

@@ -90,3 +90,5 @@ def test_variant_is_a_label_a_method_and_select_options() -> None:
     for bad in ("slap", "=slap", "a_b=slap", "a=", "a/b=slap"):
         with pytest.raises(SystemExit):
             br.parse_args(["noisy", "--workdir", "w", "--variant", bad])
+    assert br.parse_args(["clean", "--workdir", "w", "--methods", ""]).methods == []
+    assert br.parse_args(["clean", "--workdir", "w"]).methods == ["stratified", "slap"]
