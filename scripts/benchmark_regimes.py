@@ -51,8 +51,8 @@ import damage
 import numpy as np
 import torch
 from benchlib.common import floats, log
-from benchlib.data import DOMAIN_FILES, SHARED_DATA, shared_data, usable_rows
-from benchlib.report import git, machine_info
+from benchlib.data import DOMAIN_FILES, SHARED_DATA, jsonl_bytes, shared_data, usable_rows
+from benchlib.report import fmt_spread, git, machine_info, spread
 from benchlib.stages import cached_stage, kept_rows
 from benchlib.trainer import (
     HiddenCache,
@@ -75,7 +75,8 @@ SEEDED = {"random", "slap", "stratified", "embedding", "ccs", "kcenter"}  # meth
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    data = b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in rows)
+    """Write a generated file, refusing to overwrite a workdir's file that holds other data."""
+    data = jsonl_bytes(rows)
     if path.exists() and path.read_bytes() != data:
         raise SystemExit(f"{path} holds other data; use another --workdir")
     path.write_bytes(data)
@@ -167,17 +168,6 @@ def _run(path: Path, rows: np.ndarray, seed: int, equal_steps: bool) -> dict[str
 
 
 # ---------------------------------------------------------------------------------------------- report
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-            "min": float(np.min(values)), "max": float(np.max(values)), "n": len(values)}
-
-
-def fmt_spread(s: dict[str, float]) -> str:
-    if s["n"] == 1:
-        return f"{s['mean']:.4f}"
-    return f"{s['mean']:.4f} ± {s['sd']:.4f} [{s['min']:.4f}, {s['max']:.4f}]"
 
 
 def damage_margins(clean_rows: list[float], damaged_rows: list[float], kind: np.ndarray,

@@ -61,6 +61,13 @@ def spread(values: list[float]) -> dict[str, float]:
             "max": float(v.max()), "n": len(v)}
 
 
+def fmt_spread(s: dict[str, float]) -> str:
+    """`mean ± sd [min, max]` of a `spread`, the mean alone for one value."""
+    if s["n"] == 1:
+        return f"{s['mean']:.4f}"
+    return f"{s['mean']:.4f} ± {s['sd']:.4f} [{s['min']:.4f}, {s['max']:.4f}]"
+
+
 def fmt(x: float | None, digits: int = 4) -> str:
     return "" if x is None else f"{x:.{digits}f}"
 
