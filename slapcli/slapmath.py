@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-ALLOCATIONS = ("waterfill", "proportional", "sqrt")
+from slapcli.budgets import ALLOCATIONS
+
 # Floor for a typical nearest-neighbour distance: a stratum of exact duplicates would otherwise divide by 0.
 MIN_SCALE = 1e-6
 
