@@ -746,6 +746,8 @@ def inspect_cmd(
 ) -> None:
     """An artifact's metadata and summary; or, for a data file, a diagnosis before pruning: duplicates, near
     duplicates, nearest-neighbour cosines, suspected damaged rows and the flags they suggest. On stdout."""
+    if sys.stdout is None:  # started with `>&-`: what inspect prints would go nowhere; say so before a diagnosis
+        raise UsageError("stdout is closed; `slap inspect` prints there (redirect it to a file instead)")
     with importing():
         from slapcli.summary import artifact_summary, describe_artifact, is_artifact, print_diagnosis
     if is_artifact(path):

@@ -355,7 +355,8 @@ def test_a_cache_that_is_not_a_folder_is_one_line_before_the_proxy_pass(tmp_path
     assert not (tmp_path / "s.parquet").exists() and hidden(tmp_path) == []
 
 
-@pytest.mark.parametrize("case", ["export-stdout", "run-stdout", "embed-stdin", "run-stdin"])
+@pytest.mark.parametrize("case", ["export-stdout", "run-stdout", "embed-stdin", "run-stdin", "inspect-stdout",
+                                  "inspect-data-stdout"])
 def test_a_closed_stdin_or_stdout_is_one_line_before_any_work(tmp_path, data, work, models, case):
     import subprocess
     import sys
@@ -367,6 +368,8 @@ def test_a_closed_stdin_or_stdout_is_one_line_before_any_work(tmp_path, data, wo
         "embed-stdin": (["embed", "-", "-o", tmp_path / "e.parquet", *models], "<&-", "-: stdin is closed"),
         "run-stdin": (["run", "-", "--workdir", tmp_path / "w2", "-o", tmp_path / "x.jsonl", *models], "<&-",
                       "-: stdin is closed"),
+        "inspect-stdout": (["inspect", work / "selection.parquet"], ">&-", "stdout is closed"),
+        "inspect-data-stdout": (["inspect", data, *models[:2]], ">&-", "stdout is closed"),
     }[case]
     argv = " ".join(f"'{a}'" for a in [sys.executable, "-m", "slapcli", *args])
     # Started by a shell with the stream closed, as `slap ... >&-` (Python then has None for it).
