@@ -15,7 +15,9 @@ valuable rows (both are poorly predicted). Two questions the proxy can answer ca
   A cut-off answer is also flagged only where the model gives its end less than one chance in a million.
 - Is the answer's second half new, or a copy of its first? `tail_loss` / the first half's loss: an answer stuck
   repeating its opening is copied by the model at almost no loss, so its second half is far easier than its
-  first (a ratio, so a predictable answer, e.g. code, is not taken for a repetitive one).
+  first (a ratio, so a predictable answer, e.g. code, is not taken for a repetitive one). Being an outlier of
+  that ratio is not enough either (a clean pool has its tail): the answer must also repeat itself in words, more
+  than half of its characters in word 5-grams it already used (Gopher's repetition rule, Rae et al. 2021).
 
 A row is flagged when a signal is an outlier by the modified z-score of Iglewicz and Hoaglin (0.6745 (x -
 median) / MAD, outlier beyond 3.5), a rule fixed a priori and robust to a large share of flagged rows (median
@@ -46,6 +48,13 @@ MIN_TAIL_TOKENS = 16
 # complete answers that the z-score alone flagged (ending in code, a list, a number) sat at 7-21 nats (all but 3
 # below 15.1) and answers cut off mid-sentence at 18-34 nats (all but 2).
 CUT_OFF_MIN_END_LOSS = float(np.log(1e6))
+# Gopher (Rae et al. 2021, Table A1) drops a web page when over 15% of its characters sit in word 5-grams it already
+# used. Answers are short and often legitimately repetitive (tables, arrays, markup), so the cut here is a half:
+# flagged when more of the answer repeats its own earlier text than not. Not fitted; for scale, 5 of the shared
+# data's 7,017 answers pass it (a truth table, an array of zeros, HTML tables), and answers stuck repeating their
+# opening 2-4 times (scripts/damage.py's `repetition`) sit at 0.5-0.75.
+REPEATED_NGRAM = 5
+REPEATED_SHARE_MAX = 0.5
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,7 @@ class ScreenSignals:
     mean_loss: np.ndarray  # mean loss over all response tokens
     tail_loss: np.ndarray  # mean loss of the answer's second half; far below the first half's = it repeats
     response_tokens: np.ndarray  # response tokens per row (the tail signal needs 2 * MIN_TAIL_TOKENS)
+    repeated_share: np.ndarray  # share of the answer's characters in word n-grams it already used; high = loops
 
 
 def prompt_gain(loss_with_prompt: np.ndarray, loss_without_prompt: np.ndarray) -> np.ndarray:
@@ -89,15 +99,20 @@ def screen_scores(signals: ScreenSignals, eligible: np.ndarray) -> dict[str, np.
     """Per reason, a suspicion score in outlier units (above OUTLIER_Z = flagged): the z-score oriented so that
     larger is worse. `ignores_prompt` also counts any row whose prompt does not help at all (gain <= 0, IFD >= 1)
     as flagged, whatever the spread of the rest; `cut_off` counts only rows whose end the proxy finds less likely
-    than CUT_OFF_MIN_END_LOSS allows (their score is capped just below the cut otherwise)."""
+    than CUT_OFF_MIN_END_LOSS allows (their score is capped just below the cut otherwise); `repetitive` counts the
+    rows with more than REPEATED_SHARE_MAX of their answer in repeated n-grams, however short, and ranks them by
+    the tail-to-head loss ratio's z-score (capped at the cut for the rest: the ratio alone flagged 3-6 complete
+    answers of every clean 300-row pool and caught 6-8 of 18 looping ones, the n-gram share 0 and 18)."""
     gain = signals.prompt_gain
     z_gain = -modified_z(gain, eligible)
     z_gain = np.where(eligible & (gain <= 0), np.maximum(z_gain, OUTLIER_Z + 1e-6), z_gain)
     long_enough = eligible & (signals.response_tokens >= 2 * MIN_TAIL_TOKENS)
     z_end = modified_z(signals.end_loss, eligible)
     z_end = np.where(signals.end_loss < CUT_OFF_MIN_END_LOSS, np.minimum(z_end, OUTLIER_Z), z_end)
-    return {"ignores_prompt": z_gain, "cut_off": z_end,
-            "repetitive": -modified_z(tail_to_head(signals), long_enough)}
+    z_tail = -modified_z(tail_to_head(signals), long_enough)
+    loops = eligible & (np.nan_to_num(signals.repeated_share, nan=0.0) > REPEATED_SHARE_MAX)
+    z_tail = np.where(loops, np.fmax(z_tail, OUTLIER_Z + 1e-6), np.fmin(z_tail, OUTLIER_Z))
+    return {"ignores_prompt": z_gain, "cut_off": z_end, "repetitive": z_tail}
 
 
 def tail_to_head(signals: ScreenSignals) -> np.ndarray:
@@ -109,6 +124,30 @@ def tail_to_head(signals: ScreenSignals) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         head = (signals.mean_loss * n - tail * (n - n_head)) / n_head
     return np.log(np.maximum(tail, 1e-4)) - np.log(np.maximum(head, 1e-4))
+
+
+def repeated_ngram_share(text: str, n: int = REPEATED_NGRAM) -> float:
+    """The share of `text`'s characters (of its whitespace-separated words) covered by a word n-gram that already
+    occurred earlier in the text; 0 for text shorter than n words. First occurrences do not count, so an opening
+    said twice scores 1/2, three times 2/3."""
+    words = text.split()
+    if len(words) < n:
+        return 0.0
+    covered = np.zeros(len(words), dtype=bool)
+    seen: set[tuple[str, ...]] = set()
+    for i in range(len(words) - n + 1):
+        gram = tuple(words[i:i + n])
+        if gram in seen:
+            covered[i:i + n] = True
+        else:
+            seen.add(gram)
+    lengths = np.fromiter((len(w) for w in words), dtype=np.int64, count=len(words))
+    return float(lengths[covered].sum() / lengths.sum())
+
+
+def answer_text(example: Example) -> str:
+    """The assistant turns of a row, one after another: the text the repetition check reads."""
+    return "\n".join(t.text for t in example.turns if t.role == "assistant")
 
 
 def screen_flags(scores: dict[str, np.ndarray], eligible: np.ndarray,

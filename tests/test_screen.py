@@ -10,11 +10,14 @@ from slapcli.screen import (
     CUT_OFF_MIN_END_LOSS,
     MIN_TAIL_TOKENS,
     OUTLIER_Z,
+    REPEATED_SHARE_MAX,
     SCREEN_REASONS,
     ScreenSignals,
+    answer_text,
     modified_z,
     near_duplicates,
     prompt_gain,
+    repeated_ngram_share,
     restore_order,
     screen_flags,
     screen_scores,
@@ -50,7 +53,7 @@ def signals(n: int, rng: np.random.Generator) -> ScreenSignals:
                          end_loss=rng.normal(1.5, 0.5, n).astype(np.float32),
                          mean_loss=np.full(n, 1.5, dtype=np.float32),
                          tail_loss=np.exp(rng.normal(0.3, 0.3, n)).astype(np.float32),
-                         response_tokens=np.full(n, 100))
+                         response_tokens=np.full(n, 100), repeated_share=np.zeros(n, dtype=np.float32))
 
 
 def test_each_kind_of_outlier_gets_its_reason_and_clean_rows_none() -> None:
@@ -59,7 +62,9 @@ def test_each_kind_of_outlier_gets_its_reason_and_clean_rows_none() -> None:
     s.prompt_gain[0] = -0.2  # the prompt does not help (IFD > 1), however small the spread
     s.prompt_gain[1] = 0.55  # ordinary
     s.end_loss[2] = 25.0  # stops mid-sentence
-    s.tail_loss[3] = 0.001  # its second half is copied
+    s.tail_loss[3] = 0.001  # its second half is copied ...
+    s.repeated_share[3] = 0.7  # ... in words, too
+    s.tail_loss[6] = 0.001  # an easy second half alone is no loop
     s.response_tokens[4] = 2 * MIN_TAIL_TOKENS - 1  # too short for the tail signal ...
     s.tail_loss[4] = 0.001  # ... so not flagged for it
     eligible = np.ones(200, dtype=bool)
@@ -68,7 +73,7 @@ def test_each_kind_of_outlier_gets_its_reason_and_clean_rows_none() -> None:
     reason, suspicion = screen_flags(screen_scores(s, eligible), eligible)
     names = {i: SCREEN_REASONS[r] for i, r in enumerate(reason) if r >= 0}
     assert names[0] == "ignores_prompt" and names[2] == "cut_off" and names[3] == "repetitive"
-    assert 1 not in names and 4 not in names and 5 not in names
+    assert 1 not in names and 4 not in names and 5 not in names and 6 not in names
     assert len(names) <= 3 + 4  # a normal sample has almost no 3.5-sigma outliers
     assert suspicion[5] == -np.inf and suspicion[2] > OUTLIER_Z
 
@@ -89,6 +94,43 @@ def test_an_unusual_but_plausible_end_is_not_taken_for_a_cut_off() -> None:
     assert np.all(scores["cut_off"][2:] <= OUTLIER_Z)  # every end under the floor is capped
 
 
+def naive_repeated_share(text: str, n: int) -> float:
+    """Word by word: is it inside some n-gram whose words appeared, in that order, at an earlier start?"""
+    w = text.split()
+    starts = [i for i in range(len(w) - n + 1) if any(w[j:j + n] == w[i:i + n] for j in range(i))]
+    covered = [any(i <= k < i + n for i in starts) for k in range(len(w))]
+    total = sum(len(x) for x in w)
+    return sum(len(x) for x, c in zip(w, covered, strict=True) if c) / total if len(w) >= n else 0.0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_repeated_ngram_share_matches_a_naive_scan(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    vocab = ["a", "bb", "ccc", "dd", "e", "fff"][: 2 + seed % 5]  # small vocabularies repeat n-grams by chance
+    text = " ".join(rng.choice(vocab, size=int(rng.integers(0, 60))))
+    for n in (1, 2, 3, 5):
+        assert repeated_ngram_share(text, n) == pytest.approx(naive_repeated_share(text, n))
+
+
+def test_an_opening_said_over_and_over_is_flagged_repetitive_however_short() -> None:
+    opening = "The capital of France is Paris."
+    assert repeated_ngram_share(" ".join([opening] * 2)) == pytest.approx(0.5)
+    assert repeated_ngram_share(" ".join([opening] * 3)) == pytest.approx(2 / 3)
+    assert repeated_ngram_share("one two three four") == 0.0  # fewer words than the n-gram
+    assert repeated_ngram_share("a b c d e f g h i j k") == 0.0
+    rng = np.random.default_rng(3)
+    s = signals(50, rng)
+    s.response_tokens[0] = 12  # too short for the loss-ratio signal
+    s.repeated_share[0] = 2 / 3
+    s.repeated_share[1] = REPEATED_SHARE_MAX  # exactly half: not more of the answer repeated than not
+    s.repeated_share[2] = np.nan  # not computed (e.g. a duplicate)
+    eligible = np.ones(50, dtype=bool)
+    reason, _ = screen_flags(screen_scores(s, eligible), eligible)
+    assert SCREEN_REASONS[reason[0]] == "repetitive" and reason[1] == -1 and reason[2] == -1
+    ex = Example((Turn("user", "q"), Turn("assistant", "a b"), Turn("user", "q2"), Turn("assistant", "c")))
+    assert answer_text(ex) == "a b\nc"
+
+
 def test_screen_flags_reason_is_the_largest_score_above_the_threshold() -> None:
     scores = {"ignores_prompt": np.array([5.0, 1.0, np.nan, 4.0]), "cut_off": np.array([6.0, 2.0, 0.0, np.nan]),
               "repetitive": np.array([np.nan, 3.6, np.nan, 1.0])}
@@ -101,7 +143,7 @@ def test_screen_flags_reason_is_the_largest_score_above_the_threshold() -> None:
 def test_tail_to_head_is_the_log_ratio_of_the_two_halves() -> None:
     # 5 tokens: head = first 2 (losses 3, 1), tail = last 3 (losses 0.2, 0.2, 0.2)
     s = ScreenSignals(prompt_gain=np.zeros(1), end_loss=np.zeros(1), mean_loss=np.array([(3 + 1 + 0.6) / 5]),
-                      tail_loss=np.array([0.2]), response_tokens=np.array([5]))
+                      tail_loss=np.array([0.2]), response_tokens=np.array([5]), repeated_share=np.zeros(1))
     from slapcli.screen import tail_to_head
     np.testing.assert_allclose(tail_to_head(s), [np.log(0.2 / 2.0)])
 

@@ -36,8 +36,10 @@ from slapcli.proxy.passes import LossPass, cached_proxy_losses
 from slapcli.screen import (
     SCREEN_REASONS,
     ScreenSignals,
+    answer_text,
     near_duplicates,
     prompt_gain,
+    repeated_ngram_share,
     restore_order,
     screen_flags,
     screen_scores,
@@ -45,7 +47,7 @@ from slapcli.screen import (
 )
 from slapcli.shard import Shard
 from slapcli.slapmath import allocate_budget
-from slapcli.source import source_path, verify_source
+from slapcli.source import iter_source_rows, source_path, verify_source
 
 
 def default_clusters(n_rows: int) -> int:
@@ -169,7 +171,8 @@ def stratify(embeddings_path: str, output_path: str, config: StratifyConfig, rep
     suspicion = np.full(n, np.nan, dtype=np.float32)
     if config.proxy_loss and config.screen:
         signals = ScreenSignals(prompt_gain=prompt_gain(loss, direct), end_loss=terms[:, 1], mean_loss=loss,
-                                tail_loss=terms[:, 2], response_tokens=table["n_response_tokens"].to_numpy())
+                                tail_loss=terms[:, 2], response_tokens=table["n_response_tokens"].to_numpy(),
+                                repeated_share=answer_repetition(emb_meta, src, embeddings_path, rows, eligible))
         reason, score = screen_flags(screen_scores(signals, eligible), eligible)
         suspicion[eligible] = score[eligible]
         screened = {name: reason == i for i, name in enumerate(SCREEN_REASONS)}
@@ -236,6 +239,17 @@ def stratify(embeddings_path: str, output_path: str, config: StratifyConfig, rep
     )
     write_artifact(output_path, out, meta)
     return meta
+
+
+def answer_repetition(emb_meta: ArtifactMeta, src: str, embeddings_path: str, rows: np.ndarray,
+                      eligible: np.ndarray) -> np.ndarray:
+    """Per row, the share of its answer in repeated word n-grams (slapcli.screen); NaN where not eligible. Reads the
+    source once more: text only, no model, a small cost beside the proxy passes."""
+    share = np.full(len(rows), np.nan, dtype=np.float32)
+    position = {int(r): i for i, r in enumerate(rows.tolist())}
+    for parsed in iter_source_rows(emb_meta, src, embeddings_path, set(rows[eligible].tolist())):
+        share[position[parsed.record.index]] = repeated_ngram_share(answer_text(parsed.example))
+    return share
 
 
 def _nullable(values: np.ndarray) -> pa.Array:
