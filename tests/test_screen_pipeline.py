@@ -26,13 +26,17 @@ from slapcli.stages.stratify import StratifyConfig, stratify
 QUIET = Reporter(quiet=True)
 N = 40
 IGNORES, CUT, REPEATS = {3, 11}, {5, 20}, {8}
+EASY_TAIL = 9  # a second half the proxy finds easy, in words that do not loop: not repetitive
 
 
 def rows() -> list[dict]:
     rng = random.Random(0)
     words = ["alpha", "beta", "gamma", "delta", "omega", "kappa", "sigma", "tau"]
-    return [{"instruction": f"Task {i}: " + " ".join(rng.choice(words) for _ in range(5)),
-             "output": " ".join(rng.choice(words) for _ in range(40))} for i in range(N)]
+    out = [{"instruction": f"Task {i}: " + " ".join(rng.choice(words) for _ in range(5)),
+            "output": " ".join(rng.choice(words) for _ in range(40))} for i in range(N)]
+    for i in REPEATS:  # an answer stuck repeating its opening
+        out[i]["output"] = " ".join([" ".join(out[i]["output"].split()[:8])] * 5)
+    return out
 
 
 def fake_terms(meta, src, name, wanted_rows, loss_pass, reporter, view=None, engine=None):
@@ -50,7 +54,7 @@ def fake_terms(meta, src, name, wanted_rows, loss_pass, reporter, view=None, eng
     else:
         for r in CUT & set(rows_):
             out[rows_.index(r), 1] = 20.0
-        for r in REPEATS & set(rows_):
+        for r in (REPEATS | {EASY_TAIL}) & set(rows_):
             out[rows_.index(r), 2] = 0.05
     return out, "fake-proxy"
 
