@@ -128,10 +128,11 @@ def tail_to_head(signals: ScreenSignals) -> np.ndarray:
 
 def repeated_ngram_share(text: str, n: int = REPEATED_NGRAM) -> float:
     """The share of `text`'s characters (of its whitespace-separated words) covered by a word n-gram that already
-    occurred earlier in the text; 0 for text shorter than n words. First occurrences do not count, so an opening
-    said twice scores 1/2, three times 2/3."""
+    occurred earlier in the text; 0 for text shorter than 2n words (too short to say an n-gram twice without
+    overlapping it). First occurrences do not count, so an opening said twice scores 1/2, three times 2/3.
+    `slap inspect`'s diagnosis calls an answer repeated by the same share (slapcli.report.damage)."""
     words = text.split()
-    if len(words) < n:
+    if len(words) < 2 * n:
         return 0.0
     covered = np.zeros(len(words), dtype=bool)
     seen: set[tuple[str, ...]] = set()

@@ -19,7 +19,6 @@ from slapcli.report.damage import (
     is_refusal,
     is_repetitive,
     looks_cut_off,
-    repeated_ngram_share,
 )
 from slapcli.report.diagnose import loss_outliers, suggest
 
@@ -218,8 +217,6 @@ def test_damage_kinds(text, kinds):
 
 def test_each_damage_test_alone():
     assert is_emptyish("-") and not is_emptyish("a")
-    assert repeated_ngram_share("a b c a b c") == (pytest.approx(1 - 3 / 4), 4)
-    assert repeated_ngram_share("a b") == (0.0, 0)
     assert is_repetitive("x y z " * 10) and not is_repetitive("x y z " * 3)  # too short to judge
     assert is_refusal("Unfortunately, I am unable to browse the web.")
     assert looks_cut_off("It works in three steps: first the") and not looks_cut_off("the")  # too short

@@ -9,12 +9,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from slapcli.screen import REPEATED_SHARE_MAX, repeated_ngram_share
+
 # No letter or digit at all ("", "-", "..."), or a placeholder. Short answers ("7", "4.6") are real answers.
 PLACEHOLDERS = {"n/a", "na", "none", "null", "nan", "tbd", "todo", "<noinput>", "<nooutput>", "no output"}
-# Repeated text: at least this many word n-grams, of which at least this share repeat an earlier one.
-NGRAM = 3
-MIN_NGRAMS = 12
-REPEATED_SHARE = 0.5
 # Canned refusals: an apology or "I can't" followed by a refusal, at the start of the response, or the AI-model
 # disclaimer in its first lines. "I'm sorry to hear that" alone is sympathy, not a refusal.
 _REFUSAL_START = re.compile(
@@ -34,18 +32,9 @@ def is_emptyish(response: str) -> bool:
     return text.lower() in PLACEHOLDERS or not any(c.isalnum() for c in text)
 
 
-def repeated_ngram_share(text: str, n: int = NGRAM) -> tuple[float, int]:
-    """Share of the word n-grams that repeat an earlier n-gram, and how many n-grams there are."""
-    words = text.lower().split()
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
-    if not grams:
-        return 0.0, 0
-    return 1.0 - len(set(grams)) / len(grams), len(grams)
-
-
 def is_repetitive(response: str) -> bool:
-    share, count = repeated_ngram_share(response)
-    return count >= MIN_NGRAMS and share >= REPEATED_SHARE
+    """More than half of the text in word 5-grams it already used: the rule stratify's screen drops rows by."""
+    return repeated_ngram_share(response) > REPEATED_SHARE_MAX
 
 
 def is_refusal(response: str) -> bool:
