@@ -15,6 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+PANELS_PER_ROW = 4  # wider figures shrink below reading size on a docs page
+
 
 def panels(results: list[dict[str, Any]]) -> list[tuple[str, str, list[dict[str, Any]]]]:
     """(title, metric key, table rows) per panel: held-out loss for every report, the margin for noisy ones."""
@@ -36,8 +38,12 @@ def draw(results: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     chosen = panels(results)
-    fig, axes = plt.subplots(1, len(chosen), figsize=(4.2 * len(chosen), 3.6), squeeze=False)
-    for ax, (title, key, rows) in zip(axes[0], chosen, strict=True):
+    ncols = min(len(chosen), PANELS_PER_ROW)
+    nrows = -(-len(chosen) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.6 * nrows), squeeze=False)
+    for ax in axes.flat[len(chosen):]:
+        ax.set_visible(False)
+    for ax, (title, key, rows) in zip(axes.flat, chosen, strict=False):
         subsets = [row for row in rows if row["label"] != "full"]
         for i, row in enumerate(subsets):
             s = row[key]
