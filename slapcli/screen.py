@@ -100,9 +100,9 @@ def screen_scores(signals: ScreenSignals, eligible: np.ndarray) -> dict[str, np.
     larger is worse. `ignores_prompt` also counts any row whose prompt does not help at all (gain <= 0, IFD >= 1)
     as flagged, whatever the spread of the rest; `cut_off` counts only rows whose end the proxy finds less likely
     than CUT_OFF_MIN_END_LOSS allows (their score is capped just below the cut otherwise); `repetitive` counts the
-    rows with more than REPEATED_SHARE_MAX of their answer in repeated n-grams, however short, and ranks them by
-    the tail-to-head loss ratio's z-score (capped at the cut for the rest: the ratio alone flagged 3-6 complete
-    answers of every clean 300-row pool and caught 6-8 of 18 looping ones, the n-gram share 0 and 18)."""
+    rows with more than REPEATED_SHARE_MAX of their answer in repeated n-grams (also those too short for the ratio),
+    ranked by the tail-to-head loss ratio's z-score (capped at the cut for the rest: the ratio alone flagged 3-6
+    complete answers of every clean 300-row pool and caught 6-8 of 18 looping ones, the n-gram share 0 and 18)."""
     gain = signals.prompt_gain
     z_gain = -modified_z(gain, eligible)
     z_gain = np.where(eligible & (gain <= 0), np.maximum(z_gain, OUTLIER_Z + 1e-6), z_gain)
