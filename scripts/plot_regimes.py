@@ -48,7 +48,7 @@ def draw(results: list[dict[str, Any]], path: Path) -> None:
         for i, row in enumerate(subsets):
             s = row[key]
             ax.errorbar([i], [s["mean"]], yerr=[[s["mean"] - s["min"]], [s["max"] - s["mean"]]], fmt="o",
-                        capsize=4, color="tab:red" if row["label"] == "random" else "tab:blue")
+                        capsize=4, color="tab:red" if row["label"].startswith("random") else "tab:blue")
         full = next((row for row in rows if row["label"] == "full"), None)
         if full is not None:
             ax.axhline(full[key]["mean"], ls="--", color="grey", lw=1, label="full data")
