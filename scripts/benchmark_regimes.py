@@ -280,7 +280,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--damaged-share", type=float, default=0.3, help="noisy: share of damaged training rows")
     p.add_argument("--kinds", type=parse_kinds, default=None,
                    help=f"noisy: damage kinds and weights, e.g. 'mismatch:2,refusal' (default: all of "
-                        f"{', '.join(damage.DAMAGE_KINDS)}, equal)")
+                        f"{', '.join(damage.DAMAGE_KINDS)}, equal; held out from the default, to check the screen "
+                        f"on damage it was not developed on: {', '.join(damage.HELD_OUT_KINDS)})")
     p.add_argument("--target-domain", default="code", help="targeted: the domain of the dev and held-out rows")
     p.add_argument("--target-rows", type=int, default=64, help="targeted: rows in the dev file")
     p.add_argument("--keeps", type=floats, default=None, help="default: 0.7 (noisy), 0.1,0.2,0.3 (targeted)")

@@ -9,6 +9,15 @@ when the row cannot take that damage, e.g. an answer too short to cut), register
 - `repetition`: the answer's opening repeated until the text is 2-4x as long (degenerate decoding);
 - `near_copy`: a lightly edited copy of a clean row that stays in the pool (merged sources, templated rows).
 
+`HELD_OUT_KINDS` are other forms of the same failures, written after the screen's rules were set and never in
+the default mix, to check the screen on damage it was not developed on (`--kinds cross_domain,cut_chars,...`):
+
+- `cross_domain`: the answer of a row of another domain (a code answer to a writing prompt, or the reverse);
+- `cut_chars`: the answer cut at 30-80% of its characters, mid-word or mid-line (a byte limit);
+- `late_loop`: the answer's first 30-60% of words, then its last 6-10 of them said again and again (a loop that
+  starts late, so the opening is fine);
+- `non_answer`: the answer replaced by an upbeat reply with no content ("Sure! Here is the answer you asked for.").
+
 Rows are plain dicts in any layout `slap` reads that has one answer to damage: Alpaca (`output`), prompt /
 response or completion, OpenAI `messages` and ShareGPT `conversations` (the last assistant turn). A damaged row
 carries `damage: KIND`; a clean row has no such field, so a trainer ignores it and a benchmark can read it back.
@@ -127,6 +136,43 @@ def _light_edit(text: str, rng: random.Random) -> str:
     return " ".join(words)
 
 
+def cross_domain(row: Row, rng: random.Random, donors: Sequence[Row]) -> Row | None:
+    other = [d for d in donors if d.get("domain") != row.get("domain") and get_answer(d)]
+    if not other:
+        return None
+    return with_answer(row, get_answer(rng.choice(other)) or "", "cross_domain")
+
+
+def cut_chars(row: Row, rng: random.Random, donors: Sequence[Row]) -> Row | None:
+    answer = (get_answer(row) or "").strip()
+    if len(answer) < 60:
+        return None
+    return with_answer(row, answer[: int(len(answer) * rng.uniform(0.3, 0.8))], "cut_chars")
+
+
+def late_loop(row: Row, rng: random.Random, donors: Sequence[Row]) -> Row | None:
+    words = (get_answer(row) or "").split()
+    if len(words) < 20:
+        return None
+    head = words[: int(len(words) * rng.uniform(0.3, 0.6))]
+    phrase = head[-rng.randint(6, 10):]
+    loops = max(3, round(len(words) * rng.uniform(1.0, 2.0) / len(phrase)))
+    return with_answer(row, " ".join(head + phrase * loops), "late_loop")
+
+
+NON_ANSWERS = (
+    "Sure! Here is the answer you asked for.",
+    "Great question! Let me know if you need anything else.",
+    "Of course, happy to help with that. Here you go.",
+    "Done! I hope this helps.",
+    "Thanks for asking. The answer is below.",
+)
+
+
+def non_answer(row: Row, rng: random.Random, donors: Sequence[Row]) -> Row | None:
+    return with_answer(row, rng.choice(NON_ANSWERS), "non_answer")
+
+
 # Kinds that replace a row in place; `near_copy` adds a row beside a clean one that stays.
 DAMAGE_KINDS: dict[str, DamageFn] = {
     "mismatch": mismatch,
@@ -136,6 +182,12 @@ DAMAGE_KINDS: dict[str, DamageFn] = {
     "near_copy": near_copy,
 }
 ADDS_A_ROW = {"near_copy"}
+HELD_OUT_KINDS: dict[str, DamageFn] = {
+    "cross_domain": cross_domain,
+    "cut_chars": cut_chars,
+    "late_loop": late_loop,
+    "non_answer": non_answer,
+}
 
 
 def make_noisy_pool(rows: Sequence[Row], damaged_share: float, seed: int,
@@ -150,9 +202,10 @@ def make_noisy_pool(rows: Sequence[Row], damaged_share: float, seed: int,
     if not 0.0 <= damaged_share < 1.0:
         raise ValueError(f"damaged_share must be in [0, 1), got {damaged_share}")
     weights = kinds or dict.fromkeys(DAMAGE_KINDS, 1.0)
-    unknown = sorted(set(weights) - set(DAMAGE_KINDS))
+    known = {**DAMAGE_KINDS, **HELD_OUT_KINDS}
+    unknown = sorted(set(weights) - set(known))
     if unknown:
-        raise ValueError(f"unknown damage kinds {unknown}; known: {', '.join(DAMAGE_KINDS)}")
+        raise ValueError(f"unknown damage kinds {unknown}; known: {', '.join(known)}")
     rng = random.Random(seed)
     n = len(rows)
     n_damaged = round(damaged_share * n)
@@ -168,7 +221,7 @@ def make_noisy_pool(rows: Sequence[Row], damaged_share: float, seed: int,
     used: set[int] = set()
     pool: list[Row] = [copy.deepcopy(rows[i]) for i in clean]
     for kind, count in counts.items():
-        fn = DAMAGE_KINDS[kind]
+        fn = known[kind]
         made = 0
         for i in rng.sample(clean if kind in ADDS_A_ROW else spare, len(clean if kind in ADDS_A_ROW else spare)):
             if made == count:

@@ -72,3 +72,19 @@ def test_kinds_can_be_chosen_and_extended(monkeypatch: pytest.MonkeyPatch) -> No
     assert Counter(r.get("damage") for r in pool if "damage" in r) == {"shout": 10, "refusal": 10}
     with pytest.raises(ValueError, match="unknown damage kinds"):
         damage.make_noisy_pool(ROWS, 0.1, seed=0, kinds={"nope": 1.0})
+
+
+def test_held_out_kinds_damage_as_described_and_stay_out_of_the_default_mix() -> None:
+    rng = random.Random(0)
+    row = ROWS[1]  # general
+    assert damage.cross_domain(row, rng, ROWS)["output"] in {r["output"] for r in ROWS if r["domain"] == "code"}
+    cut = damage.cut_chars(row, rng, ROWS)["output"]
+    assert row["output"].startswith(cut) and 0.3 * len(row["output"]) - 1 <= len(cut) <= 0.8 * len(row["output"])
+    loop = damage.late_loop(row, rng, ROWS)["output"].split()
+    words = row["output"].split()
+    assert loop[:6] == words[:6] and len(loop) > len(words) and set(loop) < set(words)  # the tail says nothing new
+    assert damage.non_answer(row, rng, ROWS)["output"] in damage.NON_ANSWERS
+    assert not set(damage.HELD_OUT_KINDS) & set(damage.DAMAGE_KINDS)
+    assert not {r.get("damage") for r in damage.make_noisy_pool(ROWS, 0.3, seed=0)} & set(damage.HELD_OUT_KINDS)
+    pool = damage.make_noisy_pool(ROWS, 0.2, seed=0, kinds=dict.fromkeys(damage.HELD_OUT_KINDS, 1.0))
+    assert Counter(r.get("damage") for r in pool if "damage" in r) == dict.fromkeys(damage.HELD_OUT_KINDS, 10)
