@@ -10,7 +10,9 @@
   margin falls when the model has learnt to refuse, stop early, repeat or answer another prompt.
 - **targeted**: the shared mix as the pool, a `--target` dev file of `--target-rows` rows of one domain (disjoint
   from pool and held-out), held-out rows of that domain only; keeps 0.1-0.3; baselines random, `nearest`, and the
-  domain oracle (random rows of the pool's target-domain rows, same size).
+  domain oracle (random rows of the pool's target-domain rows, same size). With `--damaged-share`, the pool is
+  damaged as the noisy one is (the target domain's rows too), the oracle draws on clean domain rows only and the
+  drop table is reported.
 - **clean**: the same draw undamaged (benchmark_quality.py's protocol, here with the seeds and report of the
   other two regimes): the default must be no worse than random.
 
@@ -109,12 +111,21 @@ def build_targeted(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     rng = random.Random(args.data_seed + 1)
     picked = [{**r, "domain": args.target_domain} for r in rng.sample(spare, extra)]
     held = [r for r in heldout if r["domain"] == args.target_domain]
-    write_jsonl(workdir / "train.jsonl", train)
+    # A damaged targeted pool (--damaged-share > 0): the target domain's rows are damaged as often as the others'.
+    pool = train
+    if args.damaged_share:
+        pool = damage.make_noisy_pool(train, args.damaged_share, args.data_seed, args.kinds)
+    write_jsonl(workdir / "train.jsonl", pool)
     write_jsonl(workdir / "heldout.jsonl", held)
     write_jsonl(workdir / "target.jsonl", picked[: args.target_rows])
-    return {**info, "train_rows": len(train), "regime": "targeted", "target_domain": args.target_domain,
-            "target_rows": args.target_rows,
-            "heldout_rows_target": len(held), "pool_by_domain": dict(Counter(r["domain"] for r in train))}
+    if args.damaged_share:
+        write_jsonl(workdir / "heldout_damaged.jsonl", damage.damaged_views(held, args.data_seed + 2))
+    info = {**info, "train_rows": len(pool), "regime": "targeted", "target_domain": args.target_domain,
+            "target_rows": args.target_rows, "damaged_share": args.damaged_share,
+            "heldout_rows_target": len(held), "pool_by_domain": dict(Counter(r["domain"] for r in pool))}
+    if args.damaged_share:
+        info["pool_damage"] = dict(Counter(r.get("damage", "clean") for r in pool))
+    return info
 
 
 def pool_labels(path: Path, field: str, default: str) -> np.ndarray:
@@ -208,6 +219,9 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
                      f"({', '.join(f'{k} {v}' for k, v in sorted(data['pool_damage'].items()))}); held-out: "
                      f"{data['heldout_per_domain']} clean rows per domain.")
     else:
+        if data.get("damaged_share"):
+            lines.append(f"{data['damaged_share']:.0%} of the pool damaged "
+                         f"({', '.join(f'{k} {v}' for k, v in sorted(data['pool_damage'].items()))}).")
         lines.append(f"Pool: {data['train_rows']} rows of the shared mix ({data['pool_by_domain']}); target dev file: "
                      f"{data['target_rows']} {data['target_domain']} rows; held-out: {data['heldout_rows_target']} "
                      f"{data['target_domain']} rows (none in the pool or the dev file).")
@@ -277,7 +291,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--train-rows", type=int, default=300)
     p.add_argument("--heldout-per-domain", type=int, default=60)
-    p.add_argument("--damaged-share", type=float, default=0.3, help="noisy: share of damaged training rows")
+    p.add_argument("--damaged-share", type=float, default=None,
+                   help="share of damaged pool rows (default: 0.3 noisy, 0 targeted; clean: always 0)")
     p.add_argument("--kinds", type=parse_kinds, default=None,
                    help=f"noisy: damage kinds and weights, e.g. 'mismatch:2,refusal' (default: all of "
                         f"{', '.join(damage.DAMAGE_KINDS)}, equal; held out from the default, to check the screen "
@@ -302,8 +317,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-4)
     args = p.parse_args(argv)
-    if args.regime == "clean":
+    if args.regime == "clean" or (args.regime == "targeted" and args.damaged_share is None):
         args.damaged_share = 0.0
+    elif args.damaged_share is None:
+        args.damaged_share = 0.3
     # The shared trainer's recipe fields this script does not vary (its run files and keys read them).
     args.bf16, args.schedule, args.warmup = False, "constant", 0.0
     args.keeps = args.keeps or ([0.1, 0.2, 0.3] if args.regime == "targeted" else [0.7])
@@ -350,19 +367,21 @@ def main(argv: list[str] | None = None) -> int:
         "commit": git("rev-parse", "HEAD"), "machine": machine_info(), "selections": selections,
         "recipe": recipe_of(args)}
     labels = pool_labels(train, "domain", "all") if args.regime == "targeted" else pool_labels(train, "damage", "clean")
-    if args.regime == "noisy":
-        results["damage"] = damage_table(selections, labels)
+    damage_labels = pool_labels(train, "damage", "clean")
+    if args.damaged_share:
+        results["damage"] = damage_table(selections, damage_labels)
     n = len(labels)
     subsets: list[tuple[str, float, int, np.ndarray]] = [("full", 1.0, 0, np.arange(n))]
     if args.regime == "noisy":
         subsets.append(("oracle: clean rows", round(float((labels == "clean").mean()), 2), 0,
                         np.flatnonzero(labels == "clean")))
-    else:
-        domain_rows = np.flatnonzero(labels == args.target_domain)
+    else:  # in a damaged pool, the oracle draws on the domain's clean rows only
+        domain_rows = np.flatnonzero((labels == args.target_domain) & (damage_labels == "clean"))
+        oracle = "oracle: clean domain rows" if args.damaged_share else "oracle: domain rows"
         for k in args.keeps:
             size = round(k * n)
             if size <= len(domain_rows):
-                subsets += [("oracle: domain rows", k, s, np.sort(np.random.default_rng(s).choice(
+                subsets += [(oracle, k, s, np.sort(np.random.default_rng(s).choice(
                     domain_rows, size, replace=False))) for s in range(args.seeds)]
     subsets += [(sel["label"], sel["keep"], sel["seed"], kept_rows(Path(sel["path"])))
                 for sel in selections.values()]

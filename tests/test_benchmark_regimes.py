@@ -92,3 +92,19 @@ def test_variant_is_a_label_a_method_and_select_options() -> None:
             br.parse_args(["noisy", "--workdir", "w", "--variant", bad])
     assert br.parse_args(["clean", "--workdir", "w", "--methods", ""]).methods == []
     assert br.parse_args(["clean", "--workdir", "w"]).methods == ["stratified", "slap"]
+
+
+def test_damaged_targeted_pool_keeps_dev_and_heldout_clean_and_of_the_domain(tmp_path: Path) -> None:
+    a = br.parse_args(["targeted", "--workdir", "unused", "--train-rows", "40", "--heldout-per-domain", "5",
+                       "--target-rows", "6", "--damaged-share", "0.25"])
+    info = br.build_targeted(a, tmp_path)
+    read = lambda name: [json.loads(x) for x in (tmp_path / name).read_text().splitlines()]  # noqa: E731
+    pool, held, dev = read("train.jsonl"), read("heldout.jsonl"), read("target.jsonl")
+    assert sum("damage" in r for r in pool) == 10 and info["pool_damage"]["clean"] == 30
+    assert not any("damage" in r for r in held + dev) and {r["domain"] for r in held + dev} == {"code"}
+    assert {r["domain"] for r in pool} == {"code", "general"}  # damage keeps a row's domain
+    views = read("heldout_damaged.jsonl")
+    assert views and all(held[v["source"]]["instruction"] == v["instruction"] for v in views)
+    # Without the option the targeted pool stays undamaged, and the noisy default stays 0.3.
+    assert br.parse_args(["targeted", "--workdir", "w"]).damaged_share == 0.0
+    assert br.parse_args(["noisy", "--workdir", "w"]).damaged_share == 0.3
