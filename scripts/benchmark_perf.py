@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import subprocess
 import sys
@@ -46,6 +45,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib.synthetic import encoder_dir, tiny_encoder, write_synthetic_rows
 from benchmark_cost import build_excerpt, code_version, machine_info, run_stage
 
 PARTS = ("embed", "scale", "memory", "startup", "threads", "prefix")
@@ -74,14 +74,6 @@ with torch.no_grad():
         vectors.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
 np.save(out, np.concatenate(vectors))
 '''
-
-
-def encoder_dir() -> str:
-    from slapcli.models import DEFAULT_EMBED_MODEL, resolve_model
-
-    ref = resolve_model(DEFAULT_EMBED_MODEL)
-    assert ref.path is not None
-    return ref.path
 
 
 def run_python(stage: str, code: str, args: list[str], log_dir: Path) -> dict[str, Any]:
@@ -167,37 +159,6 @@ def bench_scale(workdir: Path, rows: int, seed: int) -> dict[str, Any]:
     total = stratify["wall_s"] + select["wall_s"]
     return {"rows": rows, "dim": 384, "generate_s": generate_s, "stratify": stratify, "select": select,
             "total_wall_s": total, "peak_rss_mib": max(stratify["max_rss_mib"], select["max_rss_mib"])}
-
-
-WORDS = ["data", "model", "train", "loss", "row", "batch", "token", "code", "list", "sort", "parse", "write", "read",
-         "file", "value", "error", "test", "function", "class", "method", "string", "number", "array", "graph",
-         "tree", "node", "edge", "path", "search", "query"]
-
-
-def write_synthetic_rows(path: Path, n: int, seed: int) -> None:
-    rng = random.Random(seed)
-    with path.open("w", encoding="utf-8") as f:
-        for i in range(n):
-            words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 40)))
-            f.write(json.dumps({"instruction": f"Task {i}: explain {words[:40]}", "input": "",
-                                "output": f"{words}. Row {i}."}) + "\n")
-
-
-def tiny_encoder(workdir: Path) -> Path:
-    """A 2-layer, 64-wide BERT with random weights and the real MiniLM tokenizer."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    out = workdir / "tiny_encoder"
-    if not (out / "config.json").exists():
-        import torch
-
-        torch.manual_seed(0)
-        tok = AutoTokenizer.from_pretrained(encoder_dir())
-        config = BertConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=128, max_position_embeddings=512)
-        BertModel(config).save_pretrained(out, safe_serialization=True)
-        tok.save_pretrained(out)
-    return out
 
 
 def bench_startup(workdir: Path, repeats: int, seed: int) -> dict[str, Any]:

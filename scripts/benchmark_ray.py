@@ -8,11 +8,15 @@ and peak memory (the largest sum of the tree's PSS, where shared pages count onc
 is reported beside it). Each run writes its artifact; every artifact must equal the local engine's byte for byte.
 
 Data: sample_data/mixed_400.jsonl, and the same rows repeated to `--rows` with a counter in each row's text
-(distinct rows: embed encodes an exact copy once, which would flatter every engine).
+(distinct rows: embed encodes an exact copy once, which would flatter every engine). With `--synthetic`, `--rows`
+synthetic rows and a tiny random encoder with the real tokenizer (benchlib.synthetic) instead: the path's own
+per-row cost (reading, tokenising, hashing, writing, shipping chunks to workers) at 100k-1M rows, which the default
+encoder would bury under hours of model time on this machine.
 
 Usage (from the repository root; needs the `ray` extra):
 
     .venv/bin/python scripts/benchmark_ray.py --rows 10000 --out work/perf/ray.json
+    .venv/bin/python scripts/benchmark_ray.py --synthetic --rows 100000 --threads 1 --out work/perf/ray_100k.json
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from benchlib.synthetic import tiny_encoder, write_synthetic_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "sample_data" / "mixed_400.jsonl"
@@ -85,10 +90,11 @@ def output_path(data: Path, workdir: Path, engine: str) -> Path:
     return workdir / f"{data.stem}.{engine}.parquet"
 
 
-def bench(data: Path, workdir: Path, chunk_rows: int | None, engines: list[str]) -> dict[str, Any]:
+def bench(data: Path, workdir: Path, chunk_rows: int | None, engines: list[str],
+          extra: list[str]) -> dict[str, Any]:
     slap = str(Path(sys.executable).parent / "slap")
     results: dict[str, Any] = {}
-    chunking = [] if chunk_rows is None else ["--chunk-rows", str(chunk_rows)]
+    chunking = [*extra, *([] if chunk_rows is None else ["--chunk-rows", str(chunk_rows)])]
     for name, options in ENGINES:
         if name not in engines:
             continue
@@ -112,20 +118,33 @@ def main(argv: list[str] | None = None) -> None:
                         help="which to run, comma-separated (default: all)")
     parser.add_argument("--workdir", type=Path, default=ROOT / "work" / "perf" / "ray")
     parser.add_argument("--skip-sample", action="store_true", help="only the repeated file")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="synthetic rows and a tiny random encoder (the path's cost, not the model's)")
+    parser.add_argument("--threads", type=int, default=None, help="embed --threads (each Ray worker's too)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     engines = args.engines.split(",")
     if unknown := set(engines) - {name for name, _ in ENGINES}:
         parser.error(f"--engines: unknown {sorted(unknown)}; choose from {[name for name, _ in ENGINES]}")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    files = [SAMPLE] if args.rows <= 0 or not args.skip_sample else []
-    if args.rows:
-        files.append(args.workdir / f"repeated_{args.rows}.jsonl")
-        write_repeated(files[-1], args.rows)
-    results = {"cpus": os.cpu_count(), "chunk_rows": args.chunk_rows, "files": {}}
+    extra = [] if args.threads is None else ["--threads", str(args.threads)]
+    if args.synthetic:
+        extra += ["--embed-model", str(tiny_encoder(args.workdir))]
+        files = [args.workdir / f"synthetic_{args.rows}.jsonl"]
+        write_synthetic_rows(files[0], args.rows, seed=0)
+    else:
+        files = [SAMPLE] if args.rows <= 0 or not args.skip_sample else []
+        if args.rows:
+            files.append(args.workdir / f"repeated_{args.rows}.jsonl")
+            write_repeated(files[-1], args.rows)
+    results = {"cpus": os.cpu_count(), "chunk_rows": args.chunk_rows, "synthetic": args.synthetic,
+               "threads": args.threads, "files": {}}
     for data in files:
         rows = sum(1 for _ in data.open(encoding="utf-8"))
-        results["files"][data.name] = {"rows": rows, "engines": bench(data, args.workdir, args.chunk_rows, engines)}
+        results["files"][data.name] = {"rows": rows, "engines": bench(data, args.workdir, args.chunk_rows, engines,
+                                                                      extra)}
+        if args.synthetic:  # hundreds of MB each: keep the numbers, not the data
+            data.unlink()
     text = json.dumps(results, indent=2)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

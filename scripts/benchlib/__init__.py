@@ -6,6 +6,7 @@ the report's words). Data flows down this list, and a module imports only those 
   matplotlib on demand.
 - `data`: draws of the shared Alpaca + CodeAlpaca mix, a user's `--train`/`--heldout` files, the workdir's
   `train.jsonl` and `heldout.jsonl`.
+- `synthetic`: distinct synthetic rows and a tiny random encoder with the real tokenizer, for scale runs.
 - `stages`: `slap embed/stratify/select` as timed subprocesses, cached with a timing record; a selection's rows.
 - `trainer`: the prefix cache of hidden states, the top-block trainer and its recipe, held-out evaluation, run
   files named by `recipe_key`, parallel training processes. Built on slapcli.proxy (why it keeps its own cache:
