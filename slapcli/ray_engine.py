@@ -17,6 +17,7 @@ This module is the only one that imports `ray` (an optional extra, `pip install 
 from __future__ import annotations
 
 import logging
+import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -33,6 +34,13 @@ B = TypeVar("B")
 R = TypeVar("R")
 
 IN_FLIGHT_PER_WORKER = 2  # one chunk running, one queued: a worker never waits for the driver to read the source
+# Ray runs its workers at niceness 15 (RayConfig worker_niceness) so its own processes stay responsive. In a Ray
+# the command starts itself the workers ARE the command's work: at 15 they yield the CPU to every other process,
+# and on a machine other jobs keep busy a 3,000-row embed with one worker took 194 s instead of 26 s at 0
+# (docs/PERFORMANCE.md). So a Ray started here runs them at the local engine's priority; RAY_worker_niceness set
+# by the user wins, and a cluster joined keeps its own setting.
+WORKER_NICENESS = "0"
+NICENESS_ENV = "RAY_worker_niceness"  # Ray reads its config from RAY_<name>, the name as Ray spells it
 
 
 class ChunkWorker:
@@ -118,6 +126,7 @@ def connect(address: str | None) -> None:
     it, and Ray shuts it down when the process exits). Its own log lines stay off the user's stderr."""
     if ray.is_initialized():
         return
+    os.environ.setdefault(NICENESS_ENV, WORKER_NICENESS)  # read only by a Ray this process starts
     try:
         ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR, include_dashboard=False)
     except (ConnectionError, ValueError, RuntimeError) as e:

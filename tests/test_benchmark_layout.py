@@ -7,7 +7,8 @@ import ast
 from pathlib import Path
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-ORDER = ["common", "report", "data", "synthetic", "stages", "trainer", "influence"]  # as benchlib/__init__.py lists them
+# as benchlib/__init__.py lists them
+ORDER = ["common", "report", "data", "synthetic", "stages", "trainer", "influence"]
 
 
 def imported(path: Path) -> set[str]:

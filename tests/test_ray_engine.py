@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -371,3 +372,18 @@ def test_commands_hand_embed_and_the_loss_passes_to_the_engine(tmp_path: Path, t
         assert result.exit_code == 0, result.output
     # embed: its one chunk; stratify: one chunk per loss pass (with and without the prompt); run: both
     assert [e.chunks for e in engines] == [1, 2, 3]
+
+
+def test_a_ray_started_here_runs_its_workers_at_normal_priority(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray nices its workers to 15; a Ray the command starts gets RAY_worker_niceness=0 unless the user set it."""
+    pytest.importorskip("ray")
+    from slapcli import ray_engine
+
+    seen: list[str | None] = []
+    monkeypatch.setattr(ray_engine.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray_engine.ray, "init", lambda **kw: seen.append(os.environ.get(ray_engine.NICENESS_ENV)))
+    monkeypatch.delenv(ray_engine.NICENESS_ENV, raising=False)
+    ray_engine.connect("local")
+    monkeypatch.setenv(ray_engine.NICENESS_ENV, "7")
+    ray_engine.connect("local")
+    assert seen == ["0", "7"]
