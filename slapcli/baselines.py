@@ -99,3 +99,26 @@ def nearest_order(target_emb: np.ndarray, embeddings: np.ndarray, eligible: np.n
                 break
     return np.array(picks, dtype=np.int64)
 
+
+
+def max_similarity_order(target_emb: np.ndarray, embeddings: np.ndarray, eligible: np.ndarray, m: int) -> np.ndarray:
+    """The `m` eligible pool positions with the highest best cosine to any dev row, best first (ties by position).
+
+    LESS's max over target rows: a row close to one dev row ranks high, and a dev row whose neighbours are all
+    far (an odd one, or one of another domain) brings in no rows of its own, as it does round-robin."""
+    positions = np.flatnonzero(eligible)
+    m = min(m, len(positions))
+    if m == 0 or len(target_emb) == 0:
+        return np.zeros(0, dtype=np.int64)
+    best = (target_emb.astype(np.float32) @ embeddings[positions].astype(np.float32).T).max(axis=0)
+    return positions[np.argsort(-best, kind="stable")[:m]].astype(np.int64)
+
+
+def target_ranked(ranking: str, target_emb: np.ndarray, embeddings: np.ndarray, eligible: np.ndarray,
+                  m: int) -> np.ndarray:
+    """`m` eligible positions nearest the dev rows, best first, by `ranking` (config.TARGET_RANKINGS)."""
+    if ranking == "max":
+        return max_similarity_order(target_emb, embeddings, eligible, m)
+    if ranking == "round-robin":
+        return nearest_order(target_emb, embeddings, eligible, m)
+    raise ValueError(f"unknown target ranking {ranking!r}")

@@ -39,6 +39,7 @@ with on_stop_signals(exit_at_once):
     from slapcli.config import (
         DEFAULT_PROXY_MODEL,
         ORDERS,
+        TARGET_RANKINGS,
         DiagnoseConfig,
         EmbedConfig,
         EngineConfig,
@@ -641,6 +642,10 @@ def select_cmd(
                                             rich_help_panel=REPLAY_PANEL,
                                             help="With --target: slap chooses among this many rows nearest the dev "
                                                  "rows per kept row."),
+    target_ranking: str = typer.Option(SelectConfig.target_ranking, "--target-ranking",
+                                       rich_help_panel=REPLAY_PANEL,
+                                       help="With --target: rank those rows round-robin over the dev rows "
+                                            "(round-robin) or by their best similarity to any dev row (max)."),
     proxy_model: str = PROXY,
     input: str | None = typer.Option(None, "--input", help="Data file, if not at the path recorded by embed."),
     embeddings: str | None = typer.Option(None, "--embeddings", help="Embeddings artifact, if moved."),
@@ -680,6 +685,7 @@ def select_cmd(
     _check_range("--length-prior", length_prior, 0.0)
     _check_range("--diversity", diversity, -math.inf)  # any finite weight
     _check_range("--target-candidates", target_candidates, 1.0)
+    _check_choice("--target-ranking", target_ranking, TARGET_RANKINGS)
     if len(os.fsencode(os.path.basename(checkpoint_path(output)))) > MAX_NAME_BYTES:
         raise UsageError(f"{output}: file name too long for its resume checkpoint OUTPUT.ckpt (at most "
                          f"{MAX_NAME_BYTES - len('.ckpt')} bytes)")
@@ -690,6 +696,7 @@ def select_cmd(
                           feature_norm=feature_norm, eta=eta, eta_scale=eta_scale, length_prior=length_prior,
                           curvature=curvature,
                           max_tokens=max_tokens, target=target, target_candidates=target_candidates,
+                          target_ranking=target_ranking,
                           proxy_model=proxy_model, embeddings=embeddings,
                           seed=seed, device=device, resume=resume, checkpoint_seconds=60.0 * checkpoint_minutes,
                           record_timings=timings)

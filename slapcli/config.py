@@ -13,6 +13,7 @@ from dataclasses import dataclass
 DEFAULT_EMBED_MODEL = "all-MiniLM-L6-v2"
 DEFAULT_PROXY_MODEL = "SmolLM2-135M-Instruct"
 ORDERS = ("source", "selection")  # export --order: the input's order, or the order the rows were chosen in
+TARGET_RANKINGS = ("round-robin", "max")  # select --target-ranking: slapcli.baselines.target_ranked
 
 
 @dataclass
@@ -92,6 +93,9 @@ class SelectConfig:
     # --method nearest ranks them), this many per kept row: near enough to stay on the task, room for the replay to
     # choose. Strata budgets follow where the nearest kept-size set falls, so the target moves the mix.
     target_candidates: float = 2.0
+    # How those candidates are ranked: "round-robin" (each dev row in turn takes its nearest row, as `nearest` does)
+    # or "max" (each pool row by its best cosine to any dev row, the max over target rows of LESS).
+    target_ranking: str = "round-robin"
     target_rows: int = 64  # reference rows when no --target: a fixed stratified sample of the data
     device: str = "auto"
     checkpoint_seconds: float = 300.0  # how often the replay saves its state beside the output

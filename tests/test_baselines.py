@@ -121,3 +121,22 @@ def test_nearest_order_matches_naive_round_robin(m: int) -> None:
     got = nearest_order(target, emb, eligible, m).tolist()
     assert got == naive_nearest(target, emb, eligible, m)
     assert len(set(got)) == len(got) and all(eligible[g] for g in got)
+
+
+@pytest.mark.parametrize("m", [0, 1, 7, 40])
+def test_max_similarity_order_matches_a_naive_sort(m: int) -> None:
+    from slapcli.baselines import max_similarity_order, target_ranked
+
+    rng = np.random.default_rng(m + 100)
+    emb = rng.normal(size=(30, 6)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    target = emb[[2, 9, 17]] + rng.normal(scale=0.1, size=(3, 6)).astype(np.float32)
+    eligible = rng.random(30) > 0.2
+    best = {i: max(float(np.dot(t, emb[i])) for t in target) for i in range(30) if eligible[i]}
+    naive = sorted(best, key=lambda i: (-best[i], i))[:m]
+    got = max_similarity_order(target, emb, eligible, m).tolist()
+    assert got == naive
+    assert target_ranked("max", target, emb, eligible, m).tolist() == naive
+    assert target_ranked("round-robin", target, emb, eligible, m).tolist() == naive_nearest(target, emb, eligible, m)
+    with pytest.raises(ValueError):
+        target_ranked("best", target, emb, eligible, m)

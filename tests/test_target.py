@@ -43,3 +43,22 @@ def test_candidates_are_the_nearest_rows_and_budgets_where_the_first_m_fall(m: i
     assert budgets.sum() == min(m, eligible.sum())
     # every stratum can fill its budget from its candidates
     assert (budgets <= np.bincount(stratum[scope], minlength=5)).all()
+
+
+def test_max_ranking_takes_the_rows_nearest_any_dev_row_and_budgets_follow_them() -> None:
+    rng = np.random.default_rng(5)
+    emb = rng.normal(size=(50, 6)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    stratum = rng.integers(0, 5, 50)
+    eligible = rng.random(50) > 0.2
+    dev = emb[[3, 17, 29]] + rng.normal(0, 0.05, (3, 6)).astype(np.float32)
+    m = 8
+    job = SimpleNamespace(eligible=eligible, m=m, budgets=np.zeros(5, dtype=np.int64),
+                          config=SelectConfig(target="dev.jsonl", target_ranking="max"),
+                          table=pa.table({"stratum": stratum}), target_embeddings=lambda: dev,
+                          embeddings=lambda: emb)
+    scope, budgets = target_scope(job)
+    best = {i: max(float(d @ emb[i]) for d in dev) for i in range(50) if eligible[i]}
+    ranked = sorted(best, key=lambda i: (-best[i], i))[: 2 * m]
+    assert sorted(np.flatnonzero(scope).tolist()) == sorted(ranked)
+    np.testing.assert_array_equal(budgets, np.bincount(stratum[ranked[:m]], minlength=5))

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from slapcli.artifacts import SELECTION_SCHEMA, ArtifactMeta, read_meta, read_table, upstream_record, write_artifact
-from slapcli.baselines import nearest_order
+from slapcli.baselines import target_ranked
 from slapcli.budgets import ALLOCATIONS, row_budget
 from slapcli.errors import UsageError
 from slapcli.methods.base import TERMS, SelectConfig, Selection, SelectionJob
@@ -122,12 +122,14 @@ def resolve_budgets(strata_meta: ArtifactMeta, stratum: np.ndarray, eligible: np
 def target_scope(job: SelectionJob) -> tuple[np.ndarray, np.ndarray]:
     """With a --target: (rows the method may choose, per-stratum budgets). Candidates are the pool rows nearest the
     dev rows, `target_candidates` per kept row, ranked as `--method nearest` ranks them (round-robin over dev rows,
-    so every dev row gets neighbours); each stratum's budget is the number of nearest's first `m` rows in it. So the
-    target moves the mix (coverage-first budgets would keep the pool's own mix and let a dev set choose only
-    inside strata) and the replay chooses inside the region of the pool the dev rows point at."""
+    so every dev row gets neighbours) or, with `--target-ranking max`, by best similarity to any dev row; each
+    stratum's budget is the number of the first `m` ranked rows in it. So the target moves the mix (coverage-first
+    budgets would keep the pool's own mix and let a dev set choose only inside strata) and the replay chooses inside
+    the region of the pool the dev rows point at."""
     eligible, m = job.eligible, job.m
     n_candidates = min(int(np.ceil(job.config.target_candidates * m)), int(eligible.sum()))
-    ranked = nearest_order(job.target_embeddings(), job.embeddings(), eligible, n_candidates)
+    ranked = target_ranked(job.config.target_ranking, job.target_embeddings(), job.embeddings(), eligible,
+                           n_candidates)
     scope = np.zeros_like(eligible)
     scope[ranked] = True
     n_strata = len(job.budgets)
