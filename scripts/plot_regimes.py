@@ -23,10 +23,13 @@ def panels(results: list[dict[str, Any]]) -> list[tuple[str, str, list[dict[str,
     out = []
     for r in results:
         seed, keeps = r["data"]["seed"], sorted({row["keep"] for row in r["table"] if row["keep"] < 1})
-        title = f"{r['regime']}, draw {seed}, keep {', '.join(f'{k:g}' for k in keeps)}"
+        # A targeted pool can be damaged too (benchmark_regimes --damaged-share): say so, or two panels read alike.
+        regime = r["regime"] + (f" {r['data']['damaged_share']:.0%} damaged" if r["regime"] == "targeted"
+                                and r["data"].get("damaged_share") else "")
+        title = f"{regime}, draw {seed}, keep {', '.join(f'{k:g}' for k in keeps)}"
         out.append((title, "loss", r["table"]))
         if any("margin" in row for row in r["table"]):
-            out.append((f"{r['regime']}, draw {seed}: damage margin", "margin",
+            out.append((f"{regime}, draw {seed}: damage margin", "margin",
                         [row for row in r["table"] if "margin" in row]))
     return out
 

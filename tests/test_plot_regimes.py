@@ -34,3 +34,10 @@ def test_noisy_reports_get_a_margin_panel_and_the_figure_is_written(tmp_path: Pa
     out = tmp_path / "fig.png"
     assert plot_regimes.main([str(tmp_path / "w0"), str(tmp_path / "w1"), "-o", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_damaged_targeted_report_says_so_in_its_titles() -> None:
+    damaged = {**report("targeted", True), "data": {"seed": 0, "damaged_share": 0.3}}
+    titles = [title for title, _, _ in plot_regimes.panels([report("targeted", False), damaged])]
+    assert titles == ["targeted, draw 1, keep 0.7", "targeted 30% damaged, draw 0, keep 0.7",
+                      "targeted 30% damaged, draw 0: damage margin"]
