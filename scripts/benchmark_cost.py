@@ -447,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     stages += [
         run_stage("select", ["select", str(strata), "-o", str(selection), "--method", "slap", "--timings",
                              "--seed", str(args.seed), *select_knobs, *cached, *common], workdir),
-        run_stage("export", ["export", str(selection), "-o", str(pruned), *common], workdir),
+        run_stage("export", ["export", str(selection), "-o", str(pruned), "--quiet", "--force"], workdir),
     ]
     results["stages"] = {s.stage: asdict(s) for s in stages}
     results["disk_mib"].update({path.name: round(path.stat().st_size / 2**20, 2)
