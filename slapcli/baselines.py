@@ -100,7 +100,6 @@ def nearest_order(target_emb: np.ndarray, embeddings: np.ndarray, eligible: np.n
     return np.array(picks, dtype=np.int64)
 
 
-
 def max_similarity_order(target_emb: np.ndarray, embeddings: np.ndarray, eligible: np.ndarray, m: int) -> np.ndarray:
     """The `m` eligible pool positions with the highest best cosine to any dev row, best first (ties by position).
 
