@@ -94,12 +94,12 @@ def bench(data: Path, workdir: Path, chunk_rows: int | None, engines: list[str],
           extra: list[str]) -> dict[str, Any]:
     slap = str(Path(sys.executable).parent / "slap")
     results: dict[str, Any] = {}
-    chunking = [*extra, *([] if chunk_rows is None else ["--chunk-rows", str(chunk_rows)])]
+    embed_options = [*extra, *([] if chunk_rows is None else ["--chunk-rows", str(chunk_rows)])]
     for name, options in ENGINES:
         if name not in engines:
             continue
         out = output_path(data, workdir, name)
-        command = [slap, "embed", str(data), "-o", str(out), "--force", "--no-resume", "-q", *chunking, *options]
+        command = [slap, "embed", str(data), "-o", str(out), "--force", "--no-resume", "-q", *embed_options, *options]
         results[name] = run_tree(command, workdir / f"{out.stem}.stderr.txt")
         # Against the local engine's artifact, of this run or of an earlier one in the same folder.
         local = output_path(data, workdir, "local")

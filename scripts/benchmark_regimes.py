@@ -111,21 +111,17 @@ def build_targeted(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     rng = random.Random(args.data_seed + 1)
     picked = [{**r, "domain": args.target_domain} for r in rng.sample(spare, extra)]
     held = [r for r in heldout if r["domain"] == args.target_domain]
-    # A damaged targeted pool (--damaged-share > 0): the target domain's rows are damaged as often as the others'.
-    pool = train
-    if args.damaged_share:
+    pool, extra_info = train, {}
+    if args.damaged_share:  # the target domain's rows are damaged as often as the others'
         pool = damage.make_noisy_pool(train, args.damaged_share, args.data_seed, args.kinds)
+        write_jsonl(workdir / "heldout_damaged.jsonl", damage.damaged_views(held, args.data_seed + 2))
+        extra_info = {"pool_damage": dict(Counter(r.get("damage", "clean") for r in pool))}
     write_jsonl(workdir / "train.jsonl", pool)
     write_jsonl(workdir / "heldout.jsonl", held)
     write_jsonl(workdir / "target.jsonl", picked[: args.target_rows])
-    if args.damaged_share:
-        write_jsonl(workdir / "heldout_damaged.jsonl", damage.damaged_views(held, args.data_seed + 2))
-    info = {**info, "train_rows": len(pool), "regime": "targeted", "target_domain": args.target_domain,
+    return {**info, "train_rows": len(pool), "regime": "targeted", "target_domain": args.target_domain,
             "target_rows": args.target_rows, "damaged_share": args.damaged_share,
-            "heldout_rows_target": len(held), "pool_by_domain": dict(Counter(r["domain"] for r in pool))}
-    if args.damaged_share:
-        info["pool_damage"] = dict(Counter(r.get("damage", "clean") for r in pool))
-    return info
+            "heldout_rows_target": len(held), "pool_by_domain": dict(Counter(r["domain"] for r in pool)), **extra_info}
 
 
 def pool_labels(path: Path, field: str, default: str) -> np.ndarray:
@@ -366,8 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join([".venv/bin/python", "scripts/benchmark_regimes.py", *(argv or sys.argv[1:])]),
         "commit": git("rev-parse", "HEAD"), "machine": machine_info(), "selections": selections,
         "recipe": recipe_of(args)}
-    labels = pool_labels(train, "domain", "all") if args.regime == "targeted" else pool_labels(train, "damage", "clean")
     damage_labels = pool_labels(train, "damage", "clean")
+    labels = pool_labels(train, "domain", "all") if args.regime == "targeted" else damage_labels
     if args.damaged_share:
         results["damage"] = damage_table(selections, damage_labels)
     n = len(labels)
