@@ -213,6 +213,32 @@ def test_response_loss_terms_match_naive_loop(tokenizer: Any, proxy_model: Any, 
     np.testing.assert_allclose(terms, _naive_terms(proxy_model, encoded), rtol=1e-5, atol=1e-5)
 
 
+def test_loss_pass_scores_the_head_in_pieces(tokenizer: Any, proxy_model: Any,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without gradients the LM head runs HEAD_CHUNK_TOKENS response positions at a time (peak memory stays flat
+    # whatever the longest batch); the values are the one-piece values, and with gradients it stays one piece.
+    encoded = encode_examples(tokenizer, EXAMPLES, 48)
+    batch = collate(encoded, tokenizer.pad_token_id)
+    with torch.no_grad():
+        whole = torch.stack(proxy.response_loss_terms(proxy_model, batch), 1)
+    n_positions = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    head = proxy_model.get_output_embeddings()
+    sizes: list[int] = []
+    hook = head.register_forward_hook(lambda module, args, out: sizes.append(args[0].shape[0]))
+    monkeypatch.setattr(proxy_loss, "HEAD_CHUNK_TOKENS", 5)
+    try:
+        with torch.no_grad():
+            pieces = torch.stack(proxy.response_loss_terms(proxy_model, batch), 1)
+        assert max(sizes) == 5 and sum(sizes) == n_positions
+        sizes.clear()
+        proxy.response_loss_terms(proxy_model, batch)[0].sum().backward()
+        assert sizes == [n_positions]
+    finally:
+        hook.remove()
+        proxy_model.zero_grad()
+    np.testing.assert_allclose(pieces.numpy(), whole.numpy(), rtol=1e-6, atol=1e-6)
+
+
 def test_response_losses_bf16_model_gives_float32(tokenizer: Any, tiny_proxy_dir: Path) -> None:
     _, model = load_causal_lm(resolve_model(str(tiny_proxy_dir)), torch.device("cpu"), torch.bfloat16)
     assert next(model.parameters()).dtype == torch.bfloat16

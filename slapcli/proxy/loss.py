@@ -47,6 +47,22 @@ def response_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
 
 LOSS_TERMS = ("loss", "end_loss", "tail_loss")  # the columns of compute_loss_terms
 
+# Response tokens whose logits exist at once in a pass without gradients: 2,048 x 49k vocabulary is 0.4 GB of float32
+# logits (and as much for the softmax), where a whole 16 x 1,024-token batch would be 3 GB of each. Peak memory of a
+# loss pass then no longer grows with the longest batch a pool happens to hold.
+HEAD_CHUNK_TOKENS = 2048
+
+
+def _head_token_losses(head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each response position [N] from its final hidden state [N, d]: in one piece when gradients
+    are on (the head's weight gradient is then one product, as before), else HEAD_CHUNK_TOKENS positions at a
+    time. Each position's loss is a function of its own row of logits, so the pieces give the same values."""
+    if torch.is_grad_enabled() or len(hidden) <= HEAD_CHUNK_TOKENS:
+        return F.cross_entropy(head(hidden).float(), targets, reduction="none")
+    return torch.cat([F.cross_entropy(head(hidden[i:i + HEAD_CHUNK_TOKENS]).float(),
+                                      targets[i:i + HEAD_CHUNK_TOKENS], reduction="none")
+                      for i in range(0, len(hidden), HEAD_CHUNK_TOKENS)])
+
 
 def response_loss_terms(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """Per row, float32 [B] each: the mean response loss, the loss of the LAST response token, and the mean loss
@@ -64,10 +80,10 @@ def response_loss_terms(model: nn.Module, batch: dict[str, torch.Tensor]) -> tup
     if split is not None:
         body, head = split
         hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        logits = head(hidden[rows, cols])
+        token_loss = _head_token_losses(head, hidden[rows, cols], targets[rows, cols])
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[rows, cols]
-    token_loss = F.cross_entropy(logits.float(), targets[rows, cols], reduction="none")
+        token_loss = F.cross_entropy(logits.float(), targets[rows, cols], reduction="none")
     n_rows = input_ids.shape[0]
     sums = torch.zeros(n_rows, dtype=torch.float32, device=token_loss.device).index_add(0, rows, token_loss)
     counts = torch.bincount(rows, minlength=n_rows)
