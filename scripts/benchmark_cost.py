@@ -28,26 +28,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from benchlib.report import code_version, machine_info  # benchmark_perf.py imports them from here too
-from benchlib.stages import slap_executable
+from benchlib.data import build_excerpt
+from benchlib.report import code_version, machine_info
+from benchlib.stages import cold_cache, folder_bytes, run_stage
 
 from slapcli.artifacts import read_meta
 from slapcli.io.readers import SourceReader, iter_examples
 from slapcli.models import (
     DEFAULT_PROXY_MODEL,
-    cache_dir,
     ensure_gguf_converted,
     gguf_cache_path,
     load_causal_lm,
@@ -55,9 +53,6 @@ from slapcli.models import (
 )
 from slapcli.proxy import collate, encode_examples, response_losses
 
-SHARED_DATA = Path("/work/shared/data")
-GENERAL_FILE = "alpaca_5000.jsonl"
-CODE_FILE = "code_alpaca_2k.jsonl"
 MAX_TOKENS = 1024  # slap embed's default --max-tokens, so both sides see the same token windows
 EPOCH_LR = 1e-5
 EPOCH_BATCH = 8
@@ -67,97 +62,12 @@ WARMUP_ROWS = 16
 # ---------------------------------------------------------------------------------------------- data
 
 
-def _usable_lines(path: Path) -> list[bytes]:
-    """Lines of a JSON Lines file whose `output` is non-blank (`slap embed` would stop on the others)."""
-    with path.open("rb") as f:
-        return [ln.rstrip(b"\n") for ln in f if ln.strip() and json.loads(ln)["output"].strip()]
-
-
-def build_excerpt(rows: int, seed: int, out: Path) -> dict[str, Any]:
-    """A seeded mix of general and code rows in the ratio of the two shared files (about 71/29)."""
-    general, code = _usable_lines(SHARED_DATA / GENERAL_FILE), _usable_lines(SHARED_DATA / CODE_FILE)
-    if rows > len(general) + len(code):
-        raise SystemExit(f"--rows {rows}: the shared files hold only {len(general) + len(code)} usable rows")
-    n_code = round(rows * len(code) / (len(general) + len(code)))
-    n_general = rows - n_code
-    rng = random.Random(seed)
-    mixed = rng.sample(general, n_general) + rng.sample(code, n_code)
-    rng.shuffle(mixed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(b"".join(ln + b"\n" for ln in mixed))
-    return {"path": str(out), "rows": rows, "general_rows": n_general, "code_rows": n_code,
-            "sources": [str(SHARED_DATA / GENERAL_FILE), str(SHARED_DATA / CODE_FILE)], "seed": seed}
-
-
 def first_lines(src: Path, n: int, out: Path) -> None:
     with src.open("rb") as f:
         out.write_bytes(b"".join(ln for _, ln in zip(range(n), f, strict=False)))
 
 
 # ---------------------------------------------------------------------------------------------- slap stages
-
-
-@dataclass
-class StageTime:
-    stage: str
-    wall_s: float
-    cpu_s: float  # user + sys of the subprocess: less sensitive than wall time to other load on a shared machine
-    max_rss_mib: float
-    load_1m: tuple[float, float]  # load average before and after: how busy the shared machine was
-    command: list[str]
-
-
-# Peak RSS must be read in a slim parent: Linux carries the parent's RSS high-water mark into a child's
-# ru_maxrss across fork + exec, so children of this torch-laden process all read >= its ~850 MiB. The launcher
-# (a bare interpreter, ~10 MiB) forks the command, waits for it, and writes the command's own ru_maxrss (KiB).
-_LAUNCHER = """import os, signal, sys
-pid = os.fork()
-if pid == 0:
-    os.execvp(sys.argv[2], sys.argv[2:])
-_, status, usage = os.wait4(pid, 0)
-open(sys.argv[1], "w").write(str(usage.ru_maxrss))
-code = os.waitstatus_to_exitcode(status)
-sys.exit(code if code >= 0 else 128 - code)
-"""
-
-
-def run_stage(stage: str, args: list[str], log_dir: Path, executable: str | None = None,
-              env: dict[str, str] | None = None) -> StageTime:
-    """Wall time, CPU time and peak memory of one whole `slap` (or `executable`) subprocess."""
-    command = [executable or slap_executable(), *args]
-    log = log_dir / f"{stage}.stderr.txt"
-    rss_file = log_dir / f"{stage}.maxrss_kib"
-    load_before = os.getloadavg()[0]
-    with log.open("wb") as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-S", "-c", _LAUNCHER, str(rss_file), *command],
-                                stdout=subprocess.DEVNULL, stderr=err,
-                                env=None if env is None else {**os.environ, **env})
-        # The launcher's rusage from wait4 includes the command it waited for (CPU seconds of both).
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        tail = log.read_text(errors="replace")[-2000:]
-        raise SystemExit(f"`{' '.join(command)}` exited with {proc.returncode}:\n{tail}")
-    return StageTime(stage, round(wall, 3), round(usage.ru_utime + usage.ru_stime, 3),
-                     round(int(rss_file.read_text()) / 1024, 1),
-                     (round(load_before, 2), round(os.getloadavg()[0], 2)), command)
-
-
-def cold_cache(folder: Path) -> Path:
-    """A new, empty slapcli cache whose model conversions (`gguf/`) are the user's own, linked."""
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    converted = cache_dir() / "gguf"
-    if converted.is_dir():
-        (folder / "gguf").symlink_to(converted, target_is_directory=True)
-    return folder
-
-
-def folder_bytes(folder: Path) -> int:
-    """Bytes of the files under `folder` (0 when it does not exist)."""
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.exists() else 0
 
 
 # ---------------------------------------------------------------------------------------------- epoch

@@ -45,8 +45,10 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib.data import build_excerpt
+from benchlib.report import code_version, machine_info
+from benchlib.stages import run_stage
 from benchlib.synthetic import encoder_dir, tiny_encoder, write_synthetic_rows
-from benchmark_cost import build_excerpt, code_version, machine_info, run_stage
 
 PARTS = ("embed", "scale", "memory", "startup", "threads", "prefix")
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_data" / "mixed_400.jsonl"

@@ -199,3 +199,26 @@ def read_rows(path: Path) -> tuple[list[Any], list[str]]:
     if len(domains) != len(examples):
         raise SystemExit(f"{path}: {len(examples)} rows parsed but {len(domains)} lines")
     return examples, domains
+
+
+def _usable_lines(path: Path) -> list[bytes]:
+    """Lines of a JSON Lines file whose `output` is non-blank (`slap embed` would stop on the others)."""
+    with path.open("rb") as f:
+        return [ln.rstrip(b"\n") for ln in f if ln.strip() and json.loads(ln)["output"].strip()]
+
+
+def build_excerpt(rows: int, seed: int, out: Path) -> dict[str, Any]:
+    """A seeded mix of general and code rows in the ratio of the two shared files (about 71/29), as raw lines: the
+    cost benchmarks' excerpt (the same seed gives the same bytes)."""
+    general, code = (_usable_lines(SHARED_DATA / DOMAIN_FILES[d]) for d in ("general", "code"))
+    if rows > len(general) + len(code):
+        raise SystemExit(f"--rows {rows}: the shared files hold only {len(general) + len(code)} usable rows")
+    n_code = round(rows * len(code) / (len(general) + len(code)))
+    n_general = rows - n_code
+    rng = random.Random(seed)
+    mixed = rng.sample(general, n_general) + rng.sample(code, n_code)
+    rng.shuffle(mixed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(b"".join(ln + b"\n" for ln in mixed))
+    return {"path": str(out), "rows": rows, "general_rows": n_general, "code_rows": n_code,
+            "sources": [str(SHARED_DATA / DOMAIN_FILES[d]) for d in ("general", "code")], "seed": seed}
