@@ -20,6 +20,12 @@ they do for a user), timed with its own rusage (wall, CPU, peak RSS). Parts, eac
 - `prefix`: the disk the replay's prefix cache takes (`select --cache-dir`): every sample_data row's frozen-bottom
   hidden states written through the replay's own PrefixCache, bytes per 1,000 rows.
 
+- `losspeak`: peak RSS of the proxy loss pass (stratify's) on the longest batch of the embed part's excerpt (the 16
+  rows with the most tokens), the LM head scored in one piece vs `HEAD_CHUNK_TOKENS` at a time, each a process of
+  its own, alternating: what bounds stratify's memory as pools grow (issue 19). Also the peak after loading the
+  proxy and the losses' largest difference between the two ways (must be 0). A batch with fewer scored tokens than
+  a piece runs the same code both ways: the spread between such runs is the allocator's noise (~300 MiB).
+
 - `startup`: `slap --help` and `slap inspect ARTIFACT` (the scale part's artifact, or a small one made here),
   median of a few runs: the CLI imports its stages only when a command runs (target: well under a second).
 
@@ -50,7 +56,7 @@ from benchlib.report import code_version, machine_info
 from benchlib.stages import run_stage
 from benchlib.synthetic import encoder_dir, tiny_encoder, write_synthetic_rows
 
-PARTS = ("embed", "scale", "memory", "startup", "threads", "prefix")
+PARTS = ("embed", "scale", "memory", "startup", "threads", "prefix", "losspeak")
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_data" / "mixed_400.jsonl"
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
@@ -75,6 +81,38 @@ with torch.no_grad():
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         vectors.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
 np.save(out, np.concatenate(vectors))
+'''
+
+
+# One loss pass over the longest batch of a data file, in a process of its own: argv = data, head chunk (0 = one
+# piece), out.npy; writes beside it (out.json) the peak RSS after loading the proxy (KiB), so the batch's own share
+# can be read, and the batch's token counts.
+LOSS_PEAK = r'''
+import json, resource, sys, numpy as np, torch
+from slapcli.config import EmbedConfig, SelectConfig, StratifyConfig
+from slapcli.io.readers import ReadStats, SourceReader, iter_examples
+from slapcli.models import load_causal_lm, resolve_model
+from slapcli.proxy import loss
+from slapcli.proxy.chat import encode_examples
+torch.set_num_threads(1)
+data, chunk, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+if chunk:
+    loss.HEAD_CHUNK_TOKENS = chunk
+else:
+    loss.HEAD_CHUNK_TOKENS = 1 << 62
+with SourceReader(data) as reader:
+    examples = [r.example for r in iter_examples(reader, "auto", "error", ReadStats())]
+tokenizer, model = load_causal_lm(resolve_model(SelectConfig.proxy_model), torch.device("cpu"), torch.float32)
+encoded = encode_examples(tokenizer, examples, EmbedConfig.max_tokens)
+size = StratifyConfig.loss_batch_size
+longest = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))[:size]
+with open(out[:-4] + ".json", "w") as f:
+    json.dump({"after_load_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+               "tokens": sum(len(encoded[i]) for i in longest), "longest": max(len(encoded[i]) for i in longest),
+               "response_tokens": sum(sum(encoded[i].response_mask[1:]) for i in longest)}, f)
+terms = loss.compute_loss_terms(model, tokenizer, [examples[i] for i in longest], EmbedConfig.max_tokens, size,
+                                torch.device("cpu"))
+np.save(out, terms)
 '''
 
 
@@ -227,6 +265,30 @@ def bench_prefix(workdir: Path, data: Path) -> dict[str, Any]:
             "prefix_seconds": seconds}
 
 
+def bench_losspeak(workdir: Path, rows: int, repeats: int, seed: int) -> dict[str, Any]:
+    """Peak RSS of stratify's loss pass on the longest batch of the excerpt: the LM head in one piece vs in pieces."""
+    import numpy as np
+
+    from slapcli.proxy.loss import HEAD_CHUNK_TOKENS
+
+    data = workdir / f"embed_{rows}.jsonl"
+    build_excerpt(rows, seed, data)
+    logs = workdir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, list[dict[str, Any]]] = {"one_piece": [], "pieces": []}
+    for i in range(repeats):
+        for name, chunk in (("one_piece", 0), ("pieces", HEAD_CHUNK_TOKENS)):
+            run = run_python(f"losspeak_{name}_{i}", LOSS_PEAK, [str(data), str(chunk), str(workdir / f"{name}.npy")],
+                             logs)
+            batch = json.loads((workdir / f"{name}.json").read_text())
+            runs[name].append({**run, "after_load_mib": round(batch["after_load_kib"] / 1024, 1),
+                               "batch_tokens": batch["tokens"], "longest_row_tokens": batch["longest"],
+                               "response_tokens": batch["response_tokens"]})
+    diff = float(np.abs(np.load(workdir / "one_piece.npy") - np.load(workdir / "pieces.npy")).max())
+    return {"data": str(data), "head_chunk_tokens": HEAD_CHUNK_TOKENS, "runs": runs, "max_loss_difference": diff,
+            "peak_mib": {k: [r["max_rss_mib"] for r in v] for k, v in runs.items()}}
+
+
 def bench_memory(workdir: Path, sizes: list[int], seed: int) -> dict[str, Any]:
     encoder = tiny_encoder(workdir)
     logs = workdir / "logs"
@@ -285,6 +347,14 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
         lines.append(f"threads, embed {t['rows']} rows: " + ", ".join(
             f"{n} thread(s) {r['median_wall_s']:.1f} s wall / {r['median_cpu_s']:.1f} s CPU"
             for n, r in t["threads"].items()))
+    if "losspeak" in results:
+        lp = results["losspeak"]
+        first = lp["runs"]["one_piece"][0]
+        peak = lp["peak_mib"]
+        lines.append(f"loss pass, longest batch ({first['batch_tokens']} tokens, {first['response_tokens']} scored, "
+                     f"longest row {first['longest_row_tokens']}): peak {peak['one_piece']} MiB in one piece, "
+                     f"{peak['pieces']} MiB in pieces of {lp['head_chunk_tokens']} (after loading the proxy "
+                     f"{first['after_load_mib']} MiB); largest loss difference {lp['max_loss_difference']}")
     if "prefix" in results:
         p = results["prefix"]
         lines.append(f"prefix cache: {p['bytes'] / 2**20:.0f} MiB for {p['rows']} rows ({p['mean_tokens_per_row']:.0f} "
@@ -330,6 +400,8 @@ def main(argv: list[str] | None = None) -> None:
                                            [int(t) for t in args.threads_counts.split(",")], args.threads_repeats)
     if "prefix" in parts:
         results["prefix"] = bench_prefix(args.workdir, args.threads_data)
+    if "losspeak" in parts:
+        results["losspeak"] = bench_losspeak(args.workdir, args.embed_rows, args.embed_repeats, args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     for line in summary_lines(results):
