@@ -24,8 +24,10 @@ def panels(results: list[dict[str, Any]]) -> list[tuple[str, str, list[dict[str,
     for r in results:
         seed, keeps = r["data"]["seed"], sorted({row["keep"] for row in r["table"] if row["keep"] < 1})
         # A targeted pool can be damaged too (benchmark_regimes --damaged-share): say so, or two panels read alike.
-        regime = r["regime"] + (f" {r['data']['damaged_share']:.0%} damaged" if r["regime"] == "targeted"
-                                and r["data"].get("damaged_share") else "")
+        regime = r["regime"]
+        if regime == "targeted":  # the target domain too: panels of two targets read alike otherwise
+            regime += (f" ({r['data']['target_domain']})" if r["data"].get("target_domain") else "") + (
+                f" {r['data']['damaged_share']:.0%} damaged" if r["data"].get("damaged_share") else "")
         title = f"{regime}, draw {seed}, keep {', '.join(f'{k:g}' for k in keeps)}"
         out.append((title, "loss", r["table"]))
         if any("margin" in row for row in r["table"]):

@@ -36,8 +36,9 @@ def test_noisy_reports_get_a_margin_panel_and_the_figure_is_written(tmp_path: Pa
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_damaged_targeted_report_says_so_in_its_titles() -> None:
-    damaged = {**report("targeted", True), "data": {"seed": 0, "damaged_share": 0.3}}
-    titles = [title for title, _, _ in plot_regimes.panels([report("targeted", False), damaged])]
-    assert titles == ["targeted, draw 1, keep 0.7", "targeted 30% damaged, draw 0, keep 0.7",
-                      "targeted 30% damaged, draw 0: damage margin"]
+def test_a_targeted_report_names_its_target_and_damage_in_its_titles() -> None:
+    damaged = {**report("targeted", True), "data": {"seed": 0, "damaged_share": 0.3, "target_domain": "code"}}
+    general = {**report("targeted", False), "data": {"seed": 1, "damaged_share": 0.0, "target_domain": "general"}}
+    titles = [title for title, _, _ in plot_regimes.panels([report("targeted", False), damaged, general])]
+    assert titles == ["targeted, draw 1, keep 0.7", "targeted (code) 30% damaged, draw 0, keep 0.7",
+                      "targeted (code) 30% damaged, draw 0: damage margin", "targeted (general), draw 1, keep 0.7"]
