@@ -56,7 +56,8 @@ HEAD_CHUNK_TOKENS = 2048
 def _head_token_losses(head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of each response position [N] from its final hidden state [N, d]: in one piece when gradients
     are on (the head's weight gradient is then one product, as before), else HEAD_CHUNK_TOKENS positions at a
-    time. Each position's loss is a function of its own row of logits, so the pieces give the same values."""
+    time. Each position's loss is a function of its own row of logits, so the pieces give the same values up to
+    the product's float rounding (a BLAS kernel may round a row differently in a shorter product)."""
     if torch.is_grad_enabled() or len(hidden) <= HEAD_CHUNK_TOKENS:
         return F.cross_entropy(head(hidden).float(), targets, reduction="none")
     return torch.cat([F.cross_entropy(head(hidden[i:i + HEAD_CHUNK_TOKENS]).float(),
