@@ -23,8 +23,9 @@ they do for a user), timed with its own rusage (wall, CPU, peak RSS). Parts, eac
 - `losspeak`: peak RSS of the proxy loss pass (stratify's) on the longest batch of the embed part's excerpt (the 16
   rows with the most tokens), the LM head scored in one piece vs `HEAD_CHUNK_TOKENS` at a time, each a process of
   its own, alternating: what bounds stratify's memory as pools grow (issue 19). Also the peak after loading the
-  proxy and the losses' largest difference between the two ways (must be 0). A batch with fewer scored tokens than
-  a piece runs the same code both ways: the spread between such runs is the allocator's noise (~300 MiB).
+  proxy and the losses' largest difference between the two ways (0, or float rounding of the shorter products).
+  A batch with fewer scored tokens than a piece runs the same code both ways: the spread between such runs is the
+  allocator's noise (~300 MiB).
 
 - `startup`: `slap --help` and `slap inspect ARTIFACT` (the scale part's artifact, or a small one made here),
   median of a few runs: the CLI imports its stages only when a command runs (target: well under a second).
@@ -96,10 +97,7 @@ from slapcli.proxy import loss
 from slapcli.proxy.chat import encode_examples
 torch.set_num_threads(1)
 data, chunk, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-if chunk:
-    loss.HEAD_CHUNK_TOKENS = chunk
-else:
-    loss.HEAD_CHUNK_TOKENS = 1 << 62
+loss.HEAD_CHUNK_TOKENS = chunk or 1 << 62
 with SourceReader(data) as reader:
     examples = [r.example for r in iter_examples(reader, "auto", "error", ReadStats())]
 tokenizer, model = load_causal_lm(resolve_model(SelectConfig.proxy_model), torch.device("cpu"), torch.float32)
@@ -267,8 +265,6 @@ def bench_prefix(workdir: Path, data: Path) -> dict[str, Any]:
 
 def bench_losspeak(workdir: Path, rows: int, repeats: int, seed: int) -> dict[str, Any]:
     """Peak RSS of stratify's loss pass on the longest batch of the excerpt: the LM head in one piece vs in pieces."""
-    import numpy as np
-
     from slapcli.proxy.loss import HEAD_CHUNK_TOKENS
 
     data = workdir / f"embed_{rows}.jsonl"

@@ -23,11 +23,12 @@ def panels(results: list[dict[str, Any]]) -> list[tuple[str, str, list[dict[str,
     out = []
     for r in results:
         seed, keeps = r["data"]["seed"], sorted({row["keep"] for row in r["table"] if row["keep"] < 1})
-        # A targeted pool can be damaged too (benchmark_regimes --damaged-share): say so, or two panels read alike.
-        regime = r["regime"]
-        if regime == "targeted":  # the target domain too: panels of two targets read alike otherwise
-            regime += (f" ({r['data']['target_domain']})" if r["data"].get("target_domain") else "") + (
-                f" {r['data']['damaged_share']:.0%} damaged" if r["data"].get("damaged_share") else "")
+        # A targeted panel names its target domain and any damage (--damaged-share), or two panels read alike.
+        regime, data = r["regime"], r["data"]
+        if regime == "targeted" and data.get("target_domain"):
+            regime += f" ({data['target_domain']})"
+        if regime.startswith("targeted") and data.get("damaged_share"):
+            regime += f" {data['damaged_share']:.0%} damaged"
         title = f"{regime}, draw {seed}, keep {', '.join(f'{k:g}' for k in keeps)}"
         out.append((title, "loss", r["table"]))
         if any("margin" in row for row in r["table"]):
