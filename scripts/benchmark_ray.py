@@ -5,7 +5,9 @@ the work happens in processes the command starts (Ray's GCS and raylet, one work
 command itself, so its own rusage would miss it. The tree is polled every 0.2 s: wall time, CPU seconds (user +
 system of every process of the tree, as last seen alive: a process's last 0.2 s before it exits may be missed)
 and peak memory (the largest sum of the tree's PSS, where shared pages count once; the command's own peak RSS
-is reported beside it). Each run writes its artifact; every artifact must equal the local engine's byte for byte.
+is reported beside it). Each run writes its artifact; every artifact must equal the local engine's byte for byte,
+which holds only for artifacts of one commit (the metadata names it), so the rows are compared as well: the same
+schema and the same values in every column (`same_table_as_local`), which also holds against an older local run.
 
 Data: sample_data/mixed_400.jsonl, and the same rows repeated to `--rows` with a counter in each row's text
 (distinct rows: embed encodes an exact copy once, which would flatter every engine). With `--synthetic`, `--rows`
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pyarrow.parquet as pq
 from benchlib.synthetic import tiny_encoder, write_synthetic_rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,6 +89,15 @@ def run_tree(command: list[str], log: Path) -> dict[str, Any]:
             "load_avg": (round(load_before, 2), round(os.getloadavg()[0], 2))}
 
 
+def same_table(a: Path, b: Path, batch_rows: int = 65_536) -> bool:
+    """Whether two Parquet files hold the same schema (metadata aside) and the same rows, read a batch at a time
+    (a million rows of embeddings are ~1.5 GB a file)."""
+    fa, fb = pq.ParquetFile(a), pq.ParquetFile(b)
+    if fa.metadata.num_rows != fb.metadata.num_rows or not fa.schema_arrow.equals(fb.schema_arrow):
+        return False
+    return all(x.equals(y) for x, y in zip(fa.iter_batches(batch_rows), fb.iter_batches(batch_rows), strict=True))
+
+
 def output_path(data: Path, workdir: Path, engine: str) -> Path:
     return workdir / f"{data.stem}.{engine}.parquet"
 
@@ -104,6 +116,7 @@ def bench(data: Path, workdir: Path, chunk_rows: int | None, engines: list[str],
         # Against the local engine's artifact, of this run or of an earlier one in the same folder.
         local = output_path(data, workdir, "local")
         results[name]["same_bytes_as_local"] = local.exists() and out.read_bytes() == local.read_bytes()
+        results[name]["same_table_as_local"] = local.exists() and same_table(out, local)
         print(name, results[name], flush=True)
     return results
 
