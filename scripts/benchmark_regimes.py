@@ -111,6 +111,13 @@ def build_targeted(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     rng = random.Random(args.data_seed + 1)
     picked = [{**r, "domain": args.target_domain} for r in rng.sample(spare, extra)]
     held = [r for r in heldout if r["domain"] == args.target_domain]
+    if args.heldout_extra:  # more held-out rows, drawn apart so the pool and the dev rows stay those of the draw
+        dev = picked[: args.target_rows]
+        rest = [r for r in spare if {**r, "domain": args.target_domain} not in dev]
+        if args.heldout_extra > len(rest):
+            raise SystemExit(f"--heldout-extra {args.heldout_extra}: only {len(rest)} {args.target_domain} rows left")
+        held += [{**r, "domain": args.target_domain}
+                 for r in random.Random(args.data_seed + 3).sample(rest, args.heldout_extra)]
     pool, extra_info = train, {}
     if args.damaged_share:  # the target domain's rows are damaged as often as the others'
         pool = damage.make_noisy_pool(train, args.damaged_share, args.data_seed, args.kinds)
@@ -295,6 +302,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"on damage it was not developed on: {', '.join(damage.HELD_OUT_KINDS)})")
     p.add_argument("--target-domain", default="code", help="targeted: the domain of the dev and held-out rows")
     p.add_argument("--target-rows", type=int, default=64, help="targeted: rows in the dev file")
+    p.add_argument("--heldout-extra", type=int, default=0,
+                   help="targeted: this many more held-out rows of the target domain, drawn from rows in neither "
+                        "the pool nor the dev file (the pool and dev rows stay the draw's); a 60-row mean is swayed "
+                        "by a few one-token answers")
     p.add_argument("--keeps", type=floats, default=None, help="default: 0.7 (noisy), 0.1,0.2,0.3 (targeted)")
     p.add_argument("--methods", default=None, help="default: stratified,slap (noisy, clean); nearest,slap "
                                                       "(targeted); '' for random and the variants alone")

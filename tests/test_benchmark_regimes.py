@@ -63,6 +63,23 @@ def test_targeted_dev_and_heldout_are_the_target_domain_and_never_in_the_pool(tm
     assert not ({key(r) for r in dev} & {key(r) for r in pool}) and not ({key(r) for r in held} & {key(r) for r in dev})
 
 
+def test_heldout_extra_adds_unseen_target_rows_and_leaves_the_pool_and_dev_rows(tmp_path: Path) -> None:
+    argv = ["targeted", "--workdir", "unused", "--train-rows", "40", "--heldout-per-domain", "5", "--target-rows", "6"]
+    read = lambda d, name: [json.loads(x) for x in (d / name).read_text().splitlines()]  # noqa: E731
+    key = lambda r: (r["instruction"], r["input"], r["output"])  # noqa: E731
+    (tmp_path / "base").mkdir()
+    (tmp_path / "more").mkdir()
+    br.build_targeted(br.parse_args(argv), tmp_path / "base")
+    info = br.build_targeted(br.parse_args([*argv, "--heldout-extra", "7"]), tmp_path / "more")
+    for name in ("train.jsonl", "target.jsonl"):
+        assert (tmp_path / "base" / name).read_bytes() == (tmp_path / "more" / name).read_bytes()
+    base, more = read(tmp_path / "base", "heldout.jsonl"), read(tmp_path / "more", "heldout.jsonl")
+    assert more[:5] == base and len(more) == 12 == info["heldout_rows_target"]
+    assert {r["domain"] for r in more} == {"code"} and len({key(r) for r in more}) == 12
+    seen = {key(r) for name in ("train.jsonl", "target.jsonl") for r in read(tmp_path / "more", name)}
+    assert not {key(r) for r in more[5:]} & seen
+
+
 def test_damage_table_counts_dropped_shares_per_kind(tmp_path: Path) -> None:
     labels = np.array(["clean"] * 6 + ["cut_off"] * 2 + ["near_copy"] * 2)
     path = tmp_path / "sel.parquet"
