@@ -64,6 +64,8 @@ from benchlib.trainer import (
     prefix_cache_key,
     recipe_key,
     recipe_of,
+    response_token_counts,
+    token_weighted_loss,
     train_and_evaluate,
     write_run,
 )
@@ -233,11 +235,15 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
               f"{len(results['train_seeds'])} shuffles, its loss the mean; methods with a random choice over "
               f"{results['seeds']} selection seeds (mean ± sd [min, max] over seeds).", "",
               "## Held-out loss (mean over domains; lower is better)", "",
-              "| subset | keep | steps | held-out loss | vs random mean | beyond random's spread? |",
-              "| --- | ---: | ---: | ---: | ---: | --- |"]
+              "Held-out loss: each row's mean response-token loss, averaged over rows (the verdicts use it). "
+              "Token-weighted: the response tokens' losses summed and divided by their count, as a trainer reports "
+              "it, where a one-token answer weighs one token.", "",
+              "| subset | keep | steps | held-out loss | token-weighted | vs random mean | beyond random's spread? |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for row in results["table"]:
+        tokens = fmt_spread(row["loss_tokens"]) if "loss_tokens" in row else ""
         lines.append(f"| {row['label']} | {row['keep']:.2f} | {row['steps']} | {fmt_spread(row['loss'])} | "
-                     f"{row.get('vs_random', '')} | {row.get('verdict', '')} |")
+                     f"{tokens} | {row.get('vs_random', '')} | {row.get('verdict', '')} |")
     with_margin = [row for row in results["table"] if "margin" in row]
     if with_margin:
         kinds = sorted(with_margin[0]["margin_by_kind"])
@@ -430,12 +436,17 @@ def main(argv: list[str] | None = None) -> int:
             for i, future in enumerate(as_completed(futures)):
                 log(f"  run {i + 1}/{len(pending)} {futures[future]}: {future.result()['mean']:.4f}")
         table = []
+        held_cache = HiddenCache(workdir / "prefix_heldout")
+        held_tokens, held_domains = response_token_counts(held_cache), held_cache.domains
         grouped: dict[tuple[str, float, bool], list[float]] = {}
+        grouped_tokens: dict[tuple[str, float, bool], list[float]] = {}
         margins: dict[tuple[str, float, bool], list[dict[str, float]]] = {}
         steps_of: dict[tuple[str, float, bool], int] = {}
         for label, keep, seed, _, eq in jobs:
             per_shuffle = [json.loads(run_path(label, keep, seed, eq, ts).read_text()) for ts in results["train_seeds"]]
             grouped.setdefault((label, keep, eq), []).append(float(np.mean([r["mean"] for r in per_shuffle])))
+            grouped_tokens.setdefault((label, keep, eq), []).append(float(np.mean(
+                [token_weighted_loss(r["heldout_rows"], held_tokens, held_domains) for r in per_shuffle])))
             steps_of[(label, keep, eq)] = per_shuffle[0]["steps"]
             if damaged.exists():
                 per = [damage_margins(r["heldout_rows"], r["damaged"]["heldout_rows"], pair_kind, pair_source)
@@ -444,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                   for k in per[0]})
         for (label, keep, eq), values in grouped.items():
             table.append({"label": label + (" (equal steps)" if eq else ""), "keep": keep, "equal_steps": eq,
-                          "steps": steps_of[(label, keep, eq)], "loss": spread(values), "per_seed": values})
+                          "steps": steps_of[(label, keep, eq)], "loss": spread(values), "per_seed": values,
+                          "loss_tokens": spread(grouped_tokens[(label, keep, eq)])})
             if (label, keep, eq) in margins:
                 seeds_margins = margins[(label, keep, eq)]
                 table[-1]["margin"] = spread([m["mean"] for m in seeds_margins])

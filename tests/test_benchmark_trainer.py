@@ -27,6 +27,7 @@ from benchlib.trainer import (
     prefix_cache_key,
     response_token_counts,
     run_file,
+    token_weighted_loss,
     train_and_evaluate,
 )
 
@@ -129,3 +130,13 @@ def test_the_scripts_share_one_set_of_data_and_recipe_defaults() -> None:
               "data_seed", "max_tokens", "train_blocks", "epochs", "batch_size", "lr", "schedule", "warmup")
     quality, bound = vars(bq.parse_args([])), vars(bb.parse_args([]))
     assert {k: quality[k] for k in shared} == {k: bound[k] for k in shared}
+
+
+def test_token_weighted_loss_sums_token_losses_per_domain_then_averages_domains() -> None:
+    losses, tokens = [2.0, 1.0, 4.0, 0.5], [1, 3, 2, 2]  # per-row mean losses and response tokens
+    domains = ["code", "code", "general", "general"]
+    naive_code = (2.0 * 1 + 1.0 * 3) / (1 + 3)  # one 1-token row at 2.0 and three tokens at 1.0
+    naive_general = (4.0 * 2 + 0.5 * 2) / 4
+    assert token_weighted_loss(losses, tokens, domains) == pytest.approx((naive_code + naive_general) / 2)
+    # Equal lengths: the row mean, as evaluate() reports it.
+    assert token_weighted_loss(losses, [5] * 4, domains) == pytest.approx((1.5 + 2.25) / 2)

@@ -159,6 +159,17 @@ def response_token_counts(cache: HiddenCache) -> np.ndarray:
     return np.array([int(cache.mask[cache.offsets[i]:cache.offsets[i + 1]].sum()) for i in range(len(cache))])
 
 
+def token_weighted_loss(row_losses: Any, tokens: Any, domains: Any) -> float:
+    """Held-out loss as a trainer reports it: per domain, the response tokens' losses summed over rows and divided
+    by their count (each row weighs as its answer is long), then the mean over domains as `evaluate`'s row mean is.
+
+    Beside the row mean because a row mean weighs a one-token answer ("6", "false") like a 200-token one, and one
+    such row's loss can move between subsets by more than the differences being measured."""
+    losses, counts, domains = np.asarray(row_losses, float), np.asarray(tokens, float), np.asarray(domains)
+    return float(np.mean([(losses[domains == d] * counts[domains == d]).sum() / counts[domains == d].sum()
+                          for d in sorted(set(domains.tolist()))]))
+
+
 # ---------------------------------------------------------------------------------------------- training
 
 
