@@ -266,7 +266,10 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         for key, e in results["damage"].items():
             lines.append(f"| {key} | " + " | ".join(f"{e['dropped'][k]:.0%}" for k in kinds)
                          + f" | {e['dropped_damaged_non_copy']:.0%} |")
-    lines += ["", f"Wall: {results['wall_s']:.0f} s on {results['machine'].get('cpu', 'this machine')}.", ""]
+    wall = f"Wall: {results['wall_s']:.0f} s on {results['machine'].get('cpu', 'this machine')}"
+    if results.get("trained_runs") == 0:  # a report rewritten over earlier invocations' runs
+        wall += " for this report; every run was cached from earlier invocations (their times: runs/*.json)"
+    lines += ["", wall + ".", ""]
     path.write_text("\n".join(lines))
 
 
@@ -428,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                    for ts in results["train_seeds"] if not run_path(lb, k, s, eq, ts).exists()]
         pending.sort(key=lambda p: -len(p[1]))
         log(f"training {len(pending)} runs in {args.jobs} process(es)")
+        results["trained_runs"] = len(pending)
         recipe = copy.copy(args)
         with ProcessPoolExecutor(max_workers=max(1, min(args.jobs, len(pending) or 1)),
                                  mp_context=get_context("spawn"), initializer=_init,
