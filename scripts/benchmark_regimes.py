@@ -218,7 +218,14 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
     regime, data = results["regime"], results["data"]
     lines = [f"# Quality, {regime} regime (data seed {data['seed']})", "",
              f"Written by `scripts/benchmark_regimes.py` on {results['finished']} (commit `{results['commit'][:10]}`).",
-             "", "```sh", results["command"], "```", "", "## Data", ""]
+             "", "```sh", results["command"], "```", ""]
+    # Cached artifacts keep the code that made them: a report rewritten later must not credit them to its commit.
+    made_by: dict[str, set[str]] = {}
+    for sel in results["selections"].values():
+        made_by.setdefault(sel["label"], set()).add(str(sel.get("slapcli") or "unrecorded"))
+    lines += ["slapcli that made the artifacts: stratify `" + str(results.get("stratify_slapcli") or "unrecorded")
+              + "`; " + "; ".join(f"{label} `{', '.join(sorted(v))}`" for label, v in made_by.items()) + ".",
+              "", "## Data", ""]
     if regime in ("clean", "noisy"):
         lines.append(f"{data['train_rows']} training rows of the shared mix, {data['damaged_share']:.0%} damaged "
                      f"({', '.join(f'{k} {v}' for k, v in sorted(data['pool_damage'].items()))}); held-out: "
@@ -361,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     emb, strata = workdir / "embeddings.parquet", workdir / "strata.parquet"
     cached_stage("embed", ["embed", str(train), "-o", str(emb), "--max-tokens", str(args.max_tokens), *common],
                  emb, workdir)
-    cached_stage("stratify", ["stratify", str(emb), "-o", str(strata), *common], strata, workdir)
+    stratified = cached_stage("stratify", ["stratify", str(emb), "-o", str(strata), *common], strata, workdir)
     target = ["--target", str(workdir / "target.jsonl")] if args.regime == "targeted" else []
     plan = [("random", "random", k, s, []) for k in args.keeps for s in range(args.seeds)]
     for label, m, options in [(m, m, []) for m in args.methods] + args.variant:
@@ -374,14 +381,15 @@ def main(argv: list[str] | None = None) -> int:
         out = workdir / "selections" / f"{name}.parquet"
         t = cached_stage(f"select_{name}", ["select", str(strata), "-o", str(out), "--method", method, "--keep",
                                             str(keep), "--seed", str(seed), *extra, *common], out, workdir)
-        selections[name] = {"label": label, "keep": keep, "seed": seed, "path": str(out), "wall_s": t["wall_s"]}
+        selections[name] = {"label": label, "keep": keep, "seed": seed, "path": str(out), "wall_s": t["wall_s"],
+                            "slapcli": t.get("slapcli")}
         log(f"select {name}: {t['wall_s']} s")
 
     results: dict[str, Any] = {
         "regime": args.regime, "data": data, "seeds": args.seeds, "train_seeds": list(range(args.train_seeds)),
         "command": shlex.join([".venv/bin/python", "scripts/benchmark_regimes.py", *(argv or sys.argv[1:])]),
         "commit": git("rev-parse", "HEAD"), "machine": machine_info(), "selections": selections,
-        "recipe": recipe_of(args)}
+        "stratify_slapcli": stratified.get("slapcli"), "recipe": recipe_of(args)}
     damage_labels = pool_labels(train, "damage", "clean")
     labels = pool_labels(train, "domain", "all") if args.regime == "targeted" else damage_labels
     if args.damaged_share:
