@@ -166,8 +166,8 @@ def token_weighted_loss(row_losses: Any, tokens: Any, domains: Any) -> float:
     Beside the row mean because a row mean weighs a one-token answer ("6", "false") like a 200-token one, and one
     such row's loss can move between subsets by more than the differences being measured."""
     losses, counts, domains = np.asarray(row_losses, float), np.asarray(tokens, float), np.asarray(domains)
-    return float(np.mean([(losses[domains == d] * counts[domains == d]).sum() / counts[domains == d].sum()
-                          for d in sorted(set(domains.tolist()))]))
+    masks = [domains == d for d in np.unique(domains)]
+    return float(np.mean([(losses[m] * counts[m]).sum() / counts[m].sum() for m in masks]))
 
 
 # ---------------------------------------------------------------------------------------------- training
