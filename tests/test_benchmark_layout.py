@@ -23,7 +23,7 @@ def imported(path: Path) -> set[str]:
 
 def test_benchmark_commands_import_the_library_not_each_other() -> None:
     for name in ("benchmark_quality", "benchmark_bound", "benchmark_regimes", "benchmark_cost", "benchmark_ray",
-                 "benchmark_perf"):
+                 "benchmark_perf", "compare_heldout"):
         mods = imported(SCRIPTS / f"{name}.py")
         assert not {m for m in mods if m.startswith("benchmark_")}, name
         assert any(m.startswith("benchlib") for m in mods), name

@@ -14,6 +14,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import benchmark_regimes as br
+import compare_heldout
+from benchlib.report import paired_rows
 
 
 def args(**kw) -> argparse.Namespace:
@@ -125,3 +127,26 @@ def test_damaged_targeted_pool_keeps_dev_and_heldout_clean_and_of_the_domain(tmp
     # Without the option the targeted pool stays undamaged, and the noisy default stays 0.3.
     assert br.parse_args(["targeted", "--workdir", "w"]).damaged_share == 0.0
     assert br.parse_args(["noisy", "--workdir", "w"]).damaged_share == 0.3
+
+
+def test_paired_rows_reads_differences_row_by_row() -> None:
+    diff = [0.5, -0.1, -0.2, 0.05, -0.3, -0.01, 0.0, -0.02]  # one large row decides the mean
+    r = paired_rows(diff, trim=1, largest=2)
+    assert r["mean"] == pytest.approx(sum(diff) / 8) and r["median"] == pytest.approx(-0.015)
+    assert r["lower"] == 5 and r["rows"] == 8
+    assert r["trimmed_mean"] == pytest.approx(sum(sorted(diff)[1:-1]) / 6)
+    assert r["largest"] == [(0, 0.5), (4, -0.3)]
+
+
+def test_compare_heldout_averages_shuffles_per_seed_and_keeps_the_equal_steps_runs_apart(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    files = {"nearest_k0.20_s0_t0.ab12.json": [1.0, 2.0], "nearest_k0.20_s0_t1.ab12.json": [3.0, 2.0],
+             "oracle-domain_rows_k0.20_s1_t0.ab12.json": [1.0, 1.0],
+             "slap_k0.20_s0_eqsteps_t0.ab12.json": [9.0, 9.0], "slap_k0.30_s0_t0.ab12.json": [5.0, 5.0]}
+    for name, rows in files.items():
+        (runs / name).write_text(json.dumps({"heldout_rows": rows}))
+    got = compare_heldout.per_seed_rows(tmp_path, "0.20", equal_steps=False)
+    assert set(got) == {("nearest", 0), ("oracle-domain_rows", 1)}
+    assert got[("nearest", 0)].tolist() == [2.0, 2.0]
+    assert set(compare_heldout.per_seed_rows(tmp_path, "0.20", equal_steps=True)) == {("slap", 0)}

@@ -61,6 +61,18 @@ def spread(values: list[float]) -> dict[str, float]:
             "max": float(v.max()), "n": len(v)}
 
 
+def paired_rows(diff: Any, trim: int = 3, largest: int = 3) -> dict[str, Any]:
+    """Per held-out row differences (subset A minus subset B, lower is better for A) read paired: their mean (the
+    difference of the row means), median, how many rows A is lower on, the mean without the `trim` largest each way,
+    and the `largest` rows by size, so one row that decides a mean shows up by its index."""
+    d = np.asarray(diff, dtype=float)
+    ordered = np.sort(d)
+    kept = ordered[trim:len(d) - trim] if len(d) > 2 * trim else ordered
+    top = np.argsort(-np.abs(d), kind="stable")[:largest]
+    return {"mean": float(d.mean()), "median": float(np.median(d)), "lower": int((d < 0).sum()), "rows": len(d),
+            "trimmed_mean": float(kept.mean()), "largest": [(int(i), float(d[i])) for i in top]}
+
+
 def fmt_spread(s: dict[str, float]) -> str:
     """`mean ± sd [min, max]` of a `spread`, the mean alone for one value."""
     if s["n"] == 1:
