@@ -53,7 +53,7 @@ import damage
 import numpy as np
 import torch
 from benchlib.common import floats, log
-from benchlib.data import DOMAIN_FILES, SHARED_DATA, jsonl_bytes, shared_data, usable_rows
+from benchlib.data import DOMAIN_FILES, SHARED_DATA, jsonl_bytes, read_user_rows, shared_data, usable_rows, user_data
 from benchlib.report import fmt_spread, git, machine_info, spread
 from benchlib.stages import cached_stage, kept_rows
 from benchlib.trainer import (
@@ -86,14 +86,31 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     path.write_bytes(data)
 
 
-def shared_args(args: argparse.Namespace, train_rows: int) -> argparse.Namespace:
-    """What benchlib.data.shared_data reads, for one draw of the shared mix."""
-    return argparse.Namespace(code_share=None, train_rows=train_rows, heldout_per_domain=args.heldout_per_domain,
-                              data_seed=args.data_seed)
+def draw(args: argparse.Namespace) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """One seeded draw of pool and held-out rows: of the shared mix, or of the user's `--train` file (its
+    `--domain-field` naming the domains, `--heldout-per-domain` rows of each split off)."""
+    if args.train is None:
+        return shared_data(argparse.Namespace(code_share=None, train_rows=args.train_rows,
+                                              heldout_per_domain=args.heldout_per_domain, data_seed=args.data_seed))
+    return user_data(argparse.Namespace(train=args.train, heldout=None, domain_field=args.domain_field,
+                                        on_bad_line="error", heldout_per_domain=args.heldout_per_domain,
+                                        train_rows=args.train_rows, data_seed=args.data_seed))
+
+
+def domain_rows(args: argparse.Namespace, domain: str) -> list[dict]:
+    """Every usable row of one domain in the data the draw came from (for the dev file and more held-out rows)."""
+    if args.train is None:
+        return [{**r, "domain": domain} for r in usable_rows(SHARED_DATA / DOMAIN_FILES[domain])]
+    rows, _, _ = read_user_rows(args.train, args.domain_field, "error")
+    return [r for r in rows if r["domain"] == domain]
+
+
+def source_name(args: argparse.Namespace) -> str:
+    return "the shared mix" if args.train is None else f"`{args.train}`"
 
 
 def build_noisy(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    train, heldout, info = shared_data(shared_args(args, args.train_rows))
+    train, heldout, info = draw(args)
     pool = damage.make_noisy_pool(train, args.damaged_share, args.data_seed, args.kinds)
     write_jsonl(workdir / "train.jsonl", pool)
     write_jsonl(workdir / "heldout.jsonl", heldout)
@@ -101,25 +118,26 @@ def build_noisy(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         write_jsonl(workdir / "heldout_damaged.jsonl", damage.damaged_views(heldout, args.data_seed + 2))
     return {**info, "train_rows": len(pool), "regime": args.regime, "damaged_share": args.damaged_share,
             "kinds": args.kinds or "all, equal",
-            "pool_damage": dict(Counter(r.get("damage", "clean") for r in pool))}
+            "pool_damage": dict(Counter(r.get("damage", "clean") for r in pool)), "source": source_name(args)}
 
 
 def build_targeted(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Pool = a draw of the mix; dev + held-out = other rows of the target domain (never in the pool)."""
     extra = args.target_rows + args.heldout_per_domain
-    train, heldout, info = shared_data(shared_args(args, args.train_rows))
-    spare = [r for r in usable_rows(SHARED_DATA / DOMAIN_FILES[args.target_domain])
-             if {**r, "domain": args.target_domain} not in train and {**r, "domain": args.target_domain} not in heldout]
+    train, heldout, info = draw(args)
+    spare = [r for r in domain_rows(args, args.target_domain) if r not in train and r not in heldout]
+    if extra > len(spare):
+        raise SystemExit(f"--target-rows {args.target_rows} + --heldout-per-domain {args.heldout_per_domain}: only "
+                         f"{len(spare)} {args.target_domain} rows outside the pool and the held-out rows")
     rng = random.Random(args.data_seed + 1)
-    picked = [{**r, "domain": args.target_domain} for r in rng.sample(spare, extra)]
+    picked = rng.sample(spare, extra)
     held = [r for r in heldout if r["domain"] == args.target_domain]
     if args.heldout_extra:  # more held-out rows, drawn apart so the pool and the dev rows stay those of the draw
         dev = picked[: args.target_rows]
-        rest = [r for r in spare if {**r, "domain": args.target_domain} not in dev]
+        rest = [r for r in spare if r not in dev]
         if args.heldout_extra > len(rest):
             raise SystemExit(f"--heldout-extra {args.heldout_extra}: only {len(rest)} {args.target_domain} rows left")
-        held += [{**r, "domain": args.target_domain}
-                 for r in random.Random(args.data_seed + 3).sample(rest, args.heldout_extra)]
+        held += random.Random(args.data_seed + 3).sample(rest, args.heldout_extra)
     pool, extra_info = train, {}
     if args.damaged_share:  # the target domain's rows are damaged as often as the others'
         pool = damage.make_noisy_pool(train, args.damaged_share, args.data_seed, args.kinds)
@@ -130,7 +148,8 @@ def build_targeted(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     write_jsonl(workdir / "target.jsonl", picked[: args.target_rows])
     return {**info, "train_rows": len(pool), "regime": "targeted", "target_domain": args.target_domain,
             "target_rows": args.target_rows, "damaged_share": args.damaged_share,
-            "heldout_rows_target": len(held), "pool_by_domain": dict(Counter(r["domain"] for r in pool)), **extra_info}
+            "heldout_rows_target": len(held), "pool_by_domain": dict(Counter(r["domain"] for r in pool)),
+            "source": source_name(args), **extra_info}
 
 
 def pool_labels(path: Path, field: str, default: str) -> np.ndarray:
@@ -226,15 +245,16 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
     lines += ["slapcli that made the artifacts: stratify `" + str(results.get("stratify_slapcli") or "unrecorded")
               + "`; " + "; ".join(f"{label} `{', '.join(sorted(v))}`" for label, v in made_by.items()) + ".",
               "", "## Data", ""]
+    source = data.get("source", "the shared mix")
     if regime in ("clean", "noisy"):
-        lines.append(f"{data['train_rows']} training rows of the shared mix, {data['damaged_share']:.0%} damaged "
+        lines.append(f"{data['train_rows']} training rows of {source}, {data['damaged_share']:.0%} damaged "
                      f"({', '.join(f'{k} {v}' for k, v in sorted(data['pool_damage'].items()))}); held-out: "
                      f"{data['heldout_per_domain']} clean rows per domain.")
     else:
         if data.get("damaged_share"):
             lines.append(f"{data['damaged_share']:.0%} of the pool damaged "
                          f"({', '.join(f'{k} {v}' for k, v in sorted(data['pool_damage'].items()))}).")
-        lines.append(f"Pool: {data['train_rows']} rows of the shared mix ({data['pool_by_domain']}); target dev file: "
+        lines.append(f"Pool: {data['train_rows']} rows of {source} ({data['pool_by_domain']}); target dev file: "
                      f"{data['target_rows']} {data['target_domain']} rows; held-out: {data['heldout_rows_target']} "
                      f"{data['target_domain']} rows (none in the pool or the dev file).")
     lines += ["", f"Recipe: top {results['recipe']['train_blocks']} blocks, {results['recipe']['epochs']} epoch, lr "
@@ -308,6 +328,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("regime", choices=["clean", "noisy", "targeted"])
     p.add_argument("--workdir", type=Path, required=True)
     p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--train", type=Path, default=None, metavar="FILE",
+                   help="draw pool and held-out rows from this file (any container and layout slap reads) instead "
+                        "of the shared mix, e.g. scripts/stdlib_pool.py's")
+    p.add_argument("--domain-field", default="domain", help="--train rows' field naming their domain")
     p.add_argument("--train-rows", type=int, default=300)
     p.add_argument("--heldout-per-domain", type=int, default=60)
     p.add_argument("--damaged-share", type=float, default=None,
