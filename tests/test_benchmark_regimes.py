@@ -82,6 +82,37 @@ def test_heldout_extra_adds_unseen_target_rows_and_leaves_the_pool_and_dev_rows(
     assert not {key(r) for r in more[5:]} & seen
 
 
+def test_regimes_draw_from_a_user_file_keep_its_domains_and_never_leak(tmp_path: Path) -> None:
+    answer = "a long enough answer that every kind of damage can cut, repeat or replace here"
+    rows = [{"instruction": f"q{d}{i}", "input": "", "output": f"{d} {i} {answer}", "domain": d,
+             "source": f"s{i}"}
+            for d in ("code", "docs") for i in range(30)]
+    data = tmp_path / "pool.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    read = lambda d, name: [json.loads(x) for x in (d / name).read_text().splitlines()]  # noqa: E731
+    key = lambda r: (r["instruction"], r["output"])  # noqa: E731
+    noisy, targeted = tmp_path / "noisy", tmp_path / "targeted"
+    noisy.mkdir()
+    targeted.mkdir()
+    base = ["--workdir", "unused", "--train", str(data), "--train-rows", "20", "--heldout-per-domain", "4"]
+    info = br.build_noisy(br.parse_args(["noisy", *base, "--damaged-share", "0.25"]), noisy)
+    pool, held = read(noisy, "train.jsonl"), read(noisy, "heldout.jsonl")
+    assert len(pool) == 20 and info["pool_damage"]["clean"] == 15 and str(data) in info["source"]
+    assert {r["domain"] for r in held} == {"code", "docs"} and len(held) == 8
+    assert not {key(r) for r in held} & {key(r) for r in pool if "damage" not in r}
+    # The dev rows and the extra held-out rows come from the file's target-domain rows outside pool and held-out.
+    info = br.build_targeted(br.parse_args(["targeted", *base, "--target-domain", "docs", "--target-rows", "5",
+                                            "--heldout-extra", "3"]), targeted)
+    pool, held, dev = (read(targeted, n) for n in ("train.jsonl", "heldout.jsonl", "target.jsonl"))
+    assert {r["domain"] for r in held} == {r["domain"] for r in dev} == {"docs"}
+    assert len(dev) == 5 and len(held) == 7 == info["heldout_rows_target"]
+    sets = [{key(r) for r in rows} for rows in (pool, held, dev)]
+    assert not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])
+    with pytest.raises(SystemExit, match="only"):
+        br.build_targeted(br.parse_args(["targeted", *base, "--target-domain", "docs", "--target-rows", "30"]),
+                          tmp_path)
+
+
 def test_damage_table_counts_dropped_shares_per_kind(tmp_path: Path) -> None:
     labels = np.array(["clean"] * 6 + ["cut_off"] * 2 + ["near_copy"] * 2)
     path = tmp_path / "sel.parquet"
