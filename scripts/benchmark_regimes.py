@@ -65,6 +65,8 @@ from benchlib.trainer import (
     recipe_key,
     recipe_of,
     response_token_counts,
+    run_file,
+    subset_tag,
     token_weighted_loss,
     train_and_evaluate,
     write_run,
@@ -456,8 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs += [(label, keep, seed, rows, True) for label, keep, seed, rows in subsets if label in equal]
 
         def run_path(label: str, keep: float, seed: int, eq: bool, ts: int) -> Path:
-            tag = f"{label.replace(': ', '-').replace(' ', '_')}_k{keep:.2f}_s{seed}{'_eqsteps' if eq else ''}"
-            return workdir / "runs" / f"{tag}_t{ts}.{run_key}.json"
+            return run_file(workdir, subset_tag(label, keep, seed, eq), ts, run_key)
 
         pending = [(run_path(lb, k, s, eq, ts), rows, ts, eq) for lb, k, s, rows, eq in jobs
                    for ts in results["train_seeds"] if not run_path(lb, k, s, eq, ts).exists()]

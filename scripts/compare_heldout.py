@@ -13,21 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 import numpy as np
 from benchlib.report import paired_rows
-
-# benchmark_regimes' run files: {label}_k{keep}_s{seed}[_eqsteps]_t{shuffle}.{run key}.json
-RUN_NAME = re.compile(r"(?P<label>.+?)_k(?P<keep>\d\.\d\d)_s(?P<seed>\d+)(?P<eq>_eqsteps)?_t\d+\.[0-9a-f]+\.json")
+from benchlib.trainer import SUBSET_RUN
 
 
 def per_seed_rows(workdir: Path, keep: str, equal_steps: bool) -> dict[tuple[str, int], np.ndarray]:
     """(label, selection seed) -> per held-out row loss, the mean over training shuffles."""
     shuffles: dict[tuple[str, int], list[np.ndarray]] = {}
     for path in sorted((workdir / "runs").glob("*.json")):
-        m = RUN_NAME.fullmatch(path.name)
+        m = SUBSET_RUN.fullmatch(path.name)
         if m and m["keep"] == keep and bool(m["eq"]) == equal_steps:
             rows = np.array(json.loads(path.read_text())["heldout_rows"], dtype=float)
             shuffles.setdefault((m["label"], int(m["seed"])), []).append(rows)

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import benchmark_regimes as br
 import compare_heldout
 from benchlib.report import paired_rows
+from benchlib.trainer import SUBSET_RUN, run_file, subset_tag
 
 
 def args(**kw) -> argparse.Namespace:
@@ -181,3 +182,12 @@ def test_compare_heldout_averages_shuffles_per_seed_and_keeps_the_equal_steps_ru
     assert set(got) == {("nearest", 0), ("oracle-domain_rows", 1)}
     assert got[("nearest", 0)].tolist() == [2.0, 2.0]
     assert set(compare_heldout.per_seed_rows(tmp_path, "0.20", equal_steps=True)) == {("slap", 0)}
+
+
+def test_subset_run_names_read_back_what_the_benchmark_wrote(tmp_path: Path) -> None:
+    for label, keep, seed, eq in (("oracle: clean domain rows", 0.2, 1, True), ("slap-tc1.5", 0.7, 12, False)):
+        path = run_file(tmp_path, subset_tag(label, keep, seed, eq), 2, "0a1b2c")
+        m = SUBSET_RUN.fullmatch(path.name)
+        assert m is not None and path.parent == tmp_path / "runs"
+        assert (m["label"], m["keep"], int(m["seed"]), bool(m["eq"]), int(m["shuffle"])) == (
+            label.replace(": ", "-").replace(" ", "_"), f"{keep:.2f}", seed, eq, 2)

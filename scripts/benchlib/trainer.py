@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -277,6 +278,16 @@ def recipe_key(args: argparse.Namespace, prefix_cache: dict[str, dict[str, Any]]
     """Names the run files of one recipe on one pair of prefix caches (train, held-out)."""
     blob = json.dumps([recipe_of(args), prefix_cache["train"]["key"], prefix_cache["heldout"]["key"]])
     return hashlib.blake2b(blob.encode(), digest_size=6).hexdigest()
+
+
+# A subset's run-file tag in benchmark_regimes: {label}_k{keep}_s{seed}[_eqsteps], the label made file-safe;
+# SUBSET_RUN reads the whole file name back (compare_heldout.py).
+SUBSET_RUN = re.compile(r"(?P<label>.+?)_k(?P<keep>\d\.\d\d)_s(?P<seed>\d+)(?P<eq>_eqsteps)?_t(?P<shuffle>\d+)"
+                        r"\.[0-9a-f]+\.json")
+
+
+def subset_tag(label: str, keep: float, seed: int, equal_steps: bool) -> str:
+    return f"{label.replace(': ', '-').replace(' ', '_')}_k{keep:.2f}_s{seed}{'_eqsteps' if equal_steps else ''}"
 
 
 def run_file(workdir: Path, tag: str, train_seed: int | None, run_key: str) -> Path:
