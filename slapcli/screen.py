@@ -9,10 +9,13 @@ valuable rows (both are poorly predicted). Two questions the proxy can answer ca
   rows whose IFD >= 1). An answer that belongs to another prompt, a refusal that fits any prompt, or text that
   predicts itself gains little or nothing from its prompt.
 - Does the answer end where it ends? `end_loss` = the loss of the end-of-turn token after the last answer: an
-  instruct model finds the end of a complete answer likely and the end of a cut-off sentence very unlikely. Being
-  unusual for the pool is not enough: a complete answer that ends without punctuation (a list, code, one word) is
-  a less likely end than a sentence, an outlier on a clean pool, yet the model still gives its end a fair chance.
-  A cut-off answer is also flagged only where the model gives its end less than one chance in a million.
+  instruct model finds the end of a complete answer likely and the end of a cut-off sentence very unlikely. The
+  cut is absolute, not relative to the pool: an answer is flagged where the model gives its end less than one
+  chance in a million. Being unusual for the pool is not enough (a complete answer that ends without punctuation,
+  a list, code, one word, is a less likely end than a sentence and an outlier on a clean pool of prose, yet the
+  model still gives its end a fair chance), and it is not needed either: in a pool whose answers all end without
+  a closing sentence (function bodies), the ends spread so widely that a cut-off one is no outlier, yet it is
+  still a stop the model would not make.
 - Is the answer's second half new, or a copy of its first? `tail_loss` / the first half's loss: an answer stuck
   repeating its opening is copied by the model at almost no loss, so its second half is far easier than its
   first (a ratio, so a predictable answer, e.g. code, is not taken for a repetitive one). Being an outlier of
@@ -46,7 +49,9 @@ MIN_TAIL_TOKENS = 16
 # An end-of-turn token the proxy gives less than one chance in a million (loss > ln 1e6 = 13.8 nats) is a stop
 # the model would not make. A round number, not fitted; for scale, on two 300-row draws of the shared mix the
 # complete answers that the z-score alone flagged (ending in code, a list, a number) sat at 7-21 nats (all but 3
-# below 15.1) and answers cut off mid-sentence at 18-34 nats (all but 2).
+# below 15.1) and answers cut off mid-sentence at 18-34 nats (all but 2). Until 2026-12-03 a row also had to be a
+# z-score outlier; on every shared-mix pool that flagged the same rows, but on a pool of standard-library function
+# bodies (scripts/stdlib_pool.py: median end loss 6.4 nats, MAD 3.0) it let 16 of 18 cut-off answers through.
 CUT_OFF_MIN_END_LOSS = float(np.log(1e6))
 # Gopher (Rae et al. 2021, Table A1) drops a web page when over 15% of its characters sit in word 5-grams it already
 # used. Answers are short and often legitimately repetitive (tables, arrays, markup), so the cut here is a half:
@@ -98,17 +103,19 @@ def modified_z(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
 def screen_scores(signals: ScreenSignals, eligible: np.ndarray) -> dict[str, np.ndarray]:
     """Per reason, a suspicion score in outlier units (above OUTLIER_Z = flagged): the z-score oriented so that
     larger is worse. `ignores_prompt` also counts any row whose prompt does not help at all (gain <= 0, IFD >= 1)
-    as flagged, whatever the spread of the rest; `cut_off` counts only rows whose end the proxy finds less likely
-    than CUT_OFF_MIN_END_LOSS allows (their score is capped just below the cut otherwise); `repetitive` counts the
-    rows with more than REPEATED_SHARE_MAX of their answer in repeated n-grams (also those too short for the ratio),
-    ranked by the tail-to-head loss ratio's z-score (capped at the cut for the rest: the ratio alone flagged 3-6
-    complete answers of every clean 300-row pool and caught 6-8 of 18 looping ones, the n-gram share 0 and 18)."""
+    as flagged, whatever the spread of the rest; `cut_off` counts exactly the rows whose end the proxy finds less
+    likely than CUT_OFF_MIN_END_LOSS allows, whatever the spread (the others' scores capped at the cut);
+    `repetitive` counts the rows with more than REPEATED_SHARE_MAX of their answer in repeated n-grams (also those
+    too short for the ratio), ranked by the tail-to-head loss ratio's z-score (capped at the cut for the rest: the
+    ratio alone flagged 3-6 complete answers of every clean 300-row pool and caught 6-8 of 18 looping ones, the
+    n-gram share 0 and 18)."""
     gain = signals.prompt_gain
     z_gain = -modified_z(gain, eligible)
     z_gain = np.where(eligible & (gain <= 0), np.maximum(z_gain, OUTLIER_Z + 1e-6), z_gain)
     long_enough = eligible & (signals.response_tokens >= 2 * MIN_TAIL_TOKENS)
     z_end = modified_z(signals.end_loss, eligible)
-    z_end = np.where(signals.end_loss < CUT_OFF_MIN_END_LOSS, np.minimum(z_end, OUTLIER_Z), z_end)
+    stops = eligible & (np.nan_to_num(signals.end_loss, nan=0.0) >= CUT_OFF_MIN_END_LOSS)
+    z_end = np.where(stops, np.fmax(z_end, OUTLIER_Z + 1e-6), np.minimum(z_end, OUTLIER_Z))
     z_tail = -modified_z(tail_to_head(signals), long_enough)
     loops = eligible & (np.nan_to_num(signals.repeated_share, nan=0.0) > REPEATED_SHARE_MAX)
     z_tail = np.where(loops, np.fmax(z_tail, OUTLIER_Z + 1e-6), np.fmin(z_tail, OUTLIER_Z))

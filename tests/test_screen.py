@@ -94,6 +94,26 @@ def test_an_unusual_but_plausible_end_is_not_taken_for_a_cut_off() -> None:
     assert np.all(scores["cut_off"][2:] <= OUTLIER_Z)  # every end under the floor is capped
 
 
+def test_an_end_below_one_in_a_million_is_a_cut_off_however_widely_the_pool_ends_spread() -> None:
+    # A pool of function bodies: no answer ends with a closing sentence, so end losses spread over 1-16 nats and a
+    # cut-off end at 15 nats is no 3.5-sigma outlier; the model still gives it less than one chance in a million.
+    rng = np.random.default_rng(3)
+    s = signals(200, rng)
+    s.end_loss[:] = rng.uniform(1.0, 12.0, 200).astype(np.float32)
+    s.end_loss[0] = CUT_OFF_MIN_END_LOSS + 1.0
+    s.end_loss[1] = CUT_OFF_MIN_END_LOSS - 0.1
+    eligible = np.ones(200, dtype=bool)
+    eligible[2] = False
+    s.end_loss[2] = 99.0  # not eligible: never flagged
+    assert modified_z(s.end_loss, eligible)[0] < OUTLIER_Z  # no outlier by the z-score ...
+    scores = screen_scores(s, eligible)
+    reason, _ = screen_flags(scores, eligible)
+    assert SCREEN_REASONS[reason[0]] == "cut_off" and scores["cut_off"][0] > OUTLIER_Z  # ... flagged all the same
+    assert reason[1] == -1 and reason[2] == -1
+    flagged = {i for i, r in enumerate(reason) if r >= 0 and SCREEN_REASONS[r] == "cut_off"}
+    assert flagged == {i for i in range(200) if eligible[i] and s.end_loss[i] >= CUT_OFF_MIN_END_LOSS}
+
+
 def naive_repeated_share(text: str, n: int) -> float:
     """Word by word: is it inside some n-gram whose words appeared, in that order, at an earlier start?"""
     w = text.split()
