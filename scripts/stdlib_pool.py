@@ -9,8 +9,11 @@ the standard library's own source:
 
 Each function lands in one domain only (by a hash of its qualified name), so no answer of one domain is the prompt
 of the other. Functions too short, too long or with a docstring of a few words are skipped, and so are test
-suites, demos and GUI packages. The output depends only on the Python version (it is written into each row's
-`source` and the file's first rows are sorted by module path), so the same interpreter gives the same bytes.
+suites, demos and GUI packages. The output depends only on the library's release (written at the head of each
+row's `source`; files are read in sorted path order), so the same interpreter or package gives the same bytes.
+
+`--root` takes any other library's source folder instead (e.g. an installed package: `--root
+.venv/lib/python3.11/site-packages/torch`), a second source of rows the project never developed on.
 
 Usage:
     .venv/bin/python scripts/stdlib_pool.py -o work/stdlib_pool.jsonl
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import ast
 import hashlib
+import importlib.metadata
 import inspect
 import json
 import sys
@@ -60,7 +64,9 @@ class Function:
 
 
 def module_name(root: Path, path: Path) -> str:
-    parts = list(path.relative_to(root).with_suffix("").parts)
+    """The dotted module name; a root that is itself a package (an installed library) names the first part."""
+    base = root.parent if (root / "__init__.py").exists() else root
+    parts = list(path.relative_to(base).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
@@ -112,8 +118,8 @@ def domain_of(fn: Function) -> str:
     return "code" if digest[0] % 2 == 0 else "docs"
 
 
-def row_of(fn: Function, limits: PoolLimits, version: str) -> dict[str, Any] | None:
-    source = f"python{version}/{fn.module}:{fn.line}"
+def row_of(fn: Function, limits: PoolLimits, release: str) -> dict[str, Any] | None:
+    source = f"{release}/{fn.module}:{fn.line}"
     if domain_of(fn) == "code":
         text = summary(fn.docstring)
         if len(text) < limits.min_summary_chars:
@@ -127,18 +133,29 @@ def row_of(fn: Function, limits: PoolLimits, version: str) -> dict[str, Any] | N
             "output": fn.docstring, "domain": "docs", "source": source}
 
 
-def build_pool(root: Path, limits: PoolLimits, version: str) -> list[dict[str, Any]]:
+def build_pool(root: Path, limits: PoolLimits, release: str) -> list[dict[str, Any]]:
+    """Rows of every usable function under `root`; `release` (e.g. "python3.11.7") heads each row's `source`."""
     rows: list[dict[str, Any]] = []
     seen: set[str] = set()
     for path in library_files(root):
         module = module_name(root, path)
         for fn in functions_of(path.read_text(encoding="utf-8", errors="replace"), module, limits):
-            row = row_of(fn, limits, version)
+            row = row_of(fn, limits, release)
             # The same answer twice (an alias, a copied helper) would be an exact duplicate, which stratify drops.
             if row is not None and row["output"] not in seen:
                 seen.add(row["output"])
                 rows.append(row)
     return rows
+
+
+def release_of(root: Path) -> str:
+    """What the rows were read from: this Python's version, or an installed package's name and version."""
+    if (root / "__init__.py").exists():
+        try:
+            return f"{root.name}{importlib.metadata.version(root.name)}"
+        except importlib.metadata.PackageNotFoundError:
+            return root.name
+    return f"python{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,8 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", type=Path, default=Path(sysconfig.get_paths()["stdlib"]),
                    help="the library's source folder (default: this interpreter's standard library)")
     args = p.parse_args(argv)
-    version = f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
-    rows = build_pool(args.root, PoolLimits(), version)
+    rows = build_pool(args.root, PoolLimits(), release_of(args.root))
     if not rows:
         raise SystemExit(f"{args.root}: no documented functions found")
     args.out.parent.mkdir(parents=True, exist_ok=True)

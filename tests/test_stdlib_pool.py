@@ -71,8 +71,8 @@ def test_functions_are_public_documented_and_sized(tmp_path: Path) -> None:
 def test_each_function_lands_in_one_domain_and_the_pool_is_the_same_every_time(tmp_path: Path) -> None:
     write_library(tmp_path)
     limits = sp.PoolLimits(min_doc_chars=10)
-    rows = sp.build_pool(tmp_path, limits, "3.11.7")
-    assert sp.build_pool(tmp_path, limits, "3.11.7") == rows
+    rows = sp.build_pool(tmp_path, limits, "python3.11.7")
+    assert sp.build_pool(tmp_path, limits, "python3.11.7") == rows
     fns = {f.qualname: f for f in sp.functions_of(LIBRARY, "pkg", limits)}
     assert len(rows) == 2 and {r["source"] for r in rows} == {f"python3.11.7/pkg:{f.line}" for f in fns.values()}
     for row in rows:
@@ -99,3 +99,13 @@ def test_main_writes_the_pool_and_refuses_a_folder_without_functions(tmp_path: P
     else:
         raise AssertionError("an empty library should stop the script")
     assert not (tmp_path / "none.jsonl").exists()
+
+
+def test_a_package_root_names_its_modules_from_the_package(tmp_path: Path) -> None:
+    write_library(tmp_path / "lib")
+    assert sp.module_name(tmp_path / "lib", tmp_path / "lib" / "pkg" / "__init__.py") == "pkg"
+    package = tmp_path / "lib" / "pkg"
+    (package / "sub.py").write_text(LIBRARY)
+    assert sp.module_name(package, package / "sub.py") == "pkg.sub"
+    assert sp.module_name(package, package / "__init__.py") == "pkg"
+
