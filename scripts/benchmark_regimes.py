@@ -28,6 +28,10 @@ Usage (from the repository root; ~1 h per draw on 2 cores, most of it the slap r
     .venv/bin/python scripts/benchmark_regimes.py noisy --workdir work/noisy_d0 --data-seed 0 --jobs 2 --threads 1
     .venv/bin/python scripts/benchmark_regimes.py targeted --workdir work/targeted_d0 --data-seed 0 --jobs 2
 
+On other data: `--train FILE` draws pool and held-out rows from FILE (any container and layout `slap` reads; its
+`--domain-field` names the domains, `--heldout-per-domain` held-out rows of each) instead of the shared mix, e.g.
+the standard-library pool of scripts/stdlib_pool.py, which the project never developed on.
+
 Outputs: `<workdir>/results.json` and `<workdir>/RESULTS.md`.
 """
 
