@@ -113,11 +113,56 @@ def max_similarity_order(target_emb: np.ndarray, embeddings: np.ndarray, eligibl
     return positions[np.argsort(-best, kind="stable")[:m]].astype(np.int64)
 
 
+# The dev-vs-pool classifier: an L2-penalised logistic regression fitted by full-batch gradient descent from zero
+# (deterministic, no solver dependency), on at most CLASSIFIER_MAX_POOL pool rows (a seeded sample beyond that:
+# 384-d embeddings need no more to place a hyperplane, and scoring every row is one product).
+CLASSIFIER_STEPS = 500
+CLASSIFIER_LR = 0.5
+CLASSIFIER_L2 = 1e-3
+CLASSIFIER_MAX_POOL = 50_000
+
+
+def dev_vs_pool_direction(target_emb: np.ndarray, pool_emb: np.ndarray) -> tuple[np.ndarray, float]:
+    """(w, b) of a logistic regression telling dev rows (1) from pool rows (0), the two classes weighted equally.
+
+    The pool holds the target's kind of rows too, so this is not a domain classifier: it learns what sets the dev
+    rows apart from the pool as a whole (their template, their vocabulary), the importance-weighting view of
+    targeted selection (DSIR, Xie et al. 2023; GPT-3's quality filter), where `nearest` asks only what each dev row
+    resembles, which can be a row of another domain that shares its words."""
+    x = np.vstack([target_emb, pool_emb]).astype(np.float64)
+    y = np.r_[np.ones(len(target_emb)), np.zeros(len(pool_emb))]
+    weight = np.where(y == 1, 0.5 / len(target_emb), 0.5 / len(pool_emb))  # each class half the loss
+    w, b = np.zeros(x.shape[1]), 0.0
+    for _ in range(CLASSIFIER_STEPS):
+        z = np.clip(x @ w + b, -30.0, 30.0)
+        g = weight * (1.0 / (1.0 + np.exp(-z)) - y)
+        w -= CLASSIFIER_LR * (x.T @ g + CLASSIFIER_L2 * w)
+        b -= CLASSIFIER_LR * float(g.sum())
+    return w, b
+
+
+def classifier_order(target_emb: np.ndarray, embeddings: np.ndarray, eligible: np.ndarray, m: int) -> np.ndarray:
+    """The `m` eligible pool positions the dev-vs-pool classifier scores most dev-like, best first (ties by
+    position)."""
+    positions = np.flatnonzero(eligible)
+    m = min(m, len(positions))
+    if m == 0 or len(target_emb) == 0:
+        return np.zeros(0, dtype=np.int64)
+    fit = positions
+    if len(fit) > CLASSIFIER_MAX_POOL:
+        fit = np.sort(np.random.default_rng(0).choice(positions, CLASSIFIER_MAX_POOL, replace=False))
+    w, b = dev_vs_pool_direction(target_emb, embeddings[fit])
+    score = embeddings[positions].astype(np.float64) @ w + b
+    return positions[np.argsort(-score, kind="stable")[:m]].astype(np.int64)
+
+
 def target_ranked(ranking: str, target_emb: np.ndarray, embeddings: np.ndarray, eligible: np.ndarray,
                   m: int) -> np.ndarray:
     """`m` eligible positions nearest the dev rows, best first, by `ranking` (config.TARGET_RANKINGS)."""
     if ranking == "max":
         return max_similarity_order(target_emb, embeddings, eligible, m)
+    if ranking == "classifier":
+        return classifier_order(target_emb, embeddings, eligible, m)
     if ranking == "round-robin":
         return nearest_order(target_emb, embeddings, eligible, m)
     raise ValueError(f"unknown target ranking {ranking!r}")

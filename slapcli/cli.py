@@ -645,7 +645,8 @@ def select_cmd(
     target_ranking: str = typer.Option(SelectConfig.target_ranking, "--target-ranking",
                                        rich_help_panel=REPLAY_PANEL,
                                        help="With --target: rank those rows round-robin over the dev rows "
-                                            "(round-robin) or by their best similarity to any dev row (max)."),
+                                            "(round-robin), by their best similarity to any dev row (max), or by "
+                                            "a dev-vs-pool classifier on the embeddings (classifier)."),
     proxy_model: str = PROXY,
     input: str | None = typer.Option(None, "--input", help="Data file, if not at the path recorded by embed."),
     embeddings: str | None = typer.Option(None, "--embeddings", help="Embeddings artifact, if moved."),

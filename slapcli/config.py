@@ -13,7 +13,7 @@ from dataclasses import dataclass
 DEFAULT_EMBED_MODEL = "all-MiniLM-L6-v2"
 DEFAULT_PROXY_MODEL = "SmolLM2-135M-Instruct"
 ORDERS = ("source", "selection")  # export --order: the input's order, or the order the rows were chosen in
-TARGET_RANKINGS = ("round-robin", "max")  # select --target-ranking: slapcli.baselines.target_ranked
+TARGET_RANKINGS = ("round-robin", "max", "classifier")  # select --target-ranking: slapcli.baselines.target_ranked
 
 
 @dataclass
@@ -94,7 +94,8 @@ class SelectConfig:
     # choose. Strata budgets follow where the nearest kept-size set falls, so the target moves the mix.
     target_candidates: float = 2.0
     # How those candidates are ranked: "round-robin" (each dev row in turn takes its nearest row, as `nearest` does)
-    # or "max" (each pool row by its best cosine to any dev row, the max over target rows of LESS).
+    # "max" (each pool row by its best cosine to any dev row, the max over target rows of LESS) or "classifier" (by
+    # a dev-vs-pool logistic regression on the embeddings: what sets the dev rows apart from the pool, DSIR's view).
     target_ranking: str = "round-robin"
     target_rows: int = 64  # reference rows when no --target: a fixed stratified sample of the data
     device: str = "auto"

@@ -140,3 +140,54 @@ def test_max_similarity_order_matches_a_naive_sort(m: int) -> None:
     assert target_ranked("round-robin", target, emb, eligible, m).tolist() == naive_nearest(target, emb, eligible, m)
     with pytest.raises(ValueError):
         target_ranked("best", target, emb, eligible, m)
+
+
+def naive_logistic_regression(pos: np.ndarray, neg: np.ndarray, steps: int, lr: float, l2: float):
+    """Row by row, the same balanced, L2-penalised full-batch gradient descent."""
+    w, b = np.zeros(pos.shape[1]), 0.0
+    rows = [(x, 1.0, 0.5 / len(pos)) for x in pos] + [(x, 0.0, 0.5 / len(neg)) for x in neg]
+    for _ in range(steps):
+        gw, gb = l2 * w, 0.0
+        for x, y, weight in rows:
+            z = min(max(float(x @ w) + b, -30.0), 30.0)
+            g = weight * (1.0 / (1.0 + np.exp(-z)) - y)
+            gw = gw + g * x
+            gb += g
+        w, b = w - lr * gw, b - lr * gb
+    return w, b
+
+
+def test_dev_vs_pool_direction_matches_a_naive_fit() -> None:
+    from slapcli.baselines import CLASSIFIER_L2, CLASSIFIER_LR, dev_vs_pool_direction
+
+    rng = np.random.default_rng(5)
+    pool, dev = rng.normal(size=(12, 4)), rng.normal(loc=0.5, size=(3, 4))
+    w, b = dev_vs_pool_direction(dev, pool)
+    nw, nb = naive_logistic_regression(dev, pool, 500, CLASSIFIER_LR, CLASSIFIER_L2)
+    np.testing.assert_allclose(w, nw, rtol=1e-9, atol=1e-12)
+    assert b == pytest.approx(nb)
+
+
+@pytest.mark.parametrize("m", [0, 5, 40])
+def test_classifier_order_ranks_by_the_fitted_score_and_takes_the_dev_kind_first(m: int) -> None:
+    # Two kinds of rows (the first axis: +1 or -1) on all sorts of topics (8 other axes); the dev rows are of kind A
+    # on topics of their own, so what sets them apart from the pool is their kind.
+    from slapcli.baselines import classifier_order, dev_vs_pool_direction, target_ranked
+
+    rng = np.random.default_rng(m)
+
+    def rows(kind: float, n: int) -> np.ndarray:
+        topics = rng.normal(size=(n, 8))
+        out = np.c_[np.full(n, kind), topics / np.linalg.norm(topics, axis=1, keepdims=True)]
+        return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
+
+    pool, dev = np.vstack([rows(1.0, 10), rows(-1.0, 10)]), rows(1.0, 16)
+    eligible = np.ones(20, dtype=bool)
+    eligible[3] = False
+    got = classifier_order(dev, pool, eligible, m)
+    assert len(got) == min(m, 19) and all(eligible[g] for g in got) and len(set(got.tolist())) == len(got)
+    assert set(got[:9].tolist()) <= set(range(10))  # the 9 eligible kind-A rows come first
+    w, b = dev_vs_pool_direction(dev, pool[eligible])
+    score = {i: float(pool[i].astype(np.float64) @ w + b) for i in range(20) if eligible[i]}
+    assert got.tolist() == sorted(score, key=lambda i: (-score[i], i))[:m]
+    assert target_ranked("classifier", dev, pool, eligible, m).tolist() == got.tolist()
