@@ -26,7 +26,6 @@ import argparse
 import ast
 import hashlib
 import importlib.metadata
-import inspect
 import json
 import sys
 import sysconfig
@@ -94,7 +93,7 @@ def functions_of(source: str, module: str, limits: PoolLimits) -> Iterator[Funct
         for node in body:
             if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) or node.name.startswith("_"):
                 continue
-            doc = ast.get_docstring(node)
+            doc = ast.get_docstring(node)  # already cleaned of its indentation (inspect.cleandoc)
             if not doc or len(node.body) < 2:
                 continue
             # The function's lines without the docstring statement (and without decorators).
@@ -104,7 +103,7 @@ def functions_of(source: str, module: str, limits: PoolLimits) -> Iterator[Funct
             if not limits.min_body_lines <= len(body_lines) <= limits.max_body_lines:
                 continue
             yield Function(module=module, qualname=prefix + node.name,
-                           signature=f"{node.name}({ast.unparse(node.args)})", docstring=inspect.cleandoc(doc),
+                           signature=f"{node.name}({ast.unparse(node.args)})", docstring=doc,
                            body=textwrap.dedent("\n".join(kept)).strip("\n"), line=node.lineno)
 
 
